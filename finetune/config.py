@@ -1,0 +1,130 @@
+"""Training recipes: one pydantic config object, one loader (YAML file + `--set key=value`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bot.encoder import DEFAULT_BASE
+
+Strategy = Literal["head", "lora", "full"]
+
+
+class ConfigError(Exception):
+    """A recipe that cannot be used; the message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HeadConfig(_Strict):
+    hidden: int = Field(0, ge=0, description="0: a linear head; >0: a bottleneck MLP of this width")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    scale: float = Field(10.0, gt=0, description="multiplies the unit-length embedding before the head")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["query", "key", "value", "dense"]
+
+
+class CalibrationConfig(_Strict):
+    wrong_answer_cost: float = Field(1.0, ge=0, description="what a wrong answer costs, in right answers, when picking thresholds")
+    clarify_value: float = Field(0.5, ge=0, le=1, description="worth of a clarify question whose options hold the answer")
+    min_floor: float = Field(0.0, ge=0, le=1)
+    max_floor: float = Field(0.9, ge=0, le=1)
+    max_gap: float = Field(0.3, ge=0, le=1)
+
+
+# Per-strategy defaults for the fields left unset (None) in TrainConfig.
+STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "head": {"epochs": 300, "batch_size": 256, "lr": 3e-3, "weight_decay": 1e-3, "patience": 20},
+    "lora": {"epochs": 6, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "patience": 2},
+    "full": {"epochs": 4, "batch_size": 32, "lr": 5e-5, "weight_decay": 0.01, "patience": 2},
+}
+
+
+class TrainConfig(_Strict):
+    """Everything that decides a training run; stored in the bundle as it was used."""
+
+    base: str = DEFAULT_BASE
+    data: str = "pack:shop"
+    eval_data: str | None = None
+    strategy: Strategy = "head"
+    output: str = "models/default"
+    seed: int = 42
+    max_length: int = Field(64, ge=8, le=512)
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    few_shot: int | None = Field(None, ge=2, description="keep at most this many training examples per label")
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    head_lr: float | None = Field(None, gt=0, description="lora/full: learning rate of the head (default: 10x lr, 1e-2 at most)")
+    weight_decay: float | None = Field(None, ge=0)
+    patience: int | None = Field(None, ge=1, description="epochs without a better validation loss before stopping")
+    warmup: float = Field(0.06, ge=0, lt=1, description="lora/full: share of steps with a linear warm-up")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    embed_batch_size: int = Field(64, ge=1)
+    cache_dir: str | None = Field(None, description="embedding cache (head); default $SUPPORTBOT_DATA_DIR/cache")
+    head: HeadConfig = HeadConfig()
+    lora: LoraConfig = LoraConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the strategy's defaults filled into the unset fields."""
+        filled = {k: v for k, v in STRATEGY_DEFAULTS[self.strategy].items() if getattr(self, k) is None}
+        out = self.model_copy(update=filled)
+        if out.head_lr is None:
+            out = out.model_copy(update={"head_lr": out.lr if out.strategy == "head" else min(out.lr * 10, 1e-2)})
+        return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML recipe (or the defaults) and apply `key=value` overrides (dotted keys, YAML values)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except yaml.YAMLError:
+            raise ConfigError(f"{path}: not valid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings")
+        raw = _relative_paths(loaded or {}, Path(path).parent)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        _assign(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else None)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path or 'config'}: {where}: {first['msg']}") from None
+
+
+def _assign(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: {key} is not a section")
+    tree[keys[-1]] = value
+
+
+def _relative_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Data paths in a recipe are relative to the project root when they exist from there, else to the recipe."""
+    for key in ("data", "eval_data"):
+        value = raw.get(key)
+        if isinstance(value, str) and not value.startswith(("hf:", "pack:")):
+            plain = value.rsplit(":", 1)[0] if ":" in value else value
+            if not Path(plain).exists() and (folder / plain).exists():
+                raw[key] = str(folder / value)
+    return raw

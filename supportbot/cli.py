@@ -1,0 +1,189 @@
+"""`supportbot`: train, evaluate, serve, chat, predict (DESIGN.md).
+
+Each command imports only what it needs, so `supportbot predict` does not load the web stack.
+Errors a user can fix (bad data, a damaged bundle, a bad option) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EPILOG_SPEC = """\
+data SPEC: a CSV / JSONL / JSON / YAML file; a folder with train.* and test.* (or train/ dev/ test/
+subfolders); a domain pack folder (nlu.yaml, test.yaml, responses.yaml); pack:NAME for a packaged
+pack (pack:shop is the default); CLINC150 JSON; hf:NAME (online only). Add :train, :val or :test
+to pick one split, e.g. ../shared/data/clinc150/data_full.json:test. Text columns: text, utterance,
+instruction, query; label columns: label, intent, category. The label `oos` means out of scope.
+"""
+
+
+def default_model_dir() -> Path:
+    """Where the default model lives: $SUPPORTBOT_MODEL, else $SUPPORTBOT_DATA_DIR/models/default, else ./.supportbot/..."""
+    if os.environ.get("SUPPORTBOT_MODEL"):
+        return Path(os.environ["SUPPORTBOT_MODEL"])
+    return Path(os.environ.get("SUPPORTBOT_DATA_DIR", ".supportbot")) / "models" / "default"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="supportbot",
+        description="A customer-service chatbot on a frozen pretrained encoder: train, evaluate, serve.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train", help="fine-tune on labelled examples and write a model bundle",
+        description="Freeze the pretrained base and train a head (head), LoRA adapters plus a head (lora), "
+        "or everything (full). Fits a temperature and the fallback/clarify thresholds on validation data "
+        "and writes a verified bundle.",
+        epilog=EPILOG_SPEC, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--config", metavar="FILE", help="YAML recipe (configs/*.yaml); defaults train the shop pack with `head`")
+    train.add_argument("--data", metavar="SPEC", help="training data (see below); validation is split off (stratified, seeded) unless it has one")
+    train.add_argument("--eval-data", metavar="SPEC", help="held-out data scored after training (its test split when it has one)")
+    train.add_argument("--strategy", choices=["head", "lora", "full"], help="what trains: the head only, LoRA adapters + head, or everything")
+    train.add_argument("--output", metavar="DIR", help="bundle directory to write (replaced atomically)")
+    train.add_argument("--seed", type=int, help="random seed (split, init, batches)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any recipe field, dotted for sections: --set lora.r=8 --set epochs=3")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    evaluate = sub.add_parser(
+        "evaluate", help="offline evaluation report for a bundle",
+        description="Score a bundle on labelled data: report.json, report.html and plots in --output; a summary table here.",
+        epilog=EPILOG_SPEC, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("--model", metavar="DIR", required=True, help="bundle directory")
+    evaluate.add_argument("--data", metavar="SPEC", required=True, help="labelled data; its test split when it has one")
+    evaluate.add_argument("--output", metavar="DIR", default="runs/eval", help="where report.json, report.html and the PNGs go (default: runs/eval)")
+    evaluate.add_argument("--compare", metavar="OTHER_DIR", help="a second bundle, evaluated on the same data and compared (McNemar test)")
+    evaluate.add_argument("--cv", type=int, metavar="K", help="K-fold cross-validation of the bundle's recipe on --data (no test set needed)")
+    evaluate.add_argument("--min-accuracy", type=float, metavar="X", help="exit 1 when accuracy is below X (0-1)")
+    evaluate.add_argument("--min-oos-recall", type=float, metavar="Y", help="exit 1 when out-of-scope recall is below Y (0-1)")
+    evaluate.add_argument("--worst", type=int, default=20, metavar="N", help="how many worst errors to list (default 20)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    serve = sub.add_parser(
+        "serve", help="run the HTTP service (chat API, web chat page, webhooks)",
+        description="Serve a bundle over HTTP. Without --model and $SUPPORTBOT_MODEL, the default shop model is "
+        "trained first if it does not exist yet (about a minute on 2 cores).",
+    )
+    serve.add_argument("--model", metavar="DIR", help="bundle directory (default: $SUPPORTBOT_MODEL or the default shop model)")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    serve.add_argument("--config", metavar="FILE", help="serving settings YAML (default configs/serve.yaml when present)")
+
+    chat = sub.add_parser("chat", help="talk to the bot in the terminal",
+                          description="A terminal conversation; quick replies are shown as numbered options.")
+    chat.add_argument("--model", metavar="DIR", help="bundle directory (default: the default shop model, trained if missing)")
+    chat.add_argument("--session", default=None, help="session id to continue (default: a new one)")
+
+    predict = sub.add_parser("predict", help="classify texts, one JSON line each",
+                             description="Print one JSON line per TEXT: label, calibrated confidence, out-of-scope flag, ranking.")
+    predict.add_argument("--model", metavar="DIR", required=True, help="bundle directory")
+    predict.add_argument("--top-k", type=int, default=3, help="how many intents to rank (default 3)")
+    predict.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify ('-' reads lines from stdin)")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from finetune.config import load_config
+    from finetune.train import train
+
+    overrides = list(args.overrides)
+    for key in ("data", "eval_data", "strategy", "output", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    cfg = load_config(args.config, overrides)
+    result = train(cfg, progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
+    print_summary("training summary", result.summary)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from bot.classifier import IntentClassifier
+
+    texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
+    texts = [t for t in texts if t.strip()]
+    classifier = IntentClassifier.from_bundle(args.model)
+    for text, prediction in zip(texts, classifier.predict(texts, top_k=args.top_k)):
+        print(json.dumps({"text": text, **prediction.to_dict(), "model_version": classifier.version}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from finetune.evaluate import run_from_cli
+
+    return run_from_cli(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.app import run_from_cli
+
+    return run_from_cli(args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from bot.terminal import run_from_cli
+
+    return run_from_cli(args)
+
+
+def ensure_default_model(model: str | None) -> Path:
+    """The bundle to use: the one named, or the default shop model (trained now when missing)."""
+    if model:
+        return Path(model)
+    path = default_model_dir()
+    if not (path / "bundle.json").is_file():
+        from finetune.config import load_config
+        from finetune.train import train
+
+        print(f"No model at {path}: training the default shop model (head strategy, about a minute)...", file=sys.stderr)
+        result = train(load_config(None, [f"output={json.dumps(str(path))}"]), log=lambda msg: print(msg, file=sys.stderr))
+        print_summary("default model", result.summary)
+    return path
+
+
+def print_summary(title: str, summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        table.add_row(key, str(value))
+    Console(stderr=False).print(table)
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve, "chat": cmd_chat}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bot.bundle import BundleError
+    from finetune.config import ConfigError
+    from finetune.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, BundleError, ConfigError) as exc:
+        print(f"supportbot {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"supportbot {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
