@@ -106,12 +106,15 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
     return Prepared(labels, train_ds, val_ds, test_ds)
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+def train(
+    cfg: TrainConfig, *, prepared: Prepared | None = None, progress: bool = True, log: Callable[[str], None] = print
+) -> TrainResult:
+    """Train per `cfg` and write its bundle. `prepared` (e.g. cross-validation folds) replaces reading cfg.data."""
     cfg = cfg.resolved()
     started = time.perf_counter()
     configure_threads()
     set_seed(cfg.seed)
-    prepared = prepare_data(cfg)
+    prepared = prepared or prepare_data(cfg)
     accelerator = Accelerator()
     resolved_base = resolve_base(cfg.base)
     encoder = Encoder.load(resolved_base, max_length=cfg.max_length)

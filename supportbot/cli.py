@@ -124,15 +124,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serve.app import run_from_cli
+    from serve.app import run
 
-    return run_from_cli(args)
+    return run(model=ensure_default_model(args.model), host=args.host, port=args.port, config=args.config)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from bot.terminal import run_from_cli
+    from bot.terminal import run
 
-    return run_from_cli(args)
+    return run(model=ensure_default_model(args.model), session_id=args.session)
 
 
 def ensure_default_model(model: str | None) -> Path:

@@ -1,0 +1,79 @@
+"""Shared fixtures: real bundles trained once per test session on the real encoder.
+
+Nothing here mocks the model: the default shop pack and small slices of ../shared/data are
+trained with the packaged all-MiniLM-L6-v2 (the `head` strategy takes seconds).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+BANKING77 = SHARED_DATA / "banking77"
+CLINC150 = SHARED_DATA / "clinc150"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_data_dir(tmp_path_factory):
+    """Sessions, outboxes and the embedding cache of a test run live in a temporary folder."""
+    data_dir = tmp_path_factory.mktemp("supportbot-data")
+    old = os.environ.get("SUPPORTBOT_DATA_DIR")
+    os.environ["SUPPORTBOT_DATA_DIR"] = str(data_dir)
+    yield data_dir
+    if old is None:
+        os.environ.pop("SUPPORTBOT_DATA_DIR", None)
+    else:
+        os.environ["SUPPORTBOT_DATA_DIR"] = old
+
+
+def write_slice(source: Path, out: Path, *, labels: int, per_label: int, skip: int = 0) -> Path:
+    """A CSV with the first `labels` intents of a BANKING77-style CSV, `per_label` rows each (after `skip`)."""
+    by_label: dict[str, list[str]] = defaultdict(list)
+    with open(source, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            by_label[row["category"]].append(row["text"])
+    chosen = sorted(by_label)[:labels]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for label in chosen:
+            for text in by_label[label][skip : skip + per_label]:
+                writer.writerow([text, label])
+    return out
+
+
+def train_bundle(output: Path, *overrides: str) -> Path:
+    from finetune.config import load_config
+    from finetune.train import train
+
+    cfg = load_config(None, [f"output={output}", *overrides])
+    return train(cfg, progress=False, log=lambda _msg: None).bundle.path
+
+
+@pytest.fixture(scope="session")
+def banking_slice(tmp_path_factory) -> dict[str, Path]:
+    """Train and test CSVs: 8 BANKING77 intents, 40 training and 15 test texts each."""
+    folder = tmp_path_factory.mktemp("banking-slice")
+    return {
+        "train": write_slice(BANKING77 / "train.csv", folder / "train.csv", labels=8, per_label=40),
+        "test": write_slice(BANKING77 / "test.csv", folder / "test.csv", labels=8, per_label=15),
+    }
+
+
+@pytest.fixture(scope="session")
+def banking_head_bundle(tmp_path_factory, banking_slice) -> Path:
+    """A `head` bundle on the BANKING77 slice."""
+    return train_bundle(tmp_path_factory.mktemp("bundles") / "banking-head", f"data={banking_slice['train']}")
+
+
+@pytest.fixture(scope="session")
+def shop_bundle(tmp_path_factory) -> Path:
+    """The default model: the shop domain pack, `head` strategy, default recipe."""
+    return train_bundle(tmp_path_factory.mktemp("bundles") / "shop")
