@@ -8,7 +8,19 @@ Thresholds are data of a model version (bundle.json), never constants here.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+from .sessions import SessionState
+from .slots import extract as extract_slots
+
+if TYPE_CHECKING:
+    from .classifier import Prediction
+    from .responses import Domain
 
 ANSWER, CLARIFY, FALLBACK, HANDOFF = "answer", "clarify", "fallback", "handoff"
 ACTIONS = (ANSWER, CLARIFY, FALLBACK, HANDOFF)
@@ -31,3 +43,211 @@ def decision_masks(top1, top2, floor, gap) -> tuple[np.ndarray, np.ndarray]:
     clarify = (top1 - top2 < gap) & (top1 + top2 >= floor)
     answer = ~clarify & (top1 >= floor)
     return clarify, answer
+
+
+# ---- the stateful dialogue policy ------------------------------------------------------------
+#
+# Around `decide()`: a handoff intent or too many fallbacks in a row hand the conversation to a
+# person (the bot then stays silent until released); a clarify question or fallback suggestions
+# leave a pending choice that the next message can resolve ("the first one", an option's title);
+# an answer whose intent needs a slot that is not known yet asks for it, and the next message
+# fills it. The policy changes only a copy of the session state and says nothing itself: the
+# Chatbot turns a Decision into words.
+
+# Why a decision was taken (Decision.reason); useful in transcripts and metrics.
+REASON_CONFIDENT = "confident"
+REASON_CHOSEN = "chosen"  # a pending choice was resolved
+REASON_SLOT_FILLED = "slot_filled"
+REASON_AMBIGUOUS = "ambiguous"
+REASON_LOW_CONFIDENCE = "low_confidence"
+REASON_OUT_OF_SCOPE = "out_of_scope"
+REASON_NONE_OF_THESE = "none_of_these"
+REASON_SLOT_MISSING = "slot_missing"
+REASON_HANDOFF_INTENT = "handoff_intent"
+REASON_REPEATED_FALLBACK = "repeated_fallback"
+REASON_SILENT = "silent"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one message. `intent` is what the reply is about (for an answer, the intent
+    answered, which after a resolved choice or a filled slot is not this message's top intent)."""
+
+    action: str
+    intent: str | None
+    confidence: float
+    reason: str
+    options: tuple[str, ...] = ()  # clarify: the intents asked about; fallback: the intents suggested
+    slot: str | None = None  # answer: the slot to ask for; fallback: the slot asked for again
+    out_of_scope: bool = False
+    silent: bool = False
+
+
+class DialoguePolicy:
+    """The bot's stateful rules; thresholds come from the model bundle, texts and roles from the Domain."""
+
+    def __init__(self, domain: Domain, *, floor: float, gap: float, suggestions: int = 3):
+        self.domain = domain
+        self.floor = float(floor)
+        self.gap = float(gap)
+        self.suggestions = suggestions
+
+    def step(self, state: SessionState, text: str, prediction: Prediction | None) -> tuple[Decision, SessionState]:
+        """Decide what to do with `text` (classified as `prediction`) and return the session's next state."""
+        state = replace(state, slots=dict(state.slots), pending=dict(state.pending) if state.pending else None)
+        state.turns += 1
+        if state.handed_off:
+            return Decision(HANDOFF, None, 0.0, REASON_SILENT, silent=True), state
+        if prediction is None:
+            raise ValueError("a message needs a prediction unless the session is handed off")
+        pending, state.pending = state.pending, None
+        expecting = pending.get("slot") if pending and pending.get("kind") == "slot" else None
+        found = extract_slots(text, expecting=expecting)
+        state.slots.update(found)
+        action = self.base_action(prediction)
+
+        if pending and pending.get("kind") == "choice":
+            options = [o for o in pending.get("options", []) if isinstance(o, str)]
+            chosen = resolve_choice(text, options, [self.domain.title(o) for o in options])
+            if chosen is NONE_OF_THESE:
+                return self._fallback(state, prediction, REASON_NONE_OF_THESE)
+            if chosen is None and action != ANSWER:
+                chosen = choice_by_words(text, options, [self.domain.title(o) for o in options])
+            if isinstance(chosen, str):
+                return self._answer(state, chosen, float(pending.get("confidence", prediction.confidence)), REASON_CHOSEN)
+        if expecting:
+            if expecting in found:
+                return self._answer(state, pending["intent"], float(pending.get("confidence", 0.0)), REASON_SLOT_FILLED)
+            if action != ANSWER:
+                return self._fallback(state, prediction, REASON_SLOT_MISSING, retry=pending)
+        return self._route(state, prediction, action)
+
+    def base_action(self, prediction: Prediction) -> str:
+        """answer / clarify / fallback for one prediction, by the shared rule `decide()`."""
+        ranking = prediction.ranking or [(prediction.label, prediction.confidence)]
+        top1 = ranking[0][1]
+        top2 = ranking[1][1] if len(ranking) > 1 else 0.0
+        return str(decide(top1, top2, self.floor, self.gap))
+
+    # ---- outcomes --------------------------------------------------------------------------
+
+    def _route(self, state: SessionState, prediction: Prediction, action: str) -> tuple[Decision, SessionState]:
+        if action == ANSWER:
+            return self._answer(state, prediction.label, prediction.confidence, REASON_CONFIDENT)
+        if action == CLARIFY:
+            options = tuple(name for name, _ in prediction.ranking[:2])
+            state.fallbacks = 0
+            state.pending = {"kind": "choice", "options": list(options), "confidence": prediction.confidence}
+            return Decision(CLARIFY, prediction.label, prediction.confidence, REASON_AMBIGUOUS, options=options), state
+        return self._fallback(state, prediction, REASON_LOW_CONFIDENCE)
+
+    def _answer(self, state: SessionState, intent: str, confidence: float, reason: str) -> tuple[Decision, SessionState]:
+        if self.domain.role(intent) == "handoff":
+            return self._handoff(state, intent, confidence, REASON_HANDOFF_INTENT)
+        state.fallbacks = 0
+        missing = next((slot for slot in self.domain.intent(intent).slots if slot not in state.slots), None)
+        if missing is not None:
+            state.pending = {"kind": "slot", "intent": intent, "slot": missing, "confidence": confidence}
+        return Decision(ANSWER, intent, confidence, reason, slot=missing), state
+
+    def _fallback(
+        self, state: SessionState, prediction: Prediction, reason: str, *, retry: dict[str, Any] | None = None
+    ) -> tuple[Decision, SessionState]:
+        state.fallbacks += 1
+        if state.fallbacks >= self.domain.handoff_after_fallbacks:
+            return self._handoff(state, prediction.label, prediction.confidence, REASON_REPEATED_FALLBACK)
+        if retry is not None:
+            state.pending = retry
+            return Decision(FALLBACK, prediction.label, prediction.confidence, reason, slot=retry["slot"]), state
+        if reason == REASON_NONE_OF_THESE:
+            return Decision(FALLBACK, prediction.label, prediction.confidence, reason), state
+        suggested = self.suggest(prediction)
+        if prediction.out_of_scope and sum(p for _, p in suggested) < self.floor:
+            return Decision(FALLBACK, prediction.label, prediction.confidence, REASON_OUT_OF_SCOPE, out_of_scope=True), state
+        options = tuple(name for name, _ in suggested)
+        if options:
+            state.pending = {"kind": "choice", "options": list(options), "confidence": prediction.confidence}
+        return Decision(FALLBACK, prediction.label, prediction.confidence, reason, options=options), state
+
+    def _handoff(self, state: SessionState, intent: str | None, confidence: float, reason: str) -> tuple[Decision, SessionState]:
+        state.handed_off = True
+        state.pending = None
+        state.fallbacks = 0
+        return Decision(HANDOFF, intent, confidence, reason), state
+
+    def suggest(self, prediction: Prediction) -> list[tuple[str, float]]:
+        """The top intents worth offering after a fallback: not greeting/goodbye/thanks/handoff.
+
+        A low-confidence message whose suggestions together hold at least the confidence floor
+        is probably one of them (offer them); below that it is treated as out of scope.
+        """
+        wanted = [(name, p) for name, p in prediction.ranking if self.domain.role(name) is None]
+        return wanted[: self.suggestions]
+
+
+# ---- resolving a pending choice ----------------------------------------------------------------
+
+NONE_OF_THESE = object()  # "neither", "none of them", "something else"
+
+_ORDINALS = {
+    "1": 0, "first": 0, "1st": 0, "former": 0,
+    "2": 1, "two": 1, "second": 1, "2nd": 1,
+    "3": 2, "three": 2, "third": 2, "3rd": 2,
+    "last": -1, "latter": -1,
+}
+_LETTERS = {"a": 0, "b": 1, "c": 2}
+_FILLER = {
+    "the", "option", "number", "no", "please", "pls", "i", "mean", "meant", "it", "is", "its", "it's", "that",
+    "this", "choice", "nr", "yes", "yeah", "yep", "ok", "okay", "one", "thanks", "thank", "you", "was", "about",
+}
+_NEGATIVE = {
+    "neither", "none", "none of them", "neither of them", "neither one", "none of these", "no", "nope",
+    "something else", "other", "another thing", "none of those", "neither of those", "not those", "no neither",
+}
+_STOPWORDS = {
+    "a", "an", "the", "my", "i", "to", "of", "for", "and", "or", "is", "it", "in", "on", "with", "me", "do", "one",
+    "about", "please", "want", "need", "mean", "meant", "that", "this", "its", "it's", "no", "yes", "can", "you", "your",
+}
+
+
+def _normal(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s']", " ", text.lower()).split())
+
+
+def resolve_choice(text: str, options: Sequence[str], titles: Sequence[str]) -> str | object | None:
+    """The option that `text` picks: its title or name, or its place ("2", "the first one", "the
+    latter"); NONE_OF_THESE for "neither"; None when the message does not answer the question."""
+    said = _normal(text)
+    if not said or not options:
+        return None
+    for option, title in zip(options, titles):
+        if said in (_normal(title), _normal(option.replace("_", " ")), option.lower()):
+            return option
+    if said in _NEGATIVE:
+        return NONE_OF_THESE
+    words = said.split()
+    if said in _LETTERS or said == "one":  # "A" / "b" as in "did you mean (a) ... or (b) ...", or "one"
+        places = {_LETTERS.get(said, 0)}
+    else:
+        places = {_ORDINALS[w] for w in words if w in _ORDINALS}
+    rest = [w for w in words if w not in _ORDINALS and w not in _FILLER]
+    if len(places) == 1 and not rest:
+        index = places.pop()
+        if -len(options) <= index < len(options):
+            return options[index]
+    return None
+
+
+def choice_by_words(text: str, options: Sequence[str], titles: Sequence[str]) -> str | None:
+    """The one option whose title or name shares a content word with `text` ("the refund one")."""
+    said = {_stem(w) for w in _normal(text).split() if w not in _STOPWORDS}
+    hits = []
+    for option, title in zip(options, titles):
+        words = {_stem(w) for w in _normal(f"{title} {option.replace('_', ' ')}").split() if w not in _STOPWORDS}
+        if said & words:
+            hits.append(option)
+    return hits[0] if len(hits) == 1 else None
+
+
+def _stem(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") else word

@@ -1,0 +1,249 @@
+"""The Chatbot: one message in, one reply out, for many sessions at once.
+
+`Chatbot.respond()` classifies the message (or takes a Prediction made by a batcher), runs the
+dialogue policy on the session's state, words the decision with the domain's responses, and
+commits the new state and both turns to the session store in one transaction. It is safe to
+call from many threads: turns of one session are serialised by a per-session lock, and a
+commit that loses a race with another process (another replica on the same store) is retried
+on the fresh state.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .bundle import Bundle, BundleError
+from .classifier import IntentClassifier, Prediction
+from .policy import ANSWER, CLARIFY, FALLBACK, HANDOFF, REASON_HANDOFF_INTENT, Decision, DialoguePolicy
+from .responses import Domain, ResponsesError, choose, join_choices
+from .sessions import SessionConflict, SessionState, SessionStore, Turn, check_session_id
+
+RESPONSES_FILE = "responses.yaml"
+DEFAULT_MAX_MESSAGE_CHARS = 4000
+COMMIT_ATTEMPTS = 5
+
+
+class InvalidMessage(ValueError):
+    """A message that is not text, is empty, or is too long."""
+
+
+@dataclass
+class Reply:
+    """The bot's answer to one message (see the Chatbot contract in the README)."""
+
+    session_id: str
+    text: str  # "" when silent
+    action: str  # answer | clarify | fallback | handoff (bot.policy constants)
+    intent: str | None  # the intent the reply is about (None when nothing was classified)
+    confidence: float  # calibrated top probability (0.0 when nothing was classified)
+    ranking: list[tuple[str, float]]  # top intents of this message, calibrated probabilities
+    quick_replies: list[str]  # buttons; their text comes back as a user message
+    model_version: str
+    handed_off: bool  # a human has the conversation (true on the handoff reply itself and after)
+    silent: bool  # the bot must say nothing
+    reason: str = field(default="", compare=False)  # why the policy chose the action (bot.policy.REASON_*)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the ranking as [{"name", "confidence"}], like Prediction.to_dict()."""
+        data = asdict(self)
+        data["ranking"] = [{"name": name, "confidence": p} for name, p in self.ranking]
+        return data
+
+
+def load_domain(bundle: Bundle) -> Domain:
+    """The bundle's responses.yaml as a Domain, or generic replies when it has none."""
+    path = bundle.file(RESPONSES_FILE)
+    if path is None:
+        return Domain.generic(bundle.labels)
+    try:
+        return Domain.from_file(path, labels=bundle.labels)
+    except ResponsesError as exc:
+        raise BundleError(f"bundle {bundle.path}: {RESPONSES_FILE} is not usable: {exc}") from None
+
+
+class Chatbot:
+    """Classifier + dialogue policy + responses + session store."""
+
+    def __init__(
+        self,
+        classifier: IntentClassifier,
+        store: SessionStore,
+        domain: Domain | None = None,
+        *,
+        max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS,
+        suggestions: int = 3,
+    ):
+        self.classifier = classifier
+        self.store = store
+        self.domain = domain if domain is not None else Domain.generic(classifier.labels)
+        self.policy = DialoguePolicy(
+            self.domain, floor=classifier.confidence_floor, gap=classifier.ambiguity_gap, suggestions=suggestions
+        )
+        self.max_message_chars = max_message_chars
+        self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
+        self._locks_guard = threading.Lock()
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, store: SessionStore, **kwargs: Any) -> Chatbot:
+        """Load a verified bundle; its responses.yaml (if any) gives the texts."""
+        classifier = IntentClassifier.from_bundle(path)
+        return cls(classifier, store, load_domain(classifier.bundle), **kwargs)
+
+    @property
+    def version(self) -> str:
+        return self.classifier.version
+
+    # ---- conversation ----------------------------------------------------------------------
+
+    def respond(
+        self, session_id: str, text: str, *, prediction: Prediction | None = None, metadata: dict | None = None
+    ) -> Reply:
+        """Answer one user message in a session (created on first use)."""
+        check_session_id(session_id)
+        text = self._check_text(text)
+        if prediction is None and not self.store.load(session_id).handed_off:
+            prediction = self.classifier.predict([text])[0]
+        with self._lock(session_id):
+            for attempt in range(COMMIT_ATTEMPTS):
+                state = self.store.load(session_id)
+                if prediction is None and not state.handed_off:  # released since we looked
+                    prediction = self.classifier.predict([text])[0]
+                decision, new_state = self.policy.step(state, text, prediction)
+                reply = self._reply(session_id, decision, new_state, prediction)
+                try:
+                    self.store.commit(session_id, new_state, self._turns(text, reply, decision, prediction, metadata))
+                    return reply
+                except SessionConflict:
+                    if attempt == COMMIT_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")
+
+    def handoff(self, session_id: str) -> None:
+        """A human took the conversation (e.g. the platform assigned an agent): the bot goes silent."""
+        self._update(session_id, lambda s: SessionState(handed_off=True, slots=s.slots, turns=s.turns, rev=s.rev))
+
+    def release(self, session_id: str) -> None:
+        """The human is done: the bot answers again in this session, with a clean fallback count."""
+        self._update(session_id, lambda s: SessionState(handed_off=False, slots=s.slots, turns=s.turns, rev=s.rev))
+
+    def reset(self, session_id: str) -> None:
+        """The conversation is over: the next message starts fresh (no slots, nothing pending); the transcript stays."""
+        self._update(session_id, lambda s: SessionState(turns=s.turns, rev=s.rev))
+
+    def transcript(self, session_id: str) -> list[dict[str, Any]]:
+        """Every stored turn of the session, oldest first: role, text, intent, confidence, action, model_version, at."""
+        return self.store.transcript(session_id)
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _check_text(self, text: object) -> str:
+        if not isinstance(text, str):
+            raise InvalidMessage("message must be text")
+        cleaned = " ".join(text.split())
+        if not cleaned:
+            raise InvalidMessage("message is empty")
+        if len(cleaned) > self.max_message_chars:
+            raise InvalidMessage(f"message is {len(cleaned)} characters; the limit is {self.max_message_chars}")
+        return cleaned
+
+    def _lock(self, session_id: str) -> threading.Lock:
+        with self._locks_guard:
+            lock = self._locks.get(session_id)
+            if lock is None:
+                lock = threading.Lock()
+                self._locks[session_id] = lock
+            return lock
+
+    def _update(self, session_id: str, change) -> None:
+        check_session_id(session_id)
+        with self._lock(session_id):
+            for attempt in range(COMMIT_ATTEMPTS):
+                try:
+                    self.store.commit(session_id, change(self.store.load(session_id)), [])
+                    return
+                except SessionConflict:
+                    if attempt == COMMIT_ATTEMPTS - 1:
+                        raise
+
+    def _reply(self, session_id: str, decision: Decision, state: SessionState, prediction: Prediction | None) -> Reply:
+        text, quick = ("", []) if decision.silent else self._words(session_id, decision, state)
+        return Reply(
+            session_id=session_id,
+            text=text,
+            action=decision.action,
+            intent=decision.intent,
+            confidence=float(decision.confidence),
+            ranking=list(prediction.ranking) if prediction is not None and not decision.silent else [],
+            quick_replies=quick,
+            model_version=self.version,
+            handed_off=state.handed_off,
+            silent=decision.silent,
+            reason=decision.reason,
+        )
+
+    def _words(self, session_id: str, decision: Decision, state: SessionState) -> tuple[str, list[str]]:
+        """The reply text and quick replies for a decision; variations picked by session and turn."""
+        domain, key = self.domain, (session_id, state.turns, decision.action)
+        if decision.action == ANSWER:
+            responses = domain.intent(decision.intent or "")
+            if decision.slot is not None:
+                return domain.render(choose(responses.slot_prompts[decision.slot], *key), {}), []
+            return domain.render(choose(responses.texts, *key), state.slots), list(responses.quick_replies)
+        if decision.action == CLARIFY:
+            titles = [domain.title(o) for o in decision.options]
+            return domain.render(choose(domain.clarify, *key), {"options": join_choices(titles)}), titles
+        if decision.action == FALLBACK:
+            return self._fallback_words(decision, key)
+        if decision.action == HANDOFF:
+            own = domain.intent(decision.intent or "") if decision.reason == REASON_HANDOFF_INTENT else None
+            texts = own.texts if own is not None and not own.generic else domain.handoff
+            return domain.render(choose(texts, *key), state.slots), []
+        raise ValueError(f"unknown action {decision.action!r}")
+
+    def _fallback_words(self, decision: Decision, key: tuple) -> tuple[str, list[str]]:
+        domain = self.domain
+        if decision.slot is not None:
+            return domain.render(choose(domain.slot_retry[decision.slot], *key), {}), self._handoff_button([])
+        if decision.out_of_scope:
+            return domain.render(choose(domain.out_of_scope, *key), {}), list(domain.menu)
+        titles = [domain.title(o) for o in decision.options]
+        if titles:
+            texts = domain.fallback
+            return domain.render(choose(texts, *key), {"suggestions": join_choices(titles)}), self._handoff_button(titles)
+        plain = [t for t in domain.fallback if "{suggestions}" not in t] or list(Domain.generic([]).fallback[:1])
+        return domain.render(choose(plain, *key), {}), self._handoff_button([])
+
+    def _handoff_button(self, quick: list[str]) -> list[str]:
+        """A real desk always offers a way to a person after the bot failed to understand."""
+        intent = self.domain.handoff_intent
+        title = self.domain.title(intent) if intent else None
+        return quick + [title] if title and title not in quick else quick
+
+    def _turns(
+        self, text: str, reply: Reply, decision: Decision, prediction: Prediction | None, metadata: dict | None
+    ) -> list[Turn]:
+        user = Turn(
+            role="user",
+            text=text,
+            intent=prediction.label if prediction is not None and not decision.silent else None,
+            confidence=float(prediction.confidence) if prediction is not None and not decision.silent else 0.0,
+            action=reply.action,
+            model_version=reply.model_version,
+            metadata=dict(metadata or {}),
+        )
+        if reply.silent:
+            return [user]
+        bot = Turn(
+            role="bot",
+            text=reply.text,
+            intent=reply.intent,
+            confidence=reply.confidence,
+            action=reply.action,
+            model_version=reply.model_version,
+            metadata={"reason": decision.reason, "quick_replies": reply.quick_replies, "handed_off": reply.handed_off},
+        )
+        return [user, bot]

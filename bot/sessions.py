@@ -1,0 +1,273 @@
+"""Conversation state and transcripts behind a small store interface.
+
+`SessionStore` is what the Chatbot needs: load a session's state, commit a new state together
+with the turns that produced it (one transaction, refused when another writer got there first),
+and read a transcript back. `SQLiteSessionStore` is the default: one file in
+$SUPPORTBOT_DATA_DIR, WAL mode, a connection per thread, safe with concurrent writers in
+threads and processes, and durable across restarts. A store for many replicas (Redis) fits the
+same interface: `commit` is a compare-and-set on the state's revision plus an append.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+MAX_SESSION_ID_CHARS = 128
+SESSIONS_FILE = "sessions.sqlite3"
+SCHEMA_VERSION = 1
+
+
+class InvalidSessionId(ValueError):
+    """A session id that is empty, too long or holds control characters."""
+
+
+class SessionConflict(RuntimeError):
+    """Another writer changed the session since it was loaded; reload and try again."""
+
+
+class SessionStoreError(RuntimeError):
+    """The store cannot be opened or read (damaged file, foreign schema)."""
+
+
+def check_session_id(session_id: object) -> str:
+    """A session id is any non-empty string of at most 128 characters without control characters."""
+    if not isinstance(session_id, str) or not session_id.strip():
+        raise InvalidSessionId("session_id must be a non-empty string")
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+        raise InvalidSessionId(f"session_id is {len(session_id)} characters; the limit is {MAX_SESSION_ID_CHARS}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in session_id):
+        raise InvalidSessionId("session_id must not contain control characters")
+    return session_id
+
+
+@dataclass
+class SessionState:
+    """What the dialogue remembers between messages.
+
+    `pending` is what the bot is waiting for: `{"kind": "choice", "options": [intents], ...}` after a
+    clarify question or fallback suggestions, `{"kind": "slot", "intent", "slot", ...}` after asking
+    for a detail. `rev` is the store's revision (0: never saved), used for compare-and-set.
+    """
+
+    handed_off: bool = False
+    fallbacks: int = 0  # consecutive fallbacks
+    pending: dict[str, Any] | None = None
+    slots: dict[str, str] = field(default_factory=dict)
+    turns: int = 0  # user messages so far (picks response variations)
+    rev: int = 0
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("rev")
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, rev: int) -> SessionState:
+        data = json.loads(text)
+        return cls(
+            handed_off=bool(data.get("handed_off", False)),
+            fallbacks=int(data.get("fallbacks", 0)),
+            pending=data.get("pending"),
+            slots={str(k): str(v) for k, v in (data.get("slots") or {}).items()},
+            turns=int(data.get("turns", 0)),
+            rev=rev,
+        )
+
+
+@dataclass
+class Turn:
+    """One line of a transcript."""
+
+    role: str  # "user" | "bot"
+    text: str
+    intent: str | None
+    confidence: float
+    action: str
+    model_version: str
+    at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """Where sessions live. Implementations must be safe to call from many threads."""
+
+    def load(self, session_id: str) -> SessionState:
+        """The session's state; a fresh `SessionState()` (rev 0) for an unknown session."""
+        ...
+
+    def commit(self, session_id: str, state: SessionState, turns: list[Turn]) -> int:
+        """Store `state` and append `turns` atomically, if the session is still at `state.rev`.
+
+        Returns the new revision; raises SessionConflict when another writer committed first.
+        """
+        ...
+
+    def transcript(self, session_id: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """The session's turns, oldest first (the last `limit` when given); [] for an unknown session."""
+        ...
+
+    def exists(self, session_id: str) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def default_sessions_path() -> Path:
+    """$SUPPORTBOT_DATA_DIR/sessions.sqlite3 (./.supportbot when the variable is unset)."""
+    return Path(os.environ.get("SUPPORTBOT_DATA_DIR") or ".supportbot") / SESSIONS_FILE
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    rev INTEGER NOT NULL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS turns (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    text TEXT NOT NULL,
+    intent TEXT,
+    confidence REAL NOT NULL,
+    action TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    at TEXT NOT NULL,
+    metadata TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS turns_by_session ON turns (session_id, seq);
+"""
+
+
+class SQLiteSessionStore:
+    """Sessions in one SQLite file (WAL). Each thread gets its own connection; writes take the
+    write lock up front (BEGIN IMMEDIATE) and wait up to `timeout` seconds for another writer."""
+
+    def __init__(self, path: str | Path | None = None, *, timeout: float = 30.0):
+        self.path = Path(path) if path is not None else default_sessions_path()
+        self.timeout = timeout
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._guard = threading.Lock()
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SessionStoreError(f"{self.path.parent}: cannot create the data folder: {exc.strerror or exc}") from None
+        self._init_schema()
+
+    # ---- connections -----------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise SessionStoreError(f"{self.path}: the session store is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.DatabaseError as exc:
+                raise SessionStoreError(f"{self.path}: cannot open the session store: {exc}") from None
+            self._local.conn = conn
+            with self._guard:
+                self._connections.append(conn)
+        return conn
+
+    def _init_schema(self) -> None:
+        conn = self._conn()
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise SessionStoreError(f"{self.path}: session store schema {version} is not supported (this supportbot uses {SCHEMA_VERSION})")
+            conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        except sqlite3.DatabaseError as exc:
+            raise SessionStoreError(f"{self.path}: not a usable session store: {exc}") from None
+
+    def close(self) -> None:
+        with self._guard:
+            self._closed = True
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    # ---- the interface ---------------------------------------------------------------------
+
+    def load(self, session_id: str) -> SessionState:
+        check_session_id(session_id)
+        row = self._conn().execute("SELECT state, rev FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if row is None:
+            return SessionState()
+        try:
+            return SessionState.from_json(row[0], row[1])
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise SessionStoreError(f"{self.path}: session {session_id!r} holds a damaged state ({exc})") from None
+
+    def commit(self, session_id: str, state: SessionState, turns: list[Turn]) -> int:
+        check_session_id(session_id)
+        conn = self._conn()
+        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT rev FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            current = row[0] if row is not None else 0
+            if current != state.rev:
+                raise SessionConflict(f"session {session_id!r} changed (revision {current}, expected {state.rev})")
+            conn.execute(
+                "INSERT INTO sessions (id, state, rev, created, updated) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET state = excluded.state, rev = excluded.rev, updated = excluded.updated",
+                (session_id, state.to_json(), current + 1, now, now),
+            )
+            conn.executemany(
+                "INSERT INTO turns (session_id, role, text, intent, confidence, action, model_version, at, metadata) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (session_id, t.role, t.text, t.intent, float(t.confidence), t.action, t.model_version, t.at,
+                     json.dumps(t.metadata, default=str))
+                    for t in turns
+                ],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return current + 1
+
+    def transcript(self, session_id: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+        check_session_id(session_id)
+        query = (
+            "SELECT role, text, intent, confidence, action, model_version, at, metadata FROM turns "
+            "WHERE session_id = ? ORDER BY seq DESC"
+        )
+        params: tuple[Any, ...] = (session_id,)
+        if limit is not None:
+            query += " LIMIT ?"
+            params += (int(limit),)
+        rows = self._conn().execute(query, params).fetchall()
+        return [
+            {"role": r[0], "text": r[1], "intent": r[2], "confidence": r[3], "action": r[4], "model_version": r[5],
+             "at": r[6], "metadata": json.loads(r[7])}
+            for r in reversed(rows)
+        ]
+
+    def exists(self, session_id: str) -> bool:
+        check_session_id(session_id)
+        return self._conn().execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is not None
+
+    def __enter__(self) -> SQLiteSessionStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
