@@ -1,0 +1,28 @@
+"""configs/default.yaml is the written-out form of the built-in training defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from finetune.config import TrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "configs" / "default.yaml"
+
+
+def test_default_recipe_equals_the_built_in_defaults():
+    assert load_config(DEFAULT) == load_config(None)
+
+
+def test_default_recipe_names_every_field_explicitly():
+    written = yaml.safe_load(DEFAULT.read_text(encoding="utf-8"))
+    assert set(written) == set(TrainConfig.model_fields)
+    for section in ("head", "lora", "calibration"):
+        assert set(written[section]) == set(type(getattr(TrainConfig(), section)).model_fields)
+
+
+def test_default_recipe_trains_the_shop_pack_with_a_head():
+    cfg = load_config(DEFAULT)
+    assert (cfg.data, cfg.strategy, cfg.output) == ("pack:shop", "head", "models/default")
