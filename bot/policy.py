@@ -227,10 +227,10 @@ def resolve_choice(text: str, options: Sequence[str], titles: Sequence[str]) -> 
         return NONE_OF_THESE
     words = said.split()
     if said in _LETTERS or said == "one":  # "A" / "b" as in "did you mean (a) ... or (b) ...", or "one"
-        places = {_LETTERS.get(said, 0)}
+        places, rest = {_LETTERS.get(said, 0)}, []
     else:
         places = {_ORDINALS[w] for w in words if w in _ORDINALS}
-    rest = [w for w in words if w not in _ORDINALS and w not in _FILLER]
+        rest = [w for w in words if w not in _ORDINALS and w not in _FILLER]
     if len(places) == 1 and not rest:
         index = places.pop()
         if -len(options) <= index < len(options):
