@@ -1,0 +1,130 @@
+"""One error shape for every route: `{"error": {"code": ..., "message": ...}}`.
+
+Routes raise `ApiError`; `install_error_handlers` renders it, FastAPI's validation errors,
+Starlette's 404/405; `LastResortMiddleware` answers any unexpected exception in that shape.
+Bad input is always a 4xx: a 500 means a bug, and its log line never carries message text.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("supportbot.serve")
+
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client: HTTP status, a stable machine code, a human message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=dict(headers or {}))
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
+    """(status, code, message) for pydantic errors; never echoes the rejected input."""
+    if any(error.get("type") == "json_invalid" for error in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
+        return 400, "invalid_json", f"the request body is not valid JSON{': ' + str(detail) if detail else ''}"
+    parts = []
+    for error in errors[:10]:
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid value')}")
+    more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+    return 422, "invalid_request", "; ".join(parts) + more
+
+
+async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    status, code, message = describe_validation_errors(list(exc.errors()))
+    return error_response(status, code, message)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = STATUS_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    if exc.status_code == 404:
+        message = "no such route; see /docs for the API"
+    elif exc.status_code == 405:
+        message = f"this route does not accept {_request.method}; see /docs for the API"
+    return error_response(exc.status_code, code, message, exc.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+class LastResortMiddleware:
+    """Turns an unexpected exception into a logged 500 in the error shape, and stops it there.
+
+    Starlette's own last handler re-raises to the server, which logs the exception's message
+    (it may quote a customer). This logs the frames and the type only.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("unhandled %s on %s %s\n%s", type(exc).__name__, scope["method"], scope["path"], frames)
+            if started:  # too late for a clean answer: drop the connection
+                raise
+            response = error_response(500, "internal_error", "the server failed to handle this request; it has been logged")
+            await response(scope, receive, send)

@@ -1,0 +1,151 @@
+"""Serving settings: defaults, under a YAML file (configs/serve.yaml), under SUPPORTBOT_* variables.
+
+`load_settings()` is the one way to build them. Precedence, strongest first: keyword overrides
+(the CLI's --model/--host/--port), environment variables, the YAML file, the defaults below.
+Secrets are `SecretStr`, so they never show in a repr, a log line or /docs.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG = Path("configs/serve.yaml")
+
+# The YAML file of the load in progress; a context variable so concurrent loads cannot mix files.
+_yaml_file: ContextVar[Path | None] = ContextVar("supportbot_serve_yaml", default=None)
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; the message is one line that names the file or variable."""
+
+
+class Settings(BaseSettings):
+    """Everything `supportbot serve` can be told. Env names are SUPPORTBOT_ + the field name in capitals."""
+
+    model_config = SettingsConfigDict(env_prefix="SUPPORTBOT_", extra="forbid", validate_default=True)
+
+    # The names DESIGN.md fixes.
+    model: Path | None = Field(None, description="bundle directory to serve")
+    data_dir: Path = Field(Path(".supportbot"), description="sessions, outbox and caches")
+    api_key: SecretStr | None = Field(None, description="when set, /v1/chat, /v1/classify and /v1/sessions need it")
+    admin_token: SecretStr | None = Field(None, description="bearer token of POST /v1/admin/reload; unset: reload is off")
+    chatwoot_url: str | None = None
+    chatwoot_token: SecretStr | None = None
+    chatwoot_secret: SecretStr | None = None
+    webhook_secret: SecretStr | None = None
+
+    # Network.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1", description="proxies whose X-Forwarded-For is trusted for the client address (rate limit, logs)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed to call the API from a browser; empty: no CORS headers"
+    )
+
+    # Request batching.
+    batch_max_size: int = Field(32, ge=1, le=1024, description="most texts in one forward pass")
+    batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits for more requests")
+    max_queue: int = Field(2048, ge=1, description="texts waiting for the model before new requests get 503")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: every core)")
+
+    # Protection.
+    max_message_chars: int = Field(2000, ge=1, description="longest chat message or classify text")
+    max_classify_texts: int = Field(256, ge=1, description="most texts in one /v1/classify request")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body")
+    rate_limit_per_minute: float = Field(120.0, ge=0, description="sustained requests per client per minute; 0: off")
+    rate_limit_burst: int = Field(30, ge=1, description="requests a client may send at once before the rate applies")
+
+    # Logging.
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+    log_message_text: bool = Field(False, description="put customer message text in logs (off for privacy)")
+
+    web_page: bool = Field(True, description="serve the web chat page at /")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        """Accept a YAML list, or a comma-separated string from the environment."""
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @property
+    def sessions_path(self) -> Path:
+        return self.data_dir / "sessions.sqlite3"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """The YAML file named for the current load; its keys are the field names in lower case."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _yaml_file.get()
+        return read_yaml(path) if path is not None else {}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a settings YAML file; an empty file is an empty mapping."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"cannot read settings file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"settings file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"settings file {path} must hold a mapping of setting: value")
+    return data
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from `config` (default configs/serve.yaml when it exists), the environment and `overrides`.
+
+    Overrides that are None are ignored, so CLI options left unset do not hide the YAML or env.
+    Raises SettingsError with one line naming the bad setting.
+    """
+    if config is not None:
+        path: Path | None = Path(config)
+        if not path.is_file():
+            raise SettingsError(f"settings file {path} does not exist")
+    else:
+        path = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+    token = _yaml_file.set(path)
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, path)) from None
+    finally:
+        _yaml_file.reset(token)
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f" (settings file {path} or SUPPORTBOT_* environment)" if path else " (SUPPORTBOT_* environment)"
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False):
+        name = ".".join(str(p) for p in error["loc"]) or "settings"
+        message = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
+        parts.append(f"{name}: {message}")
+    return "invalid settings" + where + ": " + "; ".join(parts)
