@@ -1,0 +1,241 @@
+"""Chatwoot as an Agent Bot platform: the events it POSTs to us, and its REST API we answer through.
+
+Built to Chatwoot 4.x. Event bodies are a message's or a conversation's webhook data plus `event`;
+unknown events and unknown fields are ignored, so newer Chatwoot versions keep working.
+The API client only knows two calls: post a public reply, and open a conversation to humans
+(`toggle_status` to `open`), which is how an Agent Bot hands off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .outbox import Action, Sender
+
+KIND_MESSAGE = "chatwoot.message"
+KIND_OPEN = "chatwoot.open"
+
+MESSAGE_EVENTS = {"message_created", "message_updated"}
+CONVERSATION_EVENTS = {"conversation_opened", "conversation_resolved", "conversation_status_changed",
+                       "conversation_updated"}
+
+# Older Chatwoot versions and some integrations send enum integers instead of names.
+_MESSAGE_TYPES = {0: "incoming", 1: "outgoing", 2: "activity", 3: "template"}
+_CONVERSATION_STATUSES = {0: "open", 1: "resolved", 2: "pending", 3: "snoozed"}
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Account(_Lenient):
+    id: int
+
+
+class Conversation(_Lenient):
+    id: int = Field(..., description="the display id, as used in API routes")
+    status: str | None = None
+    account_id: int | None = None
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _status_name(cls, value: Any) -> Any:
+        return _CONVERSATION_STATUSES.get(value, value) if isinstance(value, int) else value
+
+
+class MessageEvent(_Lenient):
+    """`message_created` / `message_updated`: a message's webhook data plus `event`."""
+
+    event: str
+    id: int
+    content: str | None = None
+    message_type: str
+    private: bool = False
+    account: Account
+    conversation: Conversation
+
+    @field_validator("message_type", mode="before")
+    @classmethod
+    def _type_name(cls, value: Any) -> Any:
+        return _MESSAGE_TYPES.get(value, value) if isinstance(value, int) else value
+
+    @property
+    def should_answer(self) -> bool:
+        """A customer's public text in a conversation the bot owns (`pending`); everything else is
+        the bot's own echo, an agent's reply, a private note, or a conversation a human handles."""
+        return (
+            self.event == "message_created"
+            and self.message_type == "incoming"
+            and not self.private
+            and bool((self.content or "").strip())
+            and self.conversation.status == "pending"
+        )
+
+
+class ConversationEvent(_Lenient):
+    """`conversation_*`: a conversation's webhook data plus `event` (and `changed_attributes`)."""
+
+    event: str
+    id: int
+    status: str | None = None
+    account_id: int | None = None
+    account: Account | None = None
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+    changed_attributes: list[dict[str, Any]] | None = None
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _status_name(cls, value: Any) -> Any:
+        return _CONVERSATION_STATUSES.get(value, value) if isinstance(value, int) else value
+
+    @property
+    def account_ref(self) -> int | None:
+        """The account id: a top-level field where Chatwoot sends one, else the last message's."""
+        if self.account_id is not None:
+            return self.account_id
+        if self.account is not None:
+            return self.account.id
+        for message in self.messages:
+            if isinstance(message.get("account_id"), int):
+                return message["account_id"]
+        return None
+
+    @property
+    def status_change(self) -> tuple[str | None, str | None] | None:
+        """(previous, current) status when `changed_attributes` records a status change."""
+        for change in self.changed_attributes or []:
+            status = change.get("status") if isinstance(change, dict) else None
+            if isinstance(status, dict):
+                return status.get("previous_value"), status.get("current_value")
+        return None
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """An event we acknowledge and do nothing with; `reason` goes into the response and debug logs."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A body that claims a known event but lacks what that event must carry."""
+
+    message: str
+
+
+ConversationCommand = Literal["handoff", "release", "reset"]
+
+
+@dataclass(frozen=True)
+class ConversationChange:
+    """What a conversation event means for the bot: a human took over, gave it back, or it ended."""
+
+    account_id: int
+    conversation_id: int
+    command: ConversationCommand
+
+
+def parse_event(body: Any) -> MessageEvent | ConversationChange | Ignored | Invalid:
+    """Turn a delivery's JSON into the one thing the bot should do about it."""
+    if not isinstance(body, dict):
+        return Invalid("the body must be a JSON object")
+    event = body.get("event")
+    if not isinstance(event, str):
+        return Invalid("the body has no `event`")
+    try:
+        if event in MESSAGE_EVENTS:
+            return MessageEvent.model_validate(body)
+        if event in CONVERSATION_EVENTS:
+            return _conversation_change(ConversationEvent.model_validate(body))
+    except ValidationError as exc:
+        return Invalid(f"{event}: " + _describe(exc))
+    return Ignored(f"event {event!r} is not handled")
+
+
+def _conversation_change(event: ConversationEvent) -> ConversationChange | Ignored | Invalid:
+    command = _command_for(event)
+    if command is None:
+        return Ignored(f"{event.event} to status {event.status!r} needs nothing from the bot")
+    account = event.account_ref
+    if account is None:
+        return Invalid(f"{event.event}: no account id (account_id, account.id or messages[].account_id)")
+    return ConversationChange(account, event.id, command)
+
+
+def _command_for(event: ConversationEvent) -> ConversationCommand | None:
+    if event.event == "conversation_resolved":
+        return "reset"
+    if event.event == "conversation_opened":
+        return "handoff"
+    if event.event == "conversation_status_changed":
+        change = event.status_change
+        current = change[1] if change else event.status
+        return {"open": "handoff", "pending": "release", "resolved": "reset"}.get(current or "")
+    return None  # conversation_updated: assignments, labels, ...; status changes come as their own events
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:5]:
+        parts.append(".".join(str(p) for p in error["loc"]) + ": " + error["msg"])
+    return "; ".join(parts)
+
+
+def session_id(account_id: int, conversation_id: int) -> str:
+    """The bot session of a Chatwoot conversation (display ids are unique per account only)."""
+    return f"chatwoot:{account_id}:{conversation_id}"
+
+
+def message_payload(account_id: int, conversation_id: int, content: str) -> dict[str, Any]:
+    return {"account_id": account_id, "conversation_id": conversation_id, "content": content}
+
+
+def open_payload(account_id: int, conversation_id: int) -> dict[str, Any]:
+    return {"account_id": account_id, "conversation_id": conversation_id}
+
+
+@dataclass
+class ChatwootClient:
+    """Chatwoot's application API with an Agent Bot's access token (kept out of reprs and logs)."""
+
+    base_url: str
+    token: str = field(repr=False)
+    http: httpx.AsyncClient = field(repr=False)
+
+    def _url(self, account_id: int, conversation_id: int, tail: str) -> str:
+        return f"{self.base_url.rstrip('/')}/api/v1/accounts/{account_id}/conversations/{conversation_id}/{tail}"
+
+    async def send_message(self, account_id: int, conversation_id: int, content: str) -> httpx.Response:
+        """Post a public reply as the bot. 200 on success; 401 wrong token; 404 unknown conversation."""
+        return await self.http.post(
+            self._url(account_id, conversation_id, "messages"),
+            json={"content": content, "message_type": "outgoing", "private": False},
+            headers={"api_access_token": self.token},
+        )
+
+    async def open_conversation(self, account_id: int, conversation_id: int) -> httpx.Response:
+        """Hand the conversation to human agents (pending -> open)."""
+        return await self.http.post(
+            self._url(account_id, conversation_id, "toggle_status"),
+            json={"status": "open"},
+            headers={"api_access_token": self.token},
+        )
+
+    def senders(self) -> dict[str, Sender]:
+        """The outbox senders for Chatwoot actions."""
+
+        async def send_message(action: Action) -> httpx.Response:
+            p = action.payload
+            return await self.send_message(int(p["account_id"]), int(p["conversation_id"]), str(p["content"]))
+
+        async def open_conversation(action: Action) -> httpx.Response:
+            p = action.payload
+            return await self.open_conversation(int(p["account_id"]), int(p["conversation_id"]))
+
+        return {KIND_MESSAGE: send_message, KIND_OPEN: open_conversation}
