@@ -1,0 +1,487 @@
+"""Offline evaluation: is this model good enough, where does it fail, is it better than production?
+
+`supportbot evaluate --model DIR --data SPEC` scores a bundle through the same inference path
+as serving (`IntentClassifier.logits` -> `predictions_from_logits`) and the same answer / clarify /
+fallback rule (`bot.policy.decide`), so the numbers describe the bot a customer would meet.
+
+Every metric in report.json is computed from the per-example records saved as
+predictions.jsonl (`build_report`), so a reader can recompute any number from that file.
+
+How out-of-scope data is scored: when the evaluation data holds `oos` examples, a message whose
+calibrated top confidence is below the bundle's confidence floor is predicted `oos` (the same rule
+as `Prediction.out_of_scope` and the training summary), and accuracy, F1 and the per-intent table
+include an `oos` row. Without `oos` examples the prediction is the top intent (closed-set accuracy).
+Calibration (ECE) is measured on in-scope examples only: the model has no `oos` probability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from datasets import Dataset, DatasetDict
+from scipy import stats
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+from tqdm.auto import tqdm
+
+from bot import bundle as bundle_mod
+from bot import policy
+from bot.bundle import Bundle, BundleError
+from bot.classifier import IntentClassifier
+
+from . import data
+from .calibrate import expected_calibration_error
+from .config import ConfigError, TrainConfig
+
+Record = dict[str, Any]
+
+ECE_BINS = 15
+TOP_K = 3
+LATENCY_SAMPLE = 200  # texts timed one at a time
+PREDICT_CHUNK = 256  # texts per progress-bar step; the classifier batches 64 at a time inside
+CONFUSED_PAIRS = 10
+EXACT_MCNEMAR_BELOW = 25  # discordant pairs; below this the exact binomial test replaces chi-squared
+SUMMARY_KEYS = ("accuracy", "macro_f1", "weighted_f1", "top3_accuracy")
+
+
+@dataclass
+class Evaluation:
+    """One bundle scored on one dataset: the per-example records and the report built from them."""
+
+    records: list[Record]
+    report: dict[str, Any]
+    extra_files: dict[str, list[Record]] = field(default_factory=dict)
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+def evaluation_split(splits: DatasetDict) -> tuple[str, Dataset]:
+    """The split to evaluate on: test when there is one, else validation, else the whole file."""
+    for name in ("test", "validation", "train"):
+        if name in splits:
+            return name, splits[name]
+    raise data.DataError("no data to evaluate on")
+
+
+def training_split(splits: DatasetDict) -> tuple[str, Dataset]:
+    """The split cross-validation folds: train when there is one, else what evaluation would use."""
+    return ("train", splits["train"]) if "train" in splits else evaluation_split(splits)
+
+
+def check_labels(dataset: Dataset, known: Sequence[str], model: str | Path) -> None:
+    """Data labels the model cannot predict (other than `oos`) make the evaluation meaningless."""
+    unknown = sorted(set(dataset["label"]) - set(known) - {data.OOS_LABEL})
+    if unknown:
+        shown = ", ".join(repr(label) for label in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise data.DataError(f"{len(unknown)} label(s) in the data are unknown to the model {model}: {shown}")
+
+
+def handoff_intent(bundle: Bundle) -> str | None:
+    """The domain's handoff intent (`special.handoff` in the bundle's responses.yaml), if the model has it."""
+    path = bundle.file("responses.yaml")
+    if path is None:
+        return None
+    try:
+        special = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("special") or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BundleError(f"bundle {bundle.path}: responses.yaml is unreadable ({exc.__class__.__name__})") from None
+    name = special.get("handoff") if isinstance(special, dict) else None
+    return name if name in bundle.labels else None
+
+
+# ---- predicting ----------------------------------------------------------------------------------
+
+
+def predict_records(
+    classifier: IntentClassifier, dataset: Dataset, *, open_set: bool, progress: bool, fold: int | None = None
+) -> tuple[list[Record], float]:
+    """Per-example records for `dataset`, and the seconds the batched prediction took."""
+    texts, golds = list(dataset["text"]), list(dataset["label"])
+    chunks = []
+    with tqdm(total=len(texts), desc="predicting", unit="text", disable=not progress, leave=False) as bar:
+        started = time.perf_counter()
+        for start in range(0, len(texts), PREDICT_CHUNK):
+            chunks.append(classifier.logits(texts[start : start + PREDICT_CHUNK]))
+            bar.update(len(chunks[-1]))
+        seconds = time.perf_counter() - started
+    logits = torch.cat(chunks) if chunks else torch.zeros(0, len(classifier.labels))
+    return records_from_logits(classifier, texts, golds, logits, open_set=open_set, fold=fold), seconds
+
+
+def records_from_logits(
+    classifier: IntentClassifier, texts: list[str], golds: list[str], logits: torch.Tensor, *, open_set: bool,
+    fold: int | None = None,
+) -> list[Record]:
+    """One record per text: the serving path's prediction, the policy's action, raw and calibrated confidence."""
+    predictions = classifier.predictions_from_logits(logits, top_k=TOP_K)
+    raw_top = torch.softmax(logits.float(), dim=-1).max(dim=-1).values.tolist()
+    top1 = np.array([p.confidence for p in predictions])
+    top2 = np.array([p.ranking[1][1] if len(p.ranking) > 1 else 0.0 for p in predictions])
+    actions = policy.decide(top1, top2, classifier.confidence_floor, classifier.ambiguity_gap)
+    handoff = handoff_intent(classifier.bundle)
+    records = []
+    for i, (text, gold, prediction) in enumerate(zip(texts, golds, predictions)):
+        predicted = data.OOS_LABEL if open_set and prediction.out_of_scope else prediction.label
+        record = {
+            "text": text, "gold": gold, "predicted": predicted, "correct": predicted == gold,
+            "confidence": prediction.confidence, "confidence_raw": raw_top[i],
+            "top3": [[name, p] for name, p in prediction.ranking],
+            "action": policy.HANDOFF if prediction.label == handoff else str(actions[i]),
+        }
+        if fold is not None:
+            record["fold"] = fold
+        records.append(record)
+    return records
+
+
+def measure_latency(classifier: IntentClassifier, texts: list[str], *, batch_seconds: float, progress: bool) -> dict[str, Any]:
+    """Single-text latency on a seeded sample of up to LATENCY_SAMPLE texts; batched time per text from the full pass."""
+    sample = random.Random(0).sample(texts, min(LATENCY_SAMPLE, len(texts)))
+    classifier.predict(sample[:1])  # warm-up: first-call allocations are not what a warm server sees
+    timings = []
+    for text in tqdm(sample, desc="latency (one text at a time)", unit="text", disable=not progress, leave=False):
+        started = time.perf_counter()
+        classifier.predict([text])
+        timings.append((time.perf_counter() - started) * 1000)
+    return {
+        "single_p50": float(np.percentile(timings, 50)),
+        "single_p95": float(np.percentile(timings, 95)),
+        "batch_per_text": batch_seconds * 1000 / max(len(texts), 1),
+        "single_sample": len(sample),
+        "batched_texts": len(texts),
+        "batch_size": 64,
+        "threads": torch.get_num_threads(),
+        "note": f"single: predict() on one text, {len(sample)} texts sampled (seed 0) after one warm-up call; "
+        f"batched: all {len(texts)} texts in batches of 64, wall time / texts",
+    }
+
+
+# ---- metrics (pure functions of the records) -------------------------------------------------
+
+
+def build_report(records: list[Record], *, worst: int) -> dict[str, Any]:
+    """The metric part of report.json, computed from the records alone."""
+    gold = [r["gold"] for r in records]
+    predicted = [r["predicted"] for r in records]
+    intents = sorted(set(gold))
+    correct = np.array([r["correct"] for r in records], dtype=bool)
+    return {
+        "n": len(records),
+        "accuracy": float(correct.mean()) if records else 0.0,
+        "macro_f1": float(f1_score(gold, predicted, labels=intents, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(gold, predicted, labels=intents, average="weighted", zero_division=0)),
+        "top3_accuracy": top3_accuracy(records),
+        "per_intent": per_intent(gold, predicted, intents),
+        "out_of_scope": out_of_scope(gold, predicted),
+        "actions": {action: sum(r["action"] == action for r in records) / max(len(records), 1) for action in policy.ACTIONS},
+        "answer_accuracy": answer_accuracy(records),
+        "calibration": calibration(records),
+        "confused_pairs": confused_pairs(gold, predicted),
+        "worst_errors": worst_errors(records, worst),
+    }
+
+
+def top3_accuracy(records: list[Record]) -> float:
+    """Gold among the top three intents; an `oos` message counts when it was predicted `oos`."""
+    hits = [r["gold"] in [name for name, _ in r["top3"]] or (r["gold"] == r["predicted"]) for r in records]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def per_intent(gold: list[str], predicted: list[str], intents: list[str]) -> dict[str, dict[str, float]]:
+    precision, recall, f1, support = precision_recall_fscore_support(gold, predicted, labels=intents, zero_division=0)
+    return {
+        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for name, p, r, f, s in zip(intents, precision, recall, f1, support)
+    }
+
+
+def out_of_scope(gold: list[str], predicted: list[str]) -> dict[str, Any] | None:
+    """In-scope accuracy and OOS recall / precision; None when the data has no `oos` examples."""
+    gold_a, pred_a = np.array(gold, dtype=object), np.array(predicted, dtype=object)
+    is_oos, said_oos = gold_a == data.OOS_LABEL, pred_a == data.OOS_LABEL
+    if not is_oos.any():
+        return None
+    in_scope = ~is_oos
+    return {
+        "in_scope_accuracy": float((pred_a[in_scope] == gold_a[in_scope]).mean()) if in_scope.any() else 0.0,
+        "recall": float(said_oos[is_oos].mean()),
+        "precision": float(is_oos[said_oos].mean()) if said_oos.any() else 0.0,
+        "n_out_of_scope": int(is_oos.sum()),
+        "n_in_scope": int(in_scope.sum()),
+        "rule": "predicted oos when the calibrated top confidence is below the bundle's confidence floor",
+    }
+
+
+def answer_accuracy(records: list[Record]) -> float | None:
+    """Of the messages the bot answers outright, the share whose top intent is the right one."""
+    answered = [r for r in records if r["action"] == policy.ANSWER]
+    return float(np.mean([r["top3"][0][0] == r["gold"] for r in answered])) if answered else None
+
+
+def calibration(records: list[Record]) -> dict[str, Any]:
+    """ECE (15 equal-width bins) of the raw and the temperature-scaled top confidence, in-scope messages."""
+    in_scope = [r for r in records if r["gold"] != data.OOS_LABEL]
+    right = np.array([r["top3"][0][0] == r["gold"] for r in in_scope], dtype=float)
+    return {
+        "ece_raw": expected_calibration_error(np.array([r["confidence_raw"] for r in in_scope]), right, ECE_BINS),
+        "ece_calibrated": expected_calibration_error(np.array([r["confidence"] for r in in_scope]), right, ECE_BINS),
+        "bins": ECE_BINS,
+        "n": len(in_scope),
+    }
+
+
+def confused_pairs(gold: list[str], predicted: list[str], top: int = CONFUSED_PAIRS) -> list[dict[str, Any]]:
+    """Intent pairs most often mistaken for each other (both directions added up), most first."""
+    directed = Counter((g, p) for g, p in zip(gold, predicted) if g != p)
+    pairs: Counter[tuple[str, str]] = Counter()
+    for (g, p), count in directed.items():
+        pairs[tuple(sorted((g, p)))] += count
+    ranked = sorted(pairs.items(), key=lambda item: (-item[1], item[0]))[:top]
+    return [
+        {"a": a, "b": b, "count": count, "a_predicted_as_b": directed[(a, b)], "b_predicted_as_a": directed[(b, a)]}
+        for (a, b), count in ranked
+    ]
+
+
+def worst_errors(records: list[Record], n: int) -> list[dict[str, Any]]:
+    """The `n` wrong predictions made with the highest confidence."""
+    wrong = sorted((r for r in records if not r["correct"]), key=lambda r: (-r["confidence"], r["text"]))
+    keys = ("text", "gold", "predicted", "confidence", "action", "fold")
+    return [{k: r[k] for k in keys if k in r} for r in wrong[:n]]
+
+
+# ---- compare -------------------------------------------------------------------------------------
+
+
+def mcnemar(model_right: np.ndarray, other_right: np.ndarray) -> dict[str, Any]:
+    """McNemar's test on paired correctness; exact binomial when discordant pairs are few."""
+    b = int((model_right & ~other_right).sum())
+    c = int((~model_right & other_right).sum())
+    if b + c == 0:
+        statistic, p_value, method = 0.0, 1.0, "no discordant pairs"
+    elif b + c < EXACT_MCNEMAR_BELOW:
+        statistic, p_value, method = float(min(b, c)), float(stats.binomtest(min(b, c), b + c, 0.5).pvalue), "exact binomial"
+    else:
+        statistic = (abs(b - c) - 1) ** 2 / (b + c)
+        p_value, method = float(stats.chi2.sf(statistic, 1)), "chi-squared with continuity correction"
+    verdict = "no significant difference (p >= 0.05)"
+    if p_value < 0.05:
+        verdict = "model is better (p < 0.05)" if b > c else "other is better (p < 0.05)"
+    return {
+        "model_only_right": b, "other_only_right": c, "statistic": float(statistic), "p_value": p_value,
+        "method": method, "verdict": verdict,
+    }
+
+
+def compare_reports(model: Evaluation, other: Evaluation, other_path: str) -> dict[str, Any]:
+    """Side by side metrics, McNemar on the paired predictions, per-intent F1 changes (model - other)."""
+    a, b = model.report, other.report
+    metrics = {key: {"model": a[key], "other": b[key], "delta": a[key] - b[key]} for key in SUMMARY_KEYS}
+    if a["out_of_scope"] and b["out_of_scope"]:
+        for key in ("in_scope_accuracy", "recall"):
+            va, vb = a["out_of_scope"][key], b["out_of_scope"][key]
+            metrics[f"oos_{key}" if key == "recall" else key] = {"model": va, "other": vb, "delta": va - vb}
+    f1_changes = {
+        name: {"model": a["per_intent"][name]["f1"], "other": b["per_intent"][name]["f1"],
+               "delta": a["per_intent"][name]["f1"] - b["per_intent"][name]["f1"]}
+        for name in a["per_intent"]
+    }
+    return {
+        "other_model": other_path, "other_version": b["model_version"], "metrics": metrics,
+        "latency_ms": {"model": a["latency_ms"], "other": b["latency_ms"]},
+        "mcnemar": mcnemar(_correct(model.records), _correct(other.records)),
+        "per_intent_f1": dict(sorted(f1_changes.items(), key=lambda item: (item[1]["delta"], item[0]))),
+    }
+
+
+def _correct(records: list[Record]) -> np.ndarray:
+    return np.array([r["correct"] for r in records], dtype=bool)
+
+
+# ---- one bundle, and cross-validation ------------------------------------------------------------
+
+
+def evaluate_bundle(
+    model: str | Path, dataset: Dataset, *, open_set: bool, worst: int, progress: bool
+) -> Evaluation:
+    """Score one bundle on `dataset`: records, metrics, latency."""
+    classifier = IntentClassifier.from_bundle(model)
+    check_labels(dataset, classifier.labels, model)
+    records, seconds = predict_records(classifier, dataset, open_set=open_set, progress=progress)
+    report = {"model_version": classifier.version, "model": model_info(classifier.bundle), **build_report(records, worst=worst)}
+    report["latency_ms"] = measure_latency(classifier, list(dataset["text"]), batch_seconds=seconds, progress=progress)
+    return Evaluation(records, report)
+
+
+def model_info(bundle: Bundle) -> dict[str, Any]:
+    calibration_ = bundle.calibration
+    return {
+        "path": str(bundle.path), "strategy": bundle.strategy, "base": bundle.meta["base"]["id"],
+        "intents": len(bundle.labels), "temperature": calibration_["temperature"],
+        "confidence_floor": calibration_["confidence_floor"], "ambiguity_gap": calibration_["ambiguity_gap"],
+        "handoff_intent": handoff_intent(bundle),
+    }
+
+
+def recipe_of(bundle: Bundle) -> TrainConfig:
+    """The training recipe stored in a bundle, which cross-validation retrains."""
+    raw = (bundle.meta.get("training") or {}).get("config")
+    if not isinstance(raw, dict):
+        raise BundleError(f"bundle {bundle.path} has no training recipe (training.config) to cross-validate")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValueError as exc:
+        raise BundleError(f"bundle {bundle.path}: its training recipe is not valid here ({str(exc).splitlines()[0]})") from None
+
+
+def fold_indices(labels: list[str], k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K stratified folds; every label must keep two training examples in every fold."""
+    from sklearn.model_selection import StratifiedKFold
+
+    for label, count in sorted(Counter(labels).items()):
+        if count - -(-count // k) < 2:  # the training part of a fold keeps count - ceil(count / k)
+            needed = next(n for n in range(2, 10 * k) if n - -(-n // k) >= 2)
+            raise data.DataError(f"label {label!r} has {count} example(s); {k}-fold cross-validation needs at least {needed} per label")
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(folds.split(np.zeros(len(labels)), labels))
+
+
+def cross_validate(
+    model: str | Path, dataset: Dataset, spec: str, k: int, *, worst: int, progress: bool
+) -> Evaluation:
+    """Retrain the bundle's recipe on K stratified folds; pool the out-of-fold records; mean and sd per metric."""
+    from .train import prepare_splits, train
+
+    bundle = bundle_mod.load(model)
+    recipe = recipe_of(bundle)
+    open_set = data.OOS_LABEL in set(dataset["label"])
+    records: list[Record] = []
+    per_fold: list[dict[str, Any]] = []
+    seconds = 0.0
+    with tempfile.TemporaryDirectory(prefix="supportbot-cv-") as tmp:
+        folds = fold_indices(list(dataset["label"]), k, recipe.seed)
+        for fold, (train_idx, test_idx) in enumerate(tqdm(folds, desc="cross-validation", unit="fold", disable=not progress), 1):
+            cfg = recipe.model_copy(update={"data": spec, "eval_data": None, "output": str(Path(tmp) / f"fold-{fold}")})
+            prepared = prepare_splits(cfg, dataset.select(train_idx), None)
+            trained = train(cfg, prepared=prepared, progress=False, log=lambda _msg: None)
+            classifier = IntentClassifier.from_bundle(trained.bundle.path)
+            fold_records, fold_seconds = predict_records(
+                classifier, dataset.select(test_idx), open_set=open_set, progress=progress, fold=fold
+            )
+            records += fold_records
+            seconds += fold_seconds
+            per_fold.append({
+                "fold": fold, "n_train": len(train_idx), "confidence_floor": classifier.confidence_floor,
+                **fold_metrics(build_report(fold_records, worst=0)),
+            })
+        latency = measure_latency(classifier, list(dataset["text"]), batch_seconds=seconds, progress=progress)
+    report = {"model_version": bundle.version, "model": model_info(bundle), **build_report(records, worst=worst)}
+    report["latency_ms"] = latency | {"note": latency["note"] + f"; single-text timings on the fold {k} model"}
+    report["cross_validation"] = cv_summary(per_fold, k, recipe)
+    return Evaluation(records, report)
+
+
+def fold_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of one fold."""
+    out = {"n": report["n"], **{key: report[key] for key in SUMMARY_KEYS}}
+    out |= {"ece_raw": report["calibration"]["ece_raw"], "ece_calibrated": report["calibration"]["ece_calibrated"]}
+    if report["out_of_scope"]:
+        oos = report["out_of_scope"]
+        out |= {"in_scope_accuracy": oos["in_scope_accuracy"], "oos_recall": oos["recall"], "oos_precision": oos["precision"]}
+    return out | {f"{action}_share": share for action, share in report["actions"].items()}
+
+
+def cv_summary(per_fold: list[dict[str, Any]], k: int, recipe: TrainConfig) -> dict[str, Any]:
+    keys = [key for key in per_fold[0] if key not in ("fold", "n", "n_train")]
+    values = {key: np.array([fold[key] for fold in per_fold], dtype=float) for key in keys}
+    return {
+        "k": k, "seed": recipe.seed, "strategy": recipe.strategy, "stratified": True,
+        "note": "the recipe stored in --model retrained on each fold's other K-1 parts (validation split off them "
+        "as in training); sd is the sample standard deviation (ddof=1) over folds; the other top-level metrics "
+        "pool all out-of-fold predictions",
+        "folds": per_fold,
+        "mean": {key: float(v.mean()) for key, v in values.items()},
+        "sd": {key: float(v.std(ddof=1)) for key, v in values.items()},
+    }
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+
+def check_options(args: argparse.Namespace) -> None:
+    for name in ("min_accuracy", "min_oos_recall"):
+        value = getattr(args, name, None)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} {value:g}: expected a share between 0 and 1")
+    if args.worst < 0:
+        raise ConfigError(f"--worst {args.worst}: expected 0 or more")
+    if args.cv is not None and args.cv < 2:
+        raise ConfigError(f"--cv {args.cv}: cross-validation needs at least 2 folds")
+    if args.cv is not None and args.compare:
+        raise ConfigError("--cv and --compare cannot be combined: compare two bundles on a test set instead")
+
+
+def run(args: argparse.Namespace) -> Evaluation:
+    """Evaluate (or cross-validate, or compare) as the options say; nothing is written yet."""
+    check_options(args)
+    progress = not args.quiet
+    splits = data.load(args.data)
+    split, dataset = training_split(splits) if args.cv else evaluation_split(splits)
+    open_set = data.OOS_LABEL in set(dataset["label"])
+    if args.min_oos_recall is not None and not open_set:
+        raise data.DataError(f"{args.data}: --min-oos-recall needs out-of-scope ({data.OOS_LABEL!r}) examples in the data")
+    if args.cv:
+        evaluation = cross_validate(args.model, dataset, args.data, args.cv, worst=args.worst, progress=progress)
+    else:
+        evaluation = evaluate_bundle(args.model, dataset, open_set=open_set, worst=args.worst, progress=progress)
+    if args.compare:
+        other = evaluate_bundle(args.compare, dataset, open_set=open_set, worst=args.worst, progress=progress)
+        evaluation.report["compare"] = compare_reports(evaluation, other, str(args.compare))
+        evaluation.extra_files["compare_predictions.jsonl"] = other.records
+    if len(splits) == 1 and Path(args.data).is_file():
+        split = "whole file"
+    evaluation.report["data"] = {"spec": str(args.data), "split": split, "n": len(dataset), "out_of_scope": open_set}
+    evaluation.report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return evaluation
+
+
+def gate(report: dict[str, Any], min_accuracy: float | None, min_oos_recall: float | None) -> str | None:
+    """The reason a CI pipeline should block this model, or None when it passes."""
+    reasons = []
+    if min_accuracy is not None and report["accuracy"] < min_accuracy:
+        reasons.append(f"accuracy {report['accuracy']:.4f} is below --min-accuracy {min_accuracy:g}")
+    oos = report["out_of_scope"]
+    if min_oos_recall is not None and oos is not None and oos["recall"] < min_oos_recall:
+        reasons.append(f"out-of-scope recall {oos['recall']:.4f} is below --min-oos-recall {min_oos_recall:g}")
+    return "; ".join(reasons) or None
+
+
+def run_from_cli(args: argparse.Namespace) -> int:
+    """`supportbot evaluate`: 0 when done (and the gates pass), 1 when a gate fails."""
+    from .report import print_summary, write_outputs
+
+    evaluation = run(args)
+    reason = gate(evaluation.report, args.min_accuracy, args.min_oos_recall)
+    evaluation.report["gate"] = {
+        "min_accuracy": args.min_accuracy, "min_oos_recall": args.min_oos_recall, "passed": reason is None, "reason": reason,
+    }
+    out_dir = write_outputs(Path(args.output), evaluation)
+    print_summary(evaluation.report, out_dir)
+    if reason:
+        print(f"supportbot evaluate: gate failed: {reason}", file=sys.stderr)
+        return 1
+    return 0

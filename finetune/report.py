@@ -1,0 +1,259 @@
+"""Writing an evaluation: report.json, predictions.jsonl, the PNGs, a self-contained report.html,
+and the summary table printed in the terminal."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import plots
+
+if TYPE_CHECKING:
+    from .evaluate import Evaluation
+
+Report = dict[str, Any]
+
+CAPTIONS = {
+    "confusion_matrix.png": "Confusion matrix, row-normalised and clustered so that intents confused with each other sit together.",
+    "reliability_diagram.png": "Reliability: accuracy against confidence, before and after temperature scaling (in-scope messages).",
+    "confidence_histogram.png": "Confidence of right and wrong predictions; the dashed line is the bundle's confidence floor.",
+    "threshold_sweep.png": "What moving the confidence floor would do to coverage, accuracy and out-of-scope recall.",
+}
+
+
+def write_outputs(out_dir: Path, evaluation: Evaluation) -> Path:
+    """Write every file of the report into `out_dir` (created); returns the folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = evaluation.report
+    _write_jsonl(out_dir / "predictions.jsonl", evaluation.records)
+    for name, records in evaluation.extra_files.items():
+        _write_jsonl(out_dir / name, records)
+    images = plots.write_all(evaluation.records, report, out_dir)
+    report["files"] = sorted(["report.json", "report.html", "predictions.jsonl", *evaluation.extra_files, *images])
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "report.html").write_text(render_html(report, images), encoding="utf-8")
+    return out_dir
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ---- HTML --------------------------------------------------------------------------------------------
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;padding:0 1rem;color:#1f2328}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2.2rem;border-bottom:1px solid #d0d7de;padding-bottom:.3rem}
+.meta{color:#57606a}table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
+th,td{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left;vertical-align:top}th{background:#f6f8fa}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.bad{color:#cf222e}.good{color:#1a7f37}
+figure{margin:1.2rem 0}figure img{max-width:100%;border:1px solid #d0d7de}figcaption{color:#57606a;font-size:.9rem}
+.gate-pass{background:#dafbe1;padding:.5rem .8rem;border-radius:6px}.gate-fail{background:#ffebe9;padding:.5rem .8rem;border-radius:6px}
+"""
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return f"<td>{html.escape(str(value))}</td>"
+    if isinstance(value, float):
+        return f'<td class="num">{value:.4f}</td>'
+    if isinstance(value, int):
+        return f'<td class="num">{value:,}</td>'
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def summary_rows(report: Report) -> list[tuple[str, Any]]:
+    """(label, value) rows shared by the HTML summary and the terminal table."""
+    rows: list[tuple[str, Any]] = [("messages", report["n"])]
+    rows += [(name, report[key]) for name, key in (
+        ("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("weighted-F1", "weighted_f1"), ("top-3 accuracy", "top3_accuracy"),
+    )]
+    if report["out_of_scope"]:
+        oos = report["out_of_scope"]
+        rows += [("in-scope accuracy", oos["in_scope_accuracy"]), ("OOS recall", oos["recall"]), ("OOS precision", oos["precision"])]
+    rows += [(f"{action} share", share) for action, share in report["actions"].items()]
+    rows += [("accuracy of answered messages", report["answer_accuracy"])]
+    rows += [("ECE raw", report["calibration"]["ece_raw"]), ("ECE temperature-scaled", report["calibration"]["ece_calibrated"])]
+    latency = report["latency_ms"]
+    rows += [("latency single p50 (ms)", latency["single_p50"]), ("latency single p95 (ms)", latency["single_p95"]),
+             ("latency batched per text (ms)", latency["batch_per_text"])]
+    return rows
+
+
+def _header(report: Report) -> str:
+    model, data_ = report["model"], report["data"]
+    title = "Cross-validation report" if "cross_validation" in report else "Evaluation report"
+    return (
+        f"<h1>supportbot: {title}</h1><p class=meta>model <code>{html.escape(model['path'])}</code> "
+        f"(version {html.escape(report['model_version'])}, {html.escape(model['strategy'])} on {html.escape(model['base'])}, "
+        f"{model['intents']} intents; temperature {model['temperature']:.3f}, confidence floor {model['confidence_floor']:.2f}, "
+        f"ambiguity gap {model['ambiguity_gap']:.2f})<br>data <code>{html.escape(data_['spec'])}</code>, split "
+        f"{html.escape(data_['split'])}, {data_['n']:,} messages; created {html.escape(report['created'])}</p>"
+    )
+
+
+def _gate(report: Report) -> str:
+    gate = report.get("gate") or {}
+    if gate.get("min_accuracy") is None and gate.get("min_oos_recall") is None:
+        return ""
+    if gate["passed"]:
+        return '<p class="gate-pass">Gate passed.</p>'
+    return f'<p class="gate-fail">Gate failed: {html.escape(gate["reason"])}</p>'
+
+
+def _summary(report: Report) -> str:
+    if "compare" not in report:
+        return "<h2>Summary</h2>" + _table(["metric", "value"], [list(row) for row in summary_rows(report)])
+    compare = report["compare"]
+    rows = [[key, m["model"], m["other"], m["delta"]] for key, m in compare["metrics"].items()]
+    latency = compare["latency_ms"]
+    rows += [[f"latency {k} (ms)", latency["model"][k], latency["other"][k], latency["model"][k] - latency["other"][k]]
+             for k in ("single_p50", "single_p95", "batch_per_text")]
+    test = compare["mcnemar"]
+    return (
+        "<h2>Summary: this model against the other</h2>"
+        f"<p>other model: <code>{html.escape(compare['other_model'])}</code> (version {html.escape(compare['other_version'])}); "
+        "delta = this model minus the other.</p>" + _table(["metric", "this model", "other", "delta"], rows)
+        + f"<p>McNemar test on the paired predictions ({html.escape(test['method'])}): this model alone right on "
+        f"{test['model_only_right']}, the other alone right on {test['other_only_right']}, p = {test['p_value']:.4g}: "
+        f"<b>{html.escape(test['verdict'])}</b>.</p>"
+        "<h2>This model alone</h2>" + _table(["metric", "value"], [list(row) for row in summary_rows(report)])
+    )
+
+
+def _compare_intents(report: Report) -> str:
+    if "compare" not in report:
+        return ""
+    changes = [[name, c["model"], c["other"], c["delta"]] for name, c in report["compare"]["per_intent_f1"].items() if c["delta"]]
+    body = _table(["intent", "F1 this model", "F1 other", "delta"], changes) if changes else "<p>No intent's F1 changed.</p>"
+    return "<h2>Per-intent F1 changes (largest drop first)</h2>" + body
+
+
+def _cross_validation(report: Report) -> str:
+    cv = report.get("cross_validation")
+    if not cv:
+        return ""
+    keys = list(cv["mean"])
+    rows = [[key, cv["mean"][key], cv["sd"][key]] + [fold[key] for fold in cv["folds"]] for key in keys]
+    header = ["metric", "mean", "sd"] + [f"fold {fold['fold']}" for fold in cv["folds"]]
+    return (
+        f"<h2>{cv['k']}-fold cross-validation (stratified, seed {cv['seed']}, {html.escape(cv['strategy'])})</h2>"
+        f"<p>{html.escape(cv['note'])}.</p>" + _table(header, rows)
+    )
+
+
+def _errors(report: Report) -> str:
+    pairs = [[p["a"], p["b"], p["count"], p["a_predicted_as_b"], p["b_predicted_as_a"]] for p in report["confused_pairs"]]
+    worst = [[e["text"], e["gold"], e["predicted"], e["confidence"], e["action"]] for e in report["worst_errors"]]
+    return (
+        "<h2>Most confused intent pairs</h2>"
+        + (_table(["intent A", "intent B", "errors", "A predicted as B", "B predicted as A"], pairs) if pairs else "<p>None.</p>")
+        + f"<h2>The {len(worst)} most confident errors</h2>"
+        + (_table(["text", "true", "predicted", "confidence", "bot action"], worst) if worst else "<p>None.</p>")
+    )
+
+
+def _per_intent(report: Report) -> str:
+    rows = sorted(report["per_intent"].items(), key=lambda item: (item[1]["f1"], item[0]))
+    return "<h2>Per intent (worst F1 first)</h2>" + _table(
+        ["intent", "precision", "recall", "F1", "support"],
+        [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in rows],
+    )
+
+
+def _figures(images: dict[str, Path]) -> str:
+    parts = ["<h2>Pictures</h2>"]
+    for name, path in images.items():
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(
+            f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">'
+            f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>"
+        )
+    return "".join(parts)
+
+
+def _notes(report: Report) -> str:
+    notes = [report["latency_ms"]["note"]]
+    if report["out_of_scope"]:
+        notes.append("out of scope: " + report["out_of_scope"]["rule"])
+    notes.append(f"calibration: ECE over {report['calibration']['n']} in-scope messages, {report['calibration']['bins']} bins")
+    handoff = report["model"].get("handoff_intent")
+    notes.append(f"handoff share: messages whose top intent is {handoff!r}" if handoff else "handoff share: the model has no handoff intent")
+    return "<h2>How these numbers were measured</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
+
+
+def render_html(report: Report, images: dict[str, Path]) -> str:
+    """A single self-contained page: tables and the PNGs embedded as base64."""
+    sections = [
+        _header(report), _gate(report), _summary(report), _cross_validation(report), _compare_intents(report),
+        _errors(report), _figures(images), _per_intent(report), _notes(report),
+    ]
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>supportbot evaluation '
+        f"{html.escape(report['model_version'])}</title><style>{CSS}</style></head><body>{''.join(sections)}</body></html>\n"
+    )
+
+
+# ---- terminal --------------------------------------------------------------------------------------
+
+
+def print_summary(report: Report, out_dir: Path) -> None:
+    """The summary table (with the other model and the McNemar verdict when comparing), then where the files are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cv = report.get("cross_validation")
+    title = f"evaluation of {report['model_version']} on {report['data']['spec']} ({report['data']['split']}, n={report['n']:,})"
+    table = Table(title=title, header_style="bold")
+    table.add_column("metric")
+    table.add_column("pooled" if cv else "value", justify="right")
+    if cv:
+        table.add_column("mean ± sd over folds", justify="right")
+    compare = report.get("compare")
+    if compare:
+        table.add_column("other", justify="right")
+        table.add_column("delta", justify="right")
+    cv_keys = {"accuracy": "accuracy", "macro-F1": "macro_f1", "weighted-F1": "weighted_f1", "top-3 accuracy": "top3_accuracy",
+               "in-scope accuracy": "in_scope_accuracy", "OOS recall": "oos_recall", "OOS precision": "oos_precision",
+               "ECE raw": "ece_raw", "ECE temperature-scaled": "ece_calibrated"}
+    compare_keys = {"accuracy": "accuracy", "macro-F1": "macro_f1", "weighted-F1": "weighted_f1",
+                    "top-3 accuracy": "top3_accuracy", "in-scope accuracy": "in_scope_accuracy", "OOS recall": "oos_recall"}
+    for label, value in summary_rows(report):
+        row = [label, _fmt(value)]
+        if cv:
+            key = cv_keys.get(label) or (label.replace(" share", "_share") if label.endswith(" share") else None)
+            row.append(f"{cv['mean'][key]:.4f} ± {cv['sd'][key]:.4f}" if key in cv["mean"] else "")
+        if compare:
+            m = compare["metrics"].get(compare_keys.get(label, ""))
+            row += [_fmt(m["other"]), f"{m['delta']:+.4f}"] if m else ["", ""]
+        table.add_row(*row)
+    console.print(table)
+    if compare:
+        test = compare["mcnemar"]
+        console.print(f"McNemar ({test['method']}): this model alone right {test['model_only_right']}, other alone right "
+                      f"{test['other_only_right']}, p = {test['p_value']:.4g}: {test['verdict']}")
+    if report["confused_pairs"]:
+        top = ", ".join(f"{p['a']} / {p['b']} ({p['count']})" for p in report["confused_pairs"][:3])
+        console.print(f"most confused: {top}")
+    pictures = sum(name.endswith(".png") for name in report["files"])
+    console.print(f"written to {out_dir}: report.html, report.json, predictions.jsonl and {pictures} pictures")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
