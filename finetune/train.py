@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import random
 import shutil
 import time
@@ -66,6 +67,7 @@ class Prepared:
 class TrainResult:
     bundle: Bundle
     summary: dict[str, Any]
+    model: nn.Module  # what trained: the head, or the encoder classifier (peft-wrapped for lora)
 
 
 class EncoderClassifier(nn.Module):
@@ -85,18 +87,23 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
     splits = data.load(cfg.data)
     if "train" not in splits:
         raise data.DataError(f"{cfg.data}: no training split")
-    train_ds = splits["train"]
-    if cfg.few_shot:
-        train_ds = data.few_shot(train_ds, cfg.few_shot, cfg.seed)
-    data.validate_training(train_ds)
-    if "validation" in splits:
-        val_ds = splits["validation"]
-    else:
-        train_ds, val_ds = data.stratified_split(train_ds, cfg.val_fraction, cfg.seed)
     test_ds = None
     if cfg.eval_data:
         evaluation = data.load(cfg.eval_data)
         test_ds = evaluation.get("test") or evaluation.get("validation") or evaluation["train"]
+    return prepare_splits(cfg, splits["train"], splits.get("validation"), test_ds)
+
+
+def prepare_splits(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset | None, test_ds: Dataset | None = None) -> Prepared:
+    """The recipe's data rules (few-shot, validation split, label checks) on splits already read.
+
+    `prepare_data` reads cfg.data through it; cross-validation folds (finetune/evaluate.py) call it directly.
+    """
+    if cfg.few_shot:
+        train_ds = data.few_shot(train_ds, cfg.few_shot, cfg.seed)
+    data.validate_training(train_ds)
+    if val_ds is None:
+        train_ds, val_ds = data.stratified_split(train_ds, cfg.val_fraction, cfg.seed)
     labels = sorted(set(train_ds["label"]) - {data.OOS_LABEL})
     if len(labels) < 2:
         raise data.DataError(f"{cfg.data}: need at least 2 intents besides {data.OOS_LABEL!r}, found {len(labels)}")
@@ -111,6 +118,7 @@ def train(
 ) -> TrainResult:
     """Train per `cfg` and write its bundle. `prepared` (e.g. cross-validation folds) replaces reading cfg.data."""
     cfg = cfg.resolved()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # peft calls deprecated names
     started = time.perf_counter()
     configure_threads()
     set_seed(cfg.seed)
@@ -274,7 +282,7 @@ def train(
         summary["val_oos_recall"] = metrics["oos_recall"]
     if prepared.test is not None:
         summary.update({f"test_{k}": v for k, v in score_bundle(written.path, prepared.test, prepared.labels).items()})
-    return TrainResult(written, summary)
+    return TrainResult(written, summary, model)
 
 
 def score_bundle(path: Path, test: Dataset, labels: list[str]) -> dict[str, float]:
