@@ -1,0 +1,160 @@
+"""Training with the real encoder on small slices of BANKING77: head, lora, full; bundles; the frozen base."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bot import bundle as bundle_mod
+from bot.bundle import BundleError
+from bot.classifier import IntentClassifier
+from bot.encoder import resolve_base
+from conftest import train_bundle
+from finetune.config import load_config
+from finetune.train import train
+
+
+def _accuracy(bundle_path, test_csv) -> float:
+    from finetune.data import load
+
+    rows = load(str(test_csv))["train"]
+    predictions = IntentClassifier.from_bundle(bundle_path).predict(list(rows["text"]))
+    return sum(p.label == gold for p, gold in zip(predictions, rows["label"])) / len(rows)
+
+
+def test_head_bundle_predicts_well_above_chance(banking_head_bundle, banking_slice):
+    assert _accuracy(banking_head_bundle, banking_slice["test"]) > 0.8  # chance is 1/8
+    meta = json.loads((banking_head_bundle / "bundle.json").read_text())
+    assert set(meta["files"]) == {"head.safetensors"}
+    for key in ("format_version", "version", "created", "base", "strategy", "labels", "encoder", "calibration", "metrics", "training", "files"):
+        assert key in meta
+    assert meta["base"]["id"] == "sentence-transformers/all-MiniLM-L6-v2" and len(meta["base"]["sha256"]) == 64
+    assert meta["encoder"] == {"pooling": "mean", "normalize": True, "max_length": 64}
+    assert meta["calibration"]["temperature"] > 0 and 0 <= meta["calibration"]["confidence_floor"] <= 0.9
+    assert len(meta["training"]["data_fingerprint"]) == 64 and meta["training"]["seconds"] > 0
+
+
+def test_prediction_fields(banking_head_bundle):
+    classifier = IntentClassifier.from_bundle(banking_head_bundle)
+    (prediction,) = classifier.predict(["my card still has not arrived"], top_k=3)
+    assert prediction.label in classifier.labels and len(prediction.ranking) == 3
+    assert prediction.ranking[0] == (prediction.label, prediction.confidence)
+    assert prediction.ranking[0][1] >= prediction.ranking[1][1] >= prediction.ranking[2][1]
+    assert prediction.out_of_scope == (prediction.confidence < classifier.confidence_floor)
+    assert classifier.predict([]) == []
+
+
+def test_batched_prediction_matches_one_by_one(banking_head_bundle, banking_slice):
+    """Length-sorted batching must not change a text's prediction."""
+    classifier = IntentClassifier.from_bundle(banking_head_bundle)
+    texts = ["card", "I was charged twice for the same thing and I would like to understand why this happened", "hi?"]
+    batched = classifier.logits(texts)
+    single = torch.cat([classifier.logits([t]) for t in texts])
+    assert torch.allclose(batched, single, atol=1e-4)
+
+
+def test_same_seed_same_model_and_second_run_uses_the_cache(tmp_path, banking_slice):
+    logs_a, logs_b = [], []
+    cfg = load_config(None, [f"data={banking_slice['train']}", f"output={tmp_path / 'a'}", "epochs=30"])
+    a = train(cfg, progress=False, log=logs_a.append)
+    b = train(cfg.model_copy(update={"output": str(tmp_path / "b")}), progress=False, log=logs_b.append)
+    assert a.bundle.version == b.bundle.version
+    assert "embeddings: 0 computed" in " ".join(logs_b)
+
+
+def test_bottleneck_head(tmp_path, banking_slice):
+    path = train_bundle(tmp_path / "mlp", f"data={banking_slice['train']}", "head.hidden=64", "epochs=60")
+    state = load_file(str(path / "head.safetensors"))
+    assert [tuple(v.shape) for k, v in sorted(state.items()) if k.endswith("weight")] == [(64, 384), (8, 64)]
+    assert _accuracy(path, banking_slice["test"]) > 0.7
+
+
+def test_lora_trains_adapters_only_and_leaves_the_base_bit_identical(tmp_path, banking_slice):
+    from transformers import AutoModel
+
+    original = AutoModel.from_pretrained(resolve_base("sentence-transformers/all-MiniLM-L6-v2")).state_dict()
+    cfg = load_config(None, [
+        f"data={banking_slice['train']}", "strategy=lora", f"output={tmp_path / 'lora'}",
+        "epochs=2", "max_length=32", "lora.r=4", "batch_size=16",
+    ])
+    result = train(cfg, progress=False, log=lambda _m: None)
+    peft_body = result.model.body
+    trained = peft_body.get_base_model().state_dict()
+    base_keys = {k.replace("base_layer.", ""): k for k in trained if "lora_" not in k}
+    assert set(original) <= set(base_keys)
+    for name, tensor in original.items():
+        assert torch.equal(tensor, trained[base_keys[name]]), f"base tensor {name} changed"
+    lora_b = [v for k, v in trained.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # the adapters did train
+
+    files = set(json.loads((result.bundle.path / "bundle.json").read_text())["files"])
+    assert files == {"head.safetensors", "adapter.safetensors"}
+    adapter = load_file(str(result.bundle.path / "adapter.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert sum(v.numel() for v in adapter.values()) == result.summary["trainable_parameters"] - sum(
+        v.numel() for v in load_file(str(result.bundle.path / "head.safetensors")).values()
+    )
+    assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.6
+
+
+@pytest.mark.slow
+def test_full_fine_tune_writes_encoder_weights(tmp_path, banking_slice):
+    path = train_bundle(
+        tmp_path / "full", f"data={banking_slice['train']}", "strategy=full", "epochs=1", "max_length=32", "batch_size=16"
+    )
+    assert set(json.loads((path / "bundle.json").read_text())["files"]) == {"head.safetensors", "encoder.safetensors"}
+    assert _accuracy(path, banking_slice["test"]) > 0.3
+
+
+def _copy(bundle, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def test_flipped_byte_is_refused_naming_the_file(banking_head_bundle, tmp_path):
+    copy = _copy(banking_head_bundle, tmp_path)
+    weights = copy / "head.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="file head.safetensors is damaged"):
+        bundle_mod.load(copy)
+
+
+def test_missing_file_is_refused_naming_it(banking_head_bundle, tmp_path):
+    copy = _copy(banking_head_bundle, tmp_path)
+    (copy / "head.safetensors").unlink()
+    with pytest.raises(BundleError, match="file head.safetensors is missing"):
+        IntentClassifier.from_bundle(copy)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(format_version=99), "bundle format 99 is not supported"),
+        (lambda m: m.pop("labels"), "lacks the field 'labels'"),
+        (lambda m: m["base"].update(sha256="0" * 64), "but the base found here has"),
+    ],
+)
+def test_foreign_or_mismatched_bundles_are_refused(banking_head_bundle, tmp_path, edit, message):
+    copy = _copy(banking_head_bundle, tmp_path)
+    meta = json.loads((copy / "bundle.json").read_text())
+    edit(meta)
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=message):
+        IntentClassifier.from_bundle(copy)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="bundle.json is missing"):
+        bundle_mod.load(tmp_path)
+    (tmp_path / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="bundle.json is damaged"):
+        bundle_mod.load(tmp_path)
+    with pytest.raises(BundleError, match="not a directory"):
+        bundle_mod.load(tmp_path / "nope")
