@@ -161,10 +161,9 @@ class DialoguePolicy:
             return Decision(FALLBACK, prediction.label, prediction.confidence, reason, slot=retry["slot"]), state
         if reason == REASON_NONE_OF_THESE:
             return Decision(FALLBACK, prediction.label, prediction.confidence, reason), state
-        suggested = self.suggest(prediction)
-        if prediction.out_of_scope and sum(p for _, p in suggested) < self.floor:
+        options = self.suggest(prediction)
+        if prediction.out_of_scope and not options:
             return Decision(FALLBACK, prediction.label, prediction.confidence, REASON_OUT_OF_SCOPE, out_of_scope=True), state
-        options = tuple(name for name, _ in suggested)
         if options:
             state.pending = {"kind": "choice", "options": list(options), "confidence": prediction.confidence}
         return Decision(FALLBACK, prediction.label, prediction.confidence, reason, options=options), state
@@ -175,14 +174,19 @@ class DialoguePolicy:
         state.fallbacks = 0
         return Decision(HANDOFF, intent, confidence, reason), state
 
-    def suggest(self, prediction: Prediction) -> list[tuple[str, float]]:
-        """The top intents worth offering after a fallback: not greeting/goodbye/thanks/handoff.
-
-        A low-confidence message whose suggestions together hold at least the confidence floor
-        is probably one of them (offer them); below that it is treated as out of scope.
+    def suggest(self, prediction: Prediction) -> tuple[str, ...]:
+        """The intents worth offering after a fallback: the fewest top intents (at most
+        `suggestions`, never greeting/goodbye/thanks/handoff) that together hold at least the
+        confidence floor, i.e. "probably one of these". None when no such set exists: then
+        the message is treated as out of scope.
         """
         wanted = [(name, p) for name, p in prediction.ranking if self.domain.role(name) is None]
-        return wanted[: self.suggestions]
+        total = 0.0
+        for count, (_, p) in enumerate(wanted[: self.suggestions], start=1):
+            total += p
+            if total >= self.floor:
+                return tuple(name for name, _ in wanted[:count])
+        return ()
 
 
 # ---- resolving a pending choice ----------------------------------------------------------------

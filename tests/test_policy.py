@@ -219,6 +219,15 @@ def test_unsure_fallback_suggests_the_top_intents(policy):
     assert state.fallbacks == 0
 
 
+def test_suggestions_are_the_fewest_intents_that_hold_the_floor(policy):
+    two = pred(("return_item", 0.40), ("refund_status", 0.35), ("warranty", 0.01))
+    (d,), _ = run(policy, SessionState(), ("return it and refund", two))
+    assert d.options == ("return_item", "refund_status")
+    social = pred(("greet", 0.36), ("order_status", 0.25), ("delivery_late", 0.24), ("refund_status", 0.14))
+    (d,), _ = run(policy, SessionState(), ("hi where's my stuff", social))
+    assert d.options == ("order_status", "delivery_late", "refund_status")  # greetings are never suggested
+
+
 def test_noise_is_out_of_scope(policy):
     (d,), state = run(policy, SessionState(), ("what's the weather", NOISE))
     assert (d.action, d.reason, d.out_of_scope, d.options) == (FALLBACK, REASON_OUT_OF_SCOPE, True, ())
