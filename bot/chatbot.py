@@ -212,7 +212,7 @@ class Chatbot:
             return domain.render(choose(domain.out_of_scope, *key), {}), list(domain.menu)
         titles = [domain.title(o) for o in decision.options]
         if titles:
-            texts = domain.fallback
+            texts = [t for t in domain.fallback if "{suggestions}" in t] or domain.fallback
             return domain.render(choose(texts, *key), {"suggestions": join_choices(titles)}), self._handoff_button(titles)
         plain = [t for t in domain.fallback if "{suggestions}" not in t] or list(Domain.generic([]).fallback[:1])
         return domain.render(choose(plain, *key), {}), self._handoff_button([])
