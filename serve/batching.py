@@ -65,6 +65,7 @@ class Batcher:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="supportbot-model")
         self._finish_thread = ThreadPoolExecutor(1, thread_name_prefix="supportbot-finish")
         self._worker: asyncio.Task | None = None
+        self._inflight: list[Job] = []  # the batch whose forward pass is running
         self._finishing: set[asyncio.Task] = set()
         self._stopping = False
 
@@ -91,7 +92,7 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._gather(loop)
+            batch = self._inflight = await self._gather(loop)
             texts = [text for job in batch for text in job.texts]
             started = time.perf_counter()
             for job in batch:
@@ -103,12 +104,14 @@ class Batcher:
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
+                self._inflight = []
                 continue
             self._metrics.model_latency.observe(time.perf_counter() - started)
             self._metrics.batch_size.observe(len(texts))
             task = loop.create_task(self._finish(loop, batch, model, predictions))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
+            self._inflight = []
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[Job]:
         """Wait for a first job, then for more until the batch is full or `max_wait` has passed."""
@@ -155,7 +158,7 @@ class Batcher:
         """Finish queued work (up to `timeout` seconds), then stop the worker and both threads."""
         self._stopping = True
         deadline = time.monotonic() + timeout
-        while (self._jobs or self._finishing) and time.monotonic() < deadline:
+        while (self._jobs or self._inflight or self._finishing) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._worker is not None:
             self._worker.cancel()
@@ -163,7 +166,7 @@ class Batcher:
                 await self._worker
             except asyncio.CancelledError:
                 pass
-        for job in self._jobs:
+        for job in [*self._inflight, *self._jobs]:  # only left over when the drain timed out
             if not job.future.done():
                 job.future.set_exception(BatcherStopped("the server is shutting down"))
         self._jobs.clear()

@@ -84,7 +84,9 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = STATUS_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-    if exc.status_code == 404:
+    if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode (not UTF-8)
+        code, message = "invalid_json", "the request body could not be read as JSON (it must be UTF-8)"
+    elif exc.status_code == 404:
         message = "no such route; see /docs for the API"
     elif exc.status_code == 405:
         message = f"this route does not accept {_request.method}; see /docs for the API"

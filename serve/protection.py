@@ -1,0 +1,138 @@
+"""What keeps the public API safe: body size limit, API key, admin token, per-client rate limit.
+
+Keys are compared with `hmac.compare_digest` (constant time) and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from fastapi import Request
+from pydantic import SecretStr
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ApiError, error_body
+from .metrics import Metrics
+from .ratelimit import RateLimiter
+
+_BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+class BodyLimitMiddleware:
+    """Answers 413 (in the API's error shape) to a request body over `max_bytes`.
+
+    A declared Content-Length over the limit is refused before reading; a chunked body is
+    read up to the limit and refused as soon as it passes it, so memory stays bounded.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, metrics: Metrics):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        self.metrics.rejected.labels(reason="body_too_large").inc()
+        payload = json.dumps(
+            error_body("payload_too_large", f"the request body is larger than {self.max_bytes:,} bytes")
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                   (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers") or ():
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def presented_key(request: Request) -> str | None:
+    """The key a client sent: `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
+    authorization = request.headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def key_matches(presented: str | None, expected: SecretStr) -> bool:
+    if presented is None:
+        return False
+    return hmac.compare_digest(presented.encode("utf-8"), expected.get_secret_value().encode("utf-8"))
+
+
+def check_api_key(request: Request, expected: SecretStr | None, metrics: Metrics) -> None:
+    """No key configured: open. Else the request must present it."""
+    if expected is None:
+        return
+    presented = presented_key(request)
+    if not key_matches(presented, expected):
+        metrics.rejected.labels(reason="api_key").inc()
+        message = "this API needs a key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
+        if presented is not None:
+            message = "the API key is not valid"
+        raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+
+
+def check_admin_token(request: Request, expected: SecretStr | None, metrics: Metrics) -> None:
+    if expected is None:
+        raise ApiError(403, "admin_disabled", "admin routes are off: set SUPPORTBOT_ADMIN_TOKEN to enable them")
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key_matches(credentials.strip() or None, expected):
+        metrics.rejected.labels(reason="admin_token").inc()
+        raise ApiError(401, "unauthorized", "send the admin token as `Authorization: Bearer TOKEN`",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+def check_rate_limit(request: Request, limiter: RateLimiter, metrics: Metrics) -> None:
+    wait = limiter.check(client_key(request))
+    if wait > 0:
+        metrics.rejected.labels(reason="rate_limit").inc()
+        retry = RateLimiter.retry_after_header(wait)
+        raise ApiError(429, "rate_limited", f"too many requests from this client; retry in {retry} s",
+                       {"Retry-After": retry})
+
+
+def client_key(request: Request) -> str:
+    """The client address (uvicorn puts the forwarded one here for trusted proxies)."""
+    return request.client.host if request.client else "unknown"

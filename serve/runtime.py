@@ -1,0 +1,250 @@
+"""Everything one app serves with: settings, session store, current chatbot, batcher, metrics.
+
+One `Runtime` lives on `app.state.runtime`; routes (and the webhook routes) reach it through
+`get_runtime`. The chatbot is loaded and warmed in the background at start-up, so the server
+answers /healthz at once and /readyz turns ready when a model can answer. A reload loads and
+warms the new bundle beside the old one and then swaps one reference: batches already
+running finish on the old model, the next batch runs on the new one, nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Request
+
+from bot.bundle import BundleError
+from bot.chatbot import Chatbot, InvalidMessage, Reply
+from bot.classifier import Prediction, configure_threads
+from bot.sessions import InvalidSessionId, SessionConflict, SQLiteSessionStore
+
+from .batching import Batcher, BatcherStopped, QueueFull
+from .errors import ApiError
+from .metrics import Metrics
+from .ratelimit import RateLimiter
+from .schemas import ReloadResponse
+from .settings import Settings
+
+log = logging.getLogger("supportbot.serve")
+
+Hook = Callable[["Runtime"], Awaitable[None]]
+
+# Warm-up runs these through the model at the batch sizes traffic will use, so the first
+# customers do not pay for lazy initialisation inside torch and the tokenizer.
+WARMUP_TEXTS = (
+    "hi",
+    "where is my order",
+    "I want to return the shoes I bought last week, they do not fit",
+    "can I pay with paypal",
+    "Hello, I placed an order ten days ago for a lamp and it still has not arrived. Could you check what happened?",
+    "change my delivery address",
+    "thanks",
+    "talk to a human please",
+)
+
+
+class Runtime:
+    """The serving state of one app; built in `create_app`, started and stopped by its lifespan."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = SQLiteSessionStore(settings.sessions_path)
+        self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+        self.batcher = Batcher(
+            self._predict, max_size=settings.batch_max_size, max_wait_ms=settings.batch_max_wait_ms,
+            max_queue=settings.max_queue, metrics=self.metrics,
+        )
+        self.model_path: Path | None = settings.model
+        self.status: Literal["loading", "ready", "failed"] = "loading"
+        self.load_error: str | None = None
+        self._chatbot: Chatbot | None = None
+        self._load_task: asyncio.Task | None = None
+        self._reload_lock = asyncio.Lock()
+        self._startup_hooks: list[Hook] = []
+        self._shutdown_hooks: list[Hook] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_startup(self, hook: Hook) -> None:
+        """Run `await hook(runtime)` when the app starts (after the batcher, while the model loads)."""
+        self._startup_hooks.append(hook)
+
+    def on_shutdown(self, hook: Hook) -> None:
+        """Run `await hook(runtime)` when the app stops (in reverse order, before the batcher drains)."""
+        self._shutdown_hooks.append(hook)
+
+    async def start(self) -> None:
+        configure_threads(self.settings.threads)
+        self.batcher.start()
+        self._load_task = asyncio.get_running_loop().create_task(self._initial_load(), name="supportbot-load")
+        for hook in self._startup_hooks:
+            await hook(self)
+
+    async def stop(self) -> None:
+        for hook in reversed(self._shutdown_hooks):
+            try:
+                await hook(self)
+            except Exception as exc:  # one failing hook must not keep the others from running
+                log.error("shutdown hook %s failed: %s", getattr(hook, "__qualname__", hook), type(exc).__name__)
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        await self.batcher.stop()
+        self.store.close()
+
+    async def wait_ready(self, timeout: float = 120.0) -> bool:
+        """Wait for the start-up load; True when a model is being served."""
+        if self._load_task is not None:
+            await asyncio.wait_for(asyncio.shield(self._load_task), timeout)
+        return self.status == "ready"
+
+    async def _initial_load(self) -> None:
+        if self.model_path is None:
+            self._fail("no model configured: set SUPPORTBOT_MODEL or pass --model")
+            return
+        try:
+            chatbot = await asyncio.to_thread(self._load_and_warm, self.model_path)
+        except Exception as exc:
+            self._fail(_load_failure(exc))
+            return
+        self._swap(chatbot)
+        log.info("serving model %s from %s", chatbot.version, self.model_path)
+
+    def _fail(self, message: str) -> None:
+        if self._chatbot is None:
+            self.status = "failed"
+        self.load_error = message
+        log.error("model not loaded: %s", message)
+
+    def _load_and_warm(self, path: Path) -> Chatbot:
+        chatbot = Chatbot.from_bundle(path, self.store, max_message_chars=self.settings.max_message_chars)
+        texts = list(WARMUP_TEXTS)
+        for size in (1, len(texts), min(self.settings.batch_max_size, 64)):
+            chatbot.classifier.predict((texts * (size // len(texts) + 1))[:size])
+        return chatbot
+
+    def _swap(self, chatbot: Chatbot) -> None:
+        self._chatbot = chatbot  # one reference assignment: the swap is atomic for every reader
+        self.status = "ready"
+        self.load_error = None
+        self.metrics.set_model_version(chatbot.version)
+        self.metrics.ready.set(1)
+
+    # ------------------------------------------------------------------ serving
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    @property
+    def model_version(self) -> str | None:
+        chatbot = self._chatbot
+        return chatbot.version if chatbot is not None else None
+
+    @property
+    def chatbot(self) -> Chatbot:
+        """The chatbot being served; 503 while none is loaded."""
+        chatbot = self._chatbot
+        if chatbot is None:
+            detail = self.load_error or "the model is still loading"
+            raise ApiError(503, "not_ready", f"not ready: {detail}", {"Retry-After": "1"})
+        return chatbot
+
+    def _require_model(self) -> None:
+        """Refuse (503) before queueing when no model is loaded."""
+        _ = self.chatbot
+
+    def _predict(self, texts: list[str]) -> tuple[Chatbot, list[Prediction]]:
+        """The batcher's forward pass: the current chatbot, read once per batch, and its predictions."""
+        chatbot = self._chatbot
+        if chatbot is None:
+            raise RuntimeError("no model loaded")
+        return chatbot, chatbot.classifier.predict(texts)
+
+    async def respond(self, session_id: str, text: str, metadata: dict | None = None) -> Reply:
+        """The bot's reply to one customer message, classified in a shared batch."""
+        self._require_model()
+
+        def finish(chatbot: Chatbot, predictions: list[Prediction]) -> Reply:
+            return chatbot.respond(session_id, text, prediction=predictions[0], metadata=metadata)
+
+        try:
+            reply: Reply = await self._submit([text], finish)
+        except (InvalidMessage, InvalidSessionId) as exc:
+            raise ApiError(422, "invalid_request", str(exc)) from None
+        except SessionConflict:
+            raise ApiError(503, "session_busy", "this conversation is busy with another message; retry",
+                           {"Retry-After": "1"}) from None
+        self.metrics.predictions.labels(intent=reply.intent or "none", action=reply.action).inc()
+        return reply
+
+    async def classify(self, texts: Sequence[str]) -> tuple[str, list[Prediction]]:
+        """(model version, predictions) for texts, batched with the chat traffic."""
+        self._require_model()
+
+        def finish(chatbot: Chatbot, predictions: list[Prediction]) -> tuple[str, list[Prediction]]:
+            return chatbot.version, predictions
+
+        result = await self._submit(list(texts), finish)
+        self.metrics.classified.inc(len(texts))
+        return result
+
+    async def _submit(self, texts: list[str], finish: Callable[[Chatbot, list[Prediction]], Any]) -> Any:
+        try:
+            return await self.batcher.submit(texts, finish)
+        except QueueFull:
+            self.metrics.rejected.labels(reason="overloaded").inc()
+            raise ApiError(503, "overloaded", "the server is busy; retry in a moment", {"Retry-After": "1"}) from None
+        except BatcherStopped:
+            raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "1"}) from None
+
+    async def transcript(self, session_id: str) -> list[dict]:
+        return await asyncio.to_thread(self.chatbot.transcript, session_id)
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self, path: Path | None = None) -> ReloadResponse:
+        """Load and warm `path` (default: the bundle being served) and swap it in.
+
+        A bundle that fails to load leaves the old model serving; the error goes to the caller.
+        """
+        if self._reload_lock.locked():
+            raise ApiError(409, "reload_in_progress", "a reload is already running; try again when it has finished")
+        async with self._reload_lock:
+            target = path or self.model_path
+            if target is None:
+                raise ApiError(422, "invalid_request", "no model to reload: name a bundle directory in `model`")
+            previous = self.model_version
+            started = time.perf_counter()
+            try:
+                chatbot = await asyncio.to_thread(self._load_and_warm, target)
+            except Exception as exc:
+                self.metrics.reloads.labels(result="failed").inc()
+                message = _load_failure(exc)
+                log.error("reload of %s failed; still serving %s: %s", target, previous, message)
+                raise ApiError(422, "bundle_error", f"{message} (still serving {previous})") from None
+            self._swap(chatbot)
+            self.model_path = target
+            self.metrics.reloads.labels(result="ok").inc()
+            seconds = time.perf_counter() - started
+            log.info("reloaded model %s -> %s from %s in %.2f s", previous, chatbot.version, target, seconds)
+            return ReloadResponse(model_version=chatbot.version, previous_version=previous, model=str(target),
+                                  seconds=round(seconds, 3))
+
+
+def _load_failure(exc: Exception) -> str:
+    """One line on why a bundle did not load (BundleError messages name the bad file)."""
+    if isinstance(exc, BundleError):
+        return str(exc)
+    return f"the bundle could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+
+
+def get_runtime(request: Request) -> Runtime:
+    """FastAPI dependency: the app's runtime."""
+    return request.app.state.runtime

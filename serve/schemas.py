@@ -1,0 +1,112 @@
+"""The HTTP API's request and response models: what /docs and /openapi.json describe.
+
+Size limits that operators can change (message length, texts per classify request) are
+checked against the settings in the routes; `app.openapi()` writes the configured values
+into these schemas (serve.app), so the published schema states the limits in force.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
+
+Action = Literal["answer", "clarify", "fallback", "handoff"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatRequest(_Request):
+    session_id: str | None = Field(
+        None, pattern=SESSION_ID_PATTERN,
+        description="the conversation; omit it to start a new one (the reply carries the new id)",
+        examples=["c0ffee42"],
+    )
+    message: str = Field(..., min_length=1, description="the customer's message", examples=["where is my order #48213"])
+    metadata: dict[str, Any] | None = Field(None, description="free-form context stored with the turn (channel, locale, ...)")
+
+
+class IntentScore(BaseModel):
+    name: str
+    confidence: float = Field(..., ge=0, le=1, description="calibrated probability")
+
+
+class ChatResponse(BaseModel):
+    session_id: str
+    reply: str = Field(..., description='what the bot says; "" when it stays silent (a person has taken over)')
+    action: Action
+    intent: IntentScore | None = Field(None, description="the predicted intent (null when none applies)")
+    ranking: list[IntentScore] = Field(default_factory=list, description="the top intents, best first")
+    quick_replies: list[str] = Field(default_factory=list, description="suggested answers the customer can tap")
+    handed_off: bool = Field(False, description="the conversation is now with a person")
+    silent: bool = Field(False, description="the bot says nothing to this message")
+    model_version: str
+
+
+class ClassifyRequest(_Request):
+    texts: list[str] = Field(..., min_length=1, description="texts to classify (each non-empty)")
+    top_k: int = Field(5, ge=1, le=5, description="intents ranked per text")
+
+
+class ClassifyPrediction(BaseModel):
+    label: str
+    confidence: float = Field(..., ge=0, le=1)
+    out_of_scope: bool = Field(..., description="confidence is under the model's fallback floor")
+    ranking: list[IntentScore]
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[ClassifyPrediction] = Field(..., description="one per text, in request order")
+    model_version: str
+
+
+class Turn(BaseModel):
+    role: str = Field(..., description='"user" or "bot"')
+    text: str
+    intent: str | None = None
+    confidence: float | None = None
+    action: str | None = None
+    model_version: str | None = None
+    at: str | None = Field(None, description="when the turn happened (ISO 8601, UTC)")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="the request's metadata (user turns); "
+                                     "quick_replies and handed_off (bot turns)")
+
+
+class TranscriptResponse(BaseModel):
+    session_id: str
+    turns: list[Turn]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    status: Literal["loading", "ready", "failed"]
+    model_version: str | None = None
+    detail: str | None = Field(None, description="why it is not ready")
+
+
+class ReloadRequest(_Request):
+    model: str | None = Field(None, description="bundle directory on the server; default: the one being served")
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    previous_version: str | None
+    model: str
+    seconds: float = Field(..., description="time to load and warm the new bundle")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(..., examples=["invalid_request"])
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,169 @@
+// The web chat page: talks to POST /v1/chat and GET /v1/sessions/{id} of the same server.
+// No build step and no dependencies. Text is always inserted as text (never as HTML).
+"use strict";
+
+(function () {
+  const STORAGE_KEY = "supportbot.session_id";
+  const els = {
+    messages: document.getElementById("messages"),
+    form: document.getElementById("composer"),
+    input: document.getElementById("message"),
+    send: document.getElementById("send"),
+    quick: document.getElementById("quick-replies"),
+    handoff: document.getElementById("handoff"),
+    error: document.getElementById("error"),
+    typing: document.getElementById("typing"),
+    newChat: document.getElementById("new-chat"),
+  };
+  let sessionId = readSession();
+  let busy = false;
+
+  function readSession() {
+    try { return window.localStorage.getItem(STORAGE_KEY); } catch (_) { return null; }
+  }
+
+  function saveSession(id) {
+    sessionId = id;
+    try {
+      if (id) window.localStorage.setItem(STORAGE_KEY, id);
+      else window.localStorage.removeItem(STORAGE_KEY);
+    } catch (_) { /* private mode: the session lasts as long as the page */ }
+  }
+
+  function addMessage(role, text) {
+    const item = document.createElement("li");
+    item.className = "message " + role;
+    const who = document.createElement("span");
+    who.className = "sr-only";
+    who.textContent = role === "user" ? "You said: " : "Assistant: ";
+    item.appendChild(who);
+    item.appendChild(document.createTextNode(text));
+    els.messages.appendChild(item);
+    item.scrollIntoView({ block: "end" });
+    return item;
+  }
+
+  function showQuickReplies(options) {
+    els.quick.replaceChildren();
+    for (const option of options || []) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = option;
+      button.addEventListener("click", () => { send(option); els.input.focus(); });
+      els.quick.appendChild(button);
+    }
+    els.quick.hidden = els.quick.childElementCount === 0;
+  }
+
+  function showHandoff(on) {
+    els.handoff.hidden = !on;
+    document.body.classList.toggle("handed-off", Boolean(on));
+  }
+
+  function showError(message) {
+    els.error.textContent = message || "";
+    els.error.hidden = !message;
+  }
+
+  function setBusy(on) {
+    busy = on;
+    els.send.disabled = on;
+    els.typing.hidden = !on;
+    els.messages.setAttribute("aria-busy", on ? "true" : "false");
+  }
+
+  function describeError(status, body, headers) {
+    const message = body && body.error && body.error.message;
+    if (status === 429) {
+      const wait = headers.get("Retry-After");
+      return "You are sending messages too quickly." + (wait ? " Please wait " + wait + " s and try again." : "");
+    }
+    if (status === 401) return "This chat needs an API key, so it cannot be used from this page.";
+    if (status === 503) return "The assistant is not available right now. Please try again in a moment.";
+    return message || "Something went wrong (HTTP " + status + "). Please try again.";
+  }
+
+  async function send(text) {
+    const message = text.trim();
+    if (!message || busy) return;
+    showError("");
+    showQuickReplies([]);
+    const bubble = addMessage("user", message);
+    setBusy(true);
+    const payload = { message: message };
+    if (sessionId) payload.session_id = sessionId;
+    try {
+      const response = await fetch("/v1/chat", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", "Accept": "application/json" },
+        body: JSON.stringify(payload),
+      });
+      const body = await response.json().catch(() => null);
+      if (!response.ok || !body) {
+        bubble.classList.add("failed");
+        bubble.setAttribute("aria-label", "Not sent: " + message);
+        if (!els.input.value) els.input.value = message; // keep what the customer wrote
+        showError(describeError(response.status, body, response.headers));
+        return;
+      }
+      saveSession(body.session_id);
+      if (!body.silent && body.reply) addMessage("bot", body.reply);
+      showQuickReplies(body.quick_replies);
+      showHandoff(body.handed_off);
+    } catch (_) {
+      bubble.classList.add("failed");
+      if (!els.input.value) els.input.value = message;
+      showError("The message could not be sent: no connection to the server. Please try again.");
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  async function restore() {
+    if (!sessionId) return;
+    try {
+      const response = await fetch("/v1/sessions/" + encodeURIComponent(sessionId), {
+        headers: { "Accept": "application/json" },
+      });
+      if (response.status === 404) { saveSession(null); return; }
+      if (!response.ok) return;
+      const body = await response.json();
+      let lastBot = null;
+      for (const turn of body.turns) {
+        addMessage(turn.role === "user" ? "user" : "bot", turn.text);
+        if (turn.role === "bot") lastBot = turn;
+      }
+      const last = body.turns[body.turns.length - 1];
+      const meta = (lastBot && lastBot.metadata) || {};
+      if (last && last.role === "bot") showQuickReplies(meta.quick_replies);
+      showHandoff(Boolean(meta.handed_off));
+    } catch (_) { /* offline: start with an empty page, the session id is kept */ }
+  }
+
+  els.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = els.input.value;
+    if (!text.trim() || busy) return;
+    els.input.value = "";
+    send(text);
+    els.input.focus();
+  });
+
+  els.input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      els.form.requestSubmit();
+    }
+  });
+
+  els.newChat.addEventListener("click", () => {
+    saveSession(null);
+    els.messages.replaceChildren();
+    showQuickReplies([]);
+    showHandoff(false);
+    showError("");
+    els.input.focus();
+  });
+
+  restore();
+})();
