@@ -373,10 +373,10 @@ class Outbox:
         try:
             response = await sender(action)
         except httpx.TransportError as exc:  # timeouts, refused connections, broken responses
-            error, retryable = f"{type(exc).__name__}: {exc}", True
+            failure = _Failure(f"{type(exc).__name__}: {exc}", type(exc).__name__, retryable=True)
         except Exception as exc:  # a bug or a bad payload: retrying cannot help
-            log.exception("outbox action %s (%s): the sender raised", action.id, action.kind)
-            error, retryable = f"{type(exc).__name__}: {exc}", False
+            log.error("outbox action %s (%s): the sender raised %s", action.id, action.kind, type(exc).__name__)
+            failure = _Failure(f"{type(exc).__name__}: {exc}", type(exc).__name__, retryable=False)
         else:
             status = response.status_code
             if 200 <= status < 300:
@@ -385,27 +385,40 @@ class Outbox:
                     self.metrics.sent.labels(action.kind).inc()
                 return
             retryable = status == 429 or status >= 500
-            retry_after = _retry_after(response, now=self.clock()) if retryable else None
-            error = f"HTTP {status}: {response.text[:200]}"
-        await self._after_failure(action, error, retryable=retryable, retry_after=retry_after)
+            failure = _Failure(f"HTTP {status}: {response.text[:200]}", f"HTTP {status}", retryable=retryable,
+                               retry_after=_retry_after(response, now=self.clock()) if retryable else None)
+        await self._after_failure(action, failure)
 
-    async def _after_failure(self, action: Action, error: str, *, retryable: bool, retry_after: float | None) -> None:
+    async def _after_failure(self, action: Action, failure: _Failure) -> None:
+        """Schedule the next attempt, or record the failure for good.
+
+        The stored error keeps the receiver's answer for inspection; the log line names only the
+        status or exception type (an answer or a URL may quote customer text or a callback token).
+        """
         attempts = action.attempts + 1
         now = self.clock()
-        if retryable and attempts < self.policy.max_attempts:
-            delay = self.policy.delay(attempts, retry_after)
-            await asyncio.to_thread(self.store.mark_retry, action.id, next_attempt_at=now + delay, error=error)
+        if failure.retryable and attempts < self.policy.max_attempts:
+            delay = self.policy.delay(attempts, failure.retry_after)
+            await asyncio.to_thread(self.store.mark_retry, action.id, next_attempt_at=now + delay, error=failure.error)
             if self.metrics:
                 self.metrics.retried.labels(action.kind).inc()
             log.warning("outbox action %s (%s, %s) attempt %d failed (%s); retrying in %.2f s",
-                        action.id, action.kind, action.conversation, attempts, error, delay)
+                        action.id, action.kind, action.conversation, attempts, failure.summary, delay)
             return
-        await asyncio.to_thread(self.store.mark_failed, action.id, now=now, error=error)
+        await asyncio.to_thread(self.store.mark_failed, action.id, now=now, error=failure.error)
         if self.metrics:
             self.metrics.failed.labels(action.kind).inc()
-        reason = "gave up after the last allowed attempt" if retryable else "not retryable"
+        reason = "gave up after the last allowed attempt" if failure.retryable else "not retryable"
         log.error("outbox action %s (%s, %s) failed after %d attempt(s), %s: %s",
-                  action.id, action.kind, action.conversation, attempts, reason, error)
+                  action.id, action.kind, action.conversation, attempts, reason, failure.summary)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: str  # stored with the action
+    summary: str  # logged
+    retryable: bool
+    retry_after: float | None = None
 
 
 def _retry_after(response: httpx.Response, *, now: float) -> float | None:

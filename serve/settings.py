@@ -40,6 +40,16 @@ class Settings(BaseSettings):
     chatwoot_secret: SecretStr | None = None
     webhook_secret: SecretStr | None = None
 
+    # Webhook outbox (serve/outbox.py): replies to Chatwoot and generic callbacks.
+    outbox_max_attempts: int = Field(8, ge=1, le=100, description="send attempts before an action is given up")
+    outbox_backoff_base_s: float = Field(1.0, gt=0, le=3600, description="delay after the first failed attempt")
+    outbox_backoff_cap_s: float = Field(300.0, gt=0, le=86400, description="longest delay between attempts")
+    outbox_send_timeout_s: float = Field(10.0, gt=0, le=300, description="timeout of one send")
+    outbox_concurrency: int = Field(16, ge=1, le=256, description="conversations sent to at once")
+    outbox_retention_s: float = Field(
+        7 * 86400.0, ge=60, description="how long delivery/message ids (dedupe) and finished actions are kept"
+    )
+
     # Network.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

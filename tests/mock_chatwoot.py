@@ -60,7 +60,7 @@ class MockChatwoot:
         self.unknown: set[tuple[int, int]] = set()
         self.statuses: dict[tuple[int, int], str] = {}
         self.requests: list[Recorded] = []
-        self.bot_deliveries: list[httpx.Response] = []
+        self.bot_deliveries: list[tuple[int, str, httpx.Response]] = []  # (conversation, event, bot's answer)
         self.hang_s = 1.0
         self._failures: list[tuple[int | str, str]] = []
         self._lock = threading.Lock()
@@ -95,6 +95,11 @@ class MockChatwoot:
         "disconnect" (drop the connection at once), or "hang" (say nothing for `hang_s`, then drop it)."""
         with self._lock:
             self._failures.extend([(status, path_contains)] * count)
+
+    def clear_failures(self) -> None:
+        """Chatwoot is healthy again: drop the failures not yet used."""
+        with self._lock:
+            self._failures.clear()
 
     def _take_failure(self, path: str) -> int | str | None:
         with self._lock:
@@ -225,7 +230,9 @@ class MockChatwoot:
         for event in ("conversation_opened", "conversation_status_changed"):
             body = conversation_event(event, account_id=account_id, conversation_id=conversation_id,
                                       status="open", changed_attributes=change)
-            self.bot_deliveries.append(deliver(self.bot_url, body, secret=self.secret))
+            response = deliver(self.bot_url, body, secret=self.secret)
+            with self._lock:
+                self.bot_deliveries.append((conversation_id, event, response))
 
 
 # --- payloads as Chatwoot builds them ---------------------------------------------------------

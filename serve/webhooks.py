@@ -1,0 +1,462 @@
+"""Support-platform webhooks: Chatwoot's Agent Bot events and a generic signed webhook.
+
+Both routes work the same way, within a few milliseconds and before answering the platform:
+verify the signature over the raw body; drop a delivery seen before (by delivery id and by
+message id, remembered in SQLite); get the reply from the same Chatbot as the chat API; commit
+the dedupe keys and the actions to send (reply, handoff, callback) to the durable outbox in one
+transaction; answer 2xx. The outbox worker sends afterwards, with retries, in order per
+conversation. A per-conversation lock spans "reply + commit", so the outbox order is the order
+in which the bot wrote the replies.
+
+Chatwoot retries a delivery only on 429 and 500 and, when a delivery fails for good, opens the
+conversation to human agents. So transient conditions here (model loading, overload, a busy
+session) answer 429 with Retry-After: Chatwoot tries again, and if it keeps failing a human
+takes over, which is the right outcome. Permanent problems (a bad signature, a malformed body)
+answer 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import httpx
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from bot.chatbot import Reply
+
+from . import chatwoot, signing
+from .chatwoot import ChatwootClient, ConversationChange, Ignored, Invalid, MessageEvent
+from .errors import ApiError
+from .outbox import Action, Duplicate, NewAction, Outbox, OutboxMetrics, OutboxStore, RetryPolicy, Sender
+from .routes import check_text, log_fields
+from .runtime import Runtime
+from .settings import Settings
+
+log = logging.getLogger("supportbot.webhooks")
+
+OUTBOX_FILE = "outbox.sqlite3"
+KIND_CALLBACK = "generic.callback"
+TRANSIENT = {"not_ready", "overloaded", "session_busy", "shutting_down"}
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}$"
+MAX_DELIVERY_ID = 200
+
+
+def _secret(value: Any) -> str | None:
+    """A configured secret as text (settings hold SecretStr); None when unset or blank."""
+    if value is None:
+        return None
+    text = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+    return text or None
+
+
+class _KeyedLocks:
+    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def __call__(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[key] = lock
+        return lock
+
+
+@dataclass
+class Webhooks:
+    """The webhook side of one app: outbox, HTTP client, Chatwoot client, delivery metrics."""
+
+    runtime: Runtime
+    outbox: Outbox | None = None
+    http: httpx.AsyncClient | None = None
+    chatwoot: ChatwootClient | None = None
+    locks: _KeyedLocks = field(default_factory=_KeyedLocks)
+    deliveries: Counter | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    async def start(self, _runtime: Runtime | None = None) -> None:
+        s = self.settings
+        self.http = httpx.AsyncClient(timeout=s.outbox_send_timeout_s, follow_redirects=False,
+                                      headers={"User-Agent": "supportbot-webhooks"})
+        chatwoot_url, chatwoot_token = s.chatwoot_url, _secret(s.chatwoot_token)
+        if chatwoot_url and chatwoot_token:
+            self.chatwoot = ChatwootClient(chatwoot_url, chatwoot_token, self.http)
+            if _secret(s.chatwoot_secret) is None:
+                log.warning("SUPPORTBOT_CHATWOOT_SECRET is not set: Chatwoot deliveries are accepted unsigned; "
+                            "set the Agent Bot's secret in Chatwoot and here")
+        else:
+            log.info("Chatwoot webhook off: SUPPORTBOT_CHATWOOT_URL and SUPPORTBOT_CHATWOOT_TOKEN are not both set")
+        if _secret(s.webhook_secret) is None:
+            log.info("generic webhook off: SUPPORTBOT_WEBHOOK_SECRET is not set (it refuses deliveries with 503)")
+        store = await asyncio.to_thread(OutboxStore, s.data_dir / OUTBOX_FILE)
+        senders: dict[str, Sender] = {KIND_CALLBACK: self._send_callback}
+        if self.chatwoot is not None:
+            senders.update(self.chatwoot.senders())
+        else:  # actions queued under an earlier configuration fail with a clear reason
+            senders.update({kind: _chatwoot_off for kind in (chatwoot.KIND_MESSAGE, chatwoot.KIND_OPEN)})
+        policy = RetryPolicy(max_attempts=s.outbox_max_attempts, backoff_base_s=s.outbox_backoff_base_s,
+                             backoff_cap_s=s.outbox_backoff_cap_s)
+        metrics = OutboxMetrics(self.runtime.metrics.registry, store)
+        self.outbox = Outbox(store, senders, policy, metrics, concurrency=s.outbox_concurrency,
+                             retention_s=s.outbox_retention_s)
+        self.outbox.start()
+
+    async def stop(self, _runtime: Runtime | None = None) -> None:
+        if self.outbox is not None:
+            await self.outbox.stop(grace_s=min(5.0, self.settings.outbox_send_timeout_s))
+            self.outbox.store.close()
+        if self.http is not None:
+            await self.http.aclose()
+
+    def count(self, platform: str, outcome: str) -> None:
+        if self.deliveries is not None:
+            self.deliveries.labels(platform=platform, outcome=outcome).inc()
+
+    def require_outbox(self) -> Outbox:
+        if self.outbox is None:
+            raise ApiError(503, "not_ready", "the webhook outbox is starting", {"Retry-After": "1"})
+        return self.outbox
+
+    async def _send_callback(self, action: Action) -> httpx.Response:
+        """POST a reply to a generic platform's callback_url, signed afresh on every attempt."""
+        secret = _secret(self.settings.webhook_secret)
+        if secret is None:
+            raise RuntimeError("SUPPORTBOT_WEBHOOK_SECRET was unset after the callback was queued")
+        assert self.http is not None
+        body = json.dumps(action.payload["body"], separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        headers = signing.sign(secret, body, signing.SUPPORTBOT, delivery_id=action.payload["delivery_id"])
+        headers["Content-Type"] = "application/json"
+        return await self.http.post(action.payload["url"], content=body, headers=headers)
+
+
+async def _chatwoot_off(_action: Action) -> httpx.Response:
+    raise RuntimeError("Chatwoot is not configured (SUPPORTBOT_CHATWOOT_URL / SUPPORTBOT_CHATWOOT_TOKEN)")
+
+
+def install_webhooks(app: FastAPI, runtime: Runtime) -> Webhooks:
+    """Add the webhook routes to `app` and run their outbox worker with the runtime."""
+    webhooks = Webhooks(runtime)
+    webhooks.deliveries = Counter("supportbot_webhook_deliveries", "webhook deliveries by platform and outcome",
+                                  ["platform", "outcome"], registry=runtime.metrics.registry)
+    runtime.on_startup(webhooks.start)
+    runtime.on_shutdown(webhooks.stop)
+    app.state.webhooks = webhooks
+    app.include_router(build_webhook_router())
+    return webhooks
+
+
+def _webhooks(request: Request) -> Webhooks:
+    return request.app.state.webhooks
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+def _verify(secret: str, request: Request, raw: bytes, scheme: signing.Scheme) -> None:
+    error = signing.verify(secret, request.headers, raw, scheme)
+    if error is not None:
+        raise ApiError(401, error.code, error.message)
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+
+
+def _delivery_id(request: Request, scheme: signing.Scheme, *, required: bool) -> str | None:
+    value = (request.headers.get(scheme.delivery) or "").strip()
+    if not value:
+        if required:
+            raise ApiError(400, "missing_delivery_id", f"the {scheme.delivery} header is required")
+        return None
+    if len(value) > MAX_DELIVERY_ID or not value.isprintable():
+        raise ApiError(400, "invalid_delivery_id", f"{scheme.delivery} must be printable and at most "
+                                                   f"{MAX_DELIVERY_ID} characters")
+    return value
+
+
+async def _respond(runtime: Runtime, session_id: str, text: str, metadata: dict[str, Any]) -> Reply:
+    """The Chatbot's reply; a transient refusal becomes 429 so the platform retries the delivery."""
+    try:
+        return await runtime.respond(session_id, text, metadata=metadata)
+    except ApiError as exc:
+        if exc.code in TRANSIENT:
+            raise ApiError(429, exc.code, exc.message, {"Retry-After": exc.headers.get("Retry-After", "3")}) from None
+        raise
+
+
+async def _apply(runtime: Runtime, command: str, session_id: str) -> None:
+    """handoff / release / reset on the current chatbot (read at use time: reloads swap it)."""
+    try:
+        chatbot = runtime.chatbot
+    except ApiError as exc:
+        raise ApiError(429, exc.code, exc.message, {"Retry-After": "3"}) from None
+    await asyncio.to_thread(getattr(chatbot, command), session_id)
+
+
+def _reply_json(reply: Reply) -> dict[str, Any]:
+    return {
+        "text": reply.text, "action": reply.action, "intent": reply.intent, "confidence": reply.confidence,
+        "quick_replies": list(reply.quick_replies), "handed_off": reply.handed_off, "silent": reply.silent,
+        "model_version": reply.model_version,
+    }
+
+
+# ----------------------------------------------------------------------------- Chatwoot
+
+
+async def handle_chatwoot(request: Request) -> JSONResponse:
+    webhooks = _webhooks(request)
+    raw = await request.body()
+    secret = _secret(webhooks.settings.chatwoot_secret)
+    if secret is not None:
+        try:
+            _verify(secret, request, raw, signing.CHATWOOT)
+        except ApiError:
+            webhooks.count("chatwoot", "rejected")
+            raise
+    delivery = _delivery_id(request, signing.CHATWOOT, required=False)
+    event = chatwoot.parse_event(_json(raw))
+    log_fields(request, webhook="chatwoot", event=getattr(event, "event", None), delivery_id=delivery)
+    if isinstance(event, Invalid):
+        webhooks.count("chatwoot", "invalid")
+        raise ApiError(422, "invalid_event", event.message)
+    if isinstance(event, Ignored):
+        webhooks.count("chatwoot", "ignored")
+        return JSONResponse({"status": "ignored", "reason": event.reason})
+    if webhooks.chatwoot is None:
+        webhooks.count("chatwoot", "unconfigured")
+        raise ApiError(503, "chatwoot_not_configured",
+                       "set SUPPORTBOT_CHATWOOT_URL and SUPPORTBOT_CHATWOOT_TOKEN to answer Chatwoot")
+    delivery_keys = [f"chatwoot:delivery:{delivery}"] if delivery else []
+    if isinstance(event, ConversationChange):
+        return await _chatwoot_conversation(webhooks, event, delivery_keys)
+    return await _chatwoot_message(request, webhooks, event, delivery_keys)
+
+
+async def _chatwoot_message(request: Request, webhooks: Webhooks, event: MessageEvent,
+                            delivery_keys: list[str]) -> JSONResponse:
+    if not event.should_answer:
+        webhooks.count("chatwoot", "ignored")
+        return JSONResponse({"status": "ignored", "reason": _why_not(event)})
+    account, conversation = event.account.id, event.conversation.id
+    session = chatwoot.session_id(account, conversation)
+    keys = [*delivery_keys, f"chatwoot:message:{account}:{event.id}"]
+    text = event.content or ""
+    check_text(text, webhooks.settings.max_message_chars, "content")
+    outbox = webhooks.require_outbox()
+    log_fields(request, session_id=session, message_text=text)
+    async with webhooks.locks(session):
+        if await outbox.seen(keys) is not None:
+            webhooks.count("chatwoot", "duplicate")
+            return JSONResponse({"status": "duplicate"})
+        metadata = {"channel": "chatwoot", "account_id": account, "conversation_id": conversation,
+                    "message_id": event.id}
+        reply = await _respond(webhooks.runtime, session, text, metadata)
+        actions = _chatwoot_actions(session, account, conversation, reply)
+        outcome = await outbox.submit(keys, actions)
+    log_fields(request, intent=reply.intent, action=reply.action, model_version=reply.model_version)
+    if isinstance(outcome, Duplicate):
+        webhooks.count("chatwoot", "duplicate")
+        return JSONResponse({"status": "duplicate"})
+    webhooks.count("chatwoot", "accepted")
+    return JSONResponse({"status": "accepted", "action": reply.action, "queued": len(actions)})
+
+
+def _chatwoot_actions(session: str, account: int, conversation: int, reply: Reply) -> list[NewAction]:
+    """The reply to post, then, when the bot has handed off, the conversation to open to humans.
+
+    A silent bot in a conversation Chatwoot still shows as the bot's (`pending`) means an earlier
+    handoff did not reach Chatwoot: open it again rather than leave the customer unanswered.
+    """
+    actions = []
+    if reply.text and not reply.silent:
+        actions.append(NewAction(session, chatwoot.KIND_MESSAGE,
+                                 chatwoot.message_payload(account, conversation, reply.text)))
+    if reply.handed_off:
+        actions.append(NewAction(session, chatwoot.KIND_OPEN, chatwoot.open_payload(account, conversation)))
+    return actions
+
+
+def _why_not(event: MessageEvent) -> str:
+    if event.event != "message_created":
+        return f"{event.event} is not answered"
+    if event.message_type != "incoming":
+        return f"{event.message_type} messages are not answered"
+    if event.private:
+        return "private notes are not answered"
+    if event.conversation.status != "pending":
+        return f"the conversation is {event.conversation.status or 'of unknown status'}: a human has it"
+    return "the message has no text"
+
+
+async def _chatwoot_conversation(webhooks: Webhooks, change: ConversationChange,
+                                 delivery_keys: list[str]) -> JSONResponse:
+    outbox = webhooks.require_outbox()
+    session = chatwoot.session_id(change.account_id, change.conversation_id)
+    async with webhooks.locks(session):
+        if delivery_keys and await outbox.seen(delivery_keys) is not None:
+            webhooks.count("chatwoot", "duplicate")
+            return JSONResponse({"status": "duplicate"})
+        await _apply(webhooks.runtime, change.command, session)
+        if delivery_keys:
+            await outbox.submit(delivery_keys, [])
+    webhooks.count("chatwoot", "accepted")
+    return JSONResponse({"status": "accepted", "command": change.command})
+
+
+# ----------------------------------------------------------------------------- generic
+
+
+def _id_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+IdText = Annotated[str, BeforeValidator(_id_text), Field(pattern=ID_PATTERN)]
+
+
+class GenericDelivery(BaseModel):
+    """A generic platform's delivery. Unknown fields are ignored (forward compatible)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    event: Literal["message", "handoff", "release", "resolved"] = "message"
+    conversation_id: IdText
+    message_id: IdText | None = None
+    text: str | None = None
+    callback_url: str | None = Field(None, max_length=2048)
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+        except ValueError:
+            raise ValueError("callback_url is not a URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("callback_url must be an absolute http:// or https:// URL")
+        if parts.username or parts.password:
+            raise ValueError("callback_url must not carry credentials; the callback is signed instead")
+        return value
+
+
+async def handle_generic(request: Request) -> JSONResponse:
+    webhooks = _webhooks(request)
+    secret = _secret(webhooks.settings.webhook_secret)
+    if secret is None:
+        webhooks.count("generic", "unconfigured")
+        raise ApiError(503, "webhook_not_configured",
+                       "the generic webhook is off: set SUPPORTBOT_WEBHOOK_SECRET to turn it on")
+    raw = await request.body()
+    try:
+        _verify(secret, request, raw, signing.SUPPORTBOT)
+    except ApiError:
+        webhooks.count("generic", "rejected")
+        raise
+    delivery = _delivery_id(request, signing.SUPPORTBOT, required=True)
+    try:
+        body = GenericDelivery.model_validate(_json(raw))
+    except ValidationError as exc:
+        webhooks.count("generic", "invalid")
+        raise ApiError(422, "invalid_request", _describe(exc)) from None
+    session = f"generic:{body.conversation_id}"
+    log_fields(request, webhook="generic", event=body.event, delivery_id=delivery, session_id=session)
+    if body.event != "message":
+        return await _generic_command(webhooks, body, session, delivery)
+    return await _generic_message(request, webhooks, body, session, delivery)
+
+
+async def _generic_command(webhooks: Webhooks, body: GenericDelivery, session: str, delivery: str) -> JSONResponse:
+    outbox = webhooks.require_outbox()
+    command = {"handoff": "handoff", "release": "release", "resolved": "reset"}[body.event]
+    keys = [f"generic:delivery:{delivery}"]
+    async with webhooks.locks(session):
+        if await outbox.seen(keys) is not None:
+            webhooks.count("generic", "duplicate")
+            return JSONResponse({"status": "duplicate"})
+        await _apply(webhooks.runtime, command, session)
+        await outbox.submit(keys, [])
+    webhooks.count("generic", "accepted")
+    return JSONResponse({"status": "accepted", "event": body.event})
+
+
+async def _generic_message(request: Request, webhooks: Webhooks, body: GenericDelivery, session: str,
+                           delivery: str) -> JSONResponse:
+    if body.message_id is None or body.text is None:
+        webhooks.count("generic", "invalid")
+        raise ApiError(422, "invalid_request", "a message needs message_id and text")
+    check_text(body.text, webhooks.settings.max_message_chars, "text")
+    outbox = webhooks.require_outbox()
+    keys = [f"generic:delivery:{delivery}", f"generic:message:{body.conversation_id}:{body.message_id}"]
+    log_fields(request, message_text=body.text)
+    async with webhooks.locks(session):
+        first = await outbox.seen(keys)
+        if first is not None:
+            webhooks.count("generic", "duplicate")
+            return JSONResponse({**(first.result or {}), "status": "duplicate"})
+        metadata = {**(body.metadata or {}), "channel": "generic", "conversation_id": body.conversation_id,
+                    "message_id": body.message_id}
+        reply = await _respond(webhooks.runtime, session, body.text, metadata)
+        answer, actions = _generic_outcome(body, reply)
+        outcome = await outbox.submit(keys, actions, result=answer)
+    log_fields(request, intent=reply.intent, action=reply.action, model_version=reply.model_version)
+    if isinstance(outcome, Duplicate):
+        webhooks.count("generic", "duplicate")
+        return JSONResponse({**(outcome.result or {}), "status": "duplicate"})
+    webhooks.count("generic", "accepted")
+    return JSONResponse(answer, status_code=202 if body.callback_url else 200)
+
+
+def _generic_outcome(body: GenericDelivery, reply: Reply) -> tuple[dict[str, Any], list[NewAction]]:
+    """(the response body, the outbox actions): the reply inline, or a signed callback to send."""
+    message = {"event": "reply", "conversation_id": body.conversation_id, "in_reply_to": body.message_id,
+               "reply": _reply_json(reply)}
+    if body.callback_url is None:
+        return {"status": "answered", **message}, []
+    if reply.silent:
+        return {"status": "accepted", "callback_delivery_id": None}, []
+    callback_delivery = str(uuid.uuid4())
+    action = NewAction(f"generic:{body.conversation_id}", KIND_CALLBACK,
+                       {"url": body.callback_url, "delivery_id": callback_delivery, "body": message})
+    return {"status": "accepted", "callback_delivery_id": callback_delivery}, [action]
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:5]:
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- router
+
+
+def build_webhook_router() -> APIRouter:
+    router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+    router.add_api_route("/chatwoot", handle_chatwoot, methods=["POST"], summary="Chatwoot Agent Bot events",
+                         description="Signed with X-Chatwoot-Signature when SUPPORTBOT_CHATWOOT_SECRET is set. "
+                                     "See docs/webhooks.md.")
+    router.add_api_route("/generic", handle_generic, methods=["POST"], summary="Generic signed webhook",
+                         description="Signed with X-Supportbot-Signature (SUPPORTBOT_WEBHOOK_SECRET). "
+                                     "See docs/webhooks.md.")
+    return router
