@@ -22,10 +22,8 @@ instruction, query; label columns: label, intent, category. The label `oos` mean
 
 
 def default_model_dir() -> Path:
-    """Where the default model lives: $SUPPORTBOT_MODEL, else $SUPPORTBOT_DATA_DIR/models/default, else ./.supportbot/..."""
-    if os.environ.get("SUPPORTBOT_MODEL"):
-        return Path(os.environ["SUPPORTBOT_MODEL"])
-    return Path(os.environ.get("SUPPORTBOT_DATA_DIR", ".supportbot")) / "models" / "default"
+    """Where the default model lives: $SUPPORTBOT_MODEL, else models/default (configs/default.yaml's output)."""
+    return Path(os.environ.get("SUPPORTBOT_MODEL") or "models/default")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,13 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_SPEC, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument("--model", metavar="DIR", required=True, help="bundle directory")
-    evaluate.add_argument("--data", metavar="SPEC", required=True, help="labelled data; its test split when it has one")
+    evaluate.add_argument("--data", metavar="SPEC", required=True, help="labelled data: its test split when it has one, else validation, else the whole file (with --cv: its train split)")
     evaluate.add_argument("--output", metavar="DIR", default="runs/eval", help="where report.json, report.html and the PNGs go (default: runs/eval)")
-    evaluate.add_argument("--compare", metavar="OTHER_DIR", help="a second bundle, evaluated on the same data and compared (McNemar test)")
-    evaluate.add_argument("--cv", type=int, metavar="K", help="K-fold cross-validation of the bundle's recipe on --data (no test set needed)")
+    evaluate.add_argument("--compare", metavar="OTHER_DIR", help="a second bundle (e.g. the one in production), evaluated on the same data: side by side, McNemar test, per-intent F1 changes")
+    evaluate.add_argument("--cv", type=int, metavar="K", help="retrain the bundle's recipe on K stratified folds of --data and report mean ± sd per metric (no test set needed)")
     evaluate.add_argument("--min-accuracy", type=float, metavar="X", help="exit 1 when accuracy is below X (0-1)")
     evaluate.add_argument("--min-oos-recall", type=float, metavar="Y", help="exit 1 when out-of-scope recall is below Y (0-1)")
     evaluate.add_argument("--worst", type=int, default=20, metavar="N", help="how many worst errors to list (default 20)")
+    evaluate.add_argument("--latency-sample", type=int, default=200, metavar="N",
+                          help="how many texts to time one at a time for single-text latency (default 200)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
     serve = sub.add_parser(

@@ -1,0 +1,200 @@
+"""Training benchmarks on the real data in ../shared/data (issue 2). Not a test: it prints and records.
+
+    python bench/bench_train.py head        # BANKING77: linear and bottleneck heads, 3 seeds; cold vs warm wall time
+    python bench/bench_train.py embed       # embedding throughput: length-sorted vs fixed-padding batches
+    python bench/bench_train.py lora        # BANKING77 with LoRA adapters (one seed; ~5 min an epoch on 2 cores)
+    python bench/bench_train.py full        # BANKING77, every weight trained (the baseline)
+    python bench/bench_train.py clinc       # CLINC150 full: in-scope accuracy and OOS recall at the fitted floor
+    python bench/bench_train.py fewshot     # 10-shot BANKING77 with head and lora
+
+Each appends a section to BENCHMARKS.md (command, machine, date, figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.record import append_section, machine  # noqa: E402
+from bot.encoder import DEFAULT_BASE, Encoder  # noqa: E402
+from finetune import data  # noqa: E402
+from finetune.config import load_config  # noqa: E402
+from finetune.train import score_bundle, train  # noqa: E402
+
+BANKING = "../shared/data/banking77"
+CLINC = "../shared/data/clinc150/data_full.json"
+
+
+def _run(overrides: list[str], out: Path) -> tuple[dict, dict]:
+    """Train (timed, without test scoring), then score the bundle on the test split (not timed)."""
+    cfg = load_config(None, [f"output={out}", *overrides])
+    result = train(cfg, progress=False, log=lambda m: print("   ", m))
+    test_split = data.load(f"{CLINC if cfg.data == CLINC else BANKING}:test")["test"]
+    scores = score_bundle(result.bundle.path, test_split, result.bundle.labels)
+    return result.summary, scores
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}%"
+    return f"{100 * statistics.mean(values):.2f}% ± {100 * statistics.stdev(values):.2f}"
+
+
+def bench_head(tmp: Path) -> str:
+    rows = ["| head | seed | test accuracy | macro-F1 | epochs | trainable params | wall s (warm cache) |", "|---|---|---|---|---|---|---|"]
+    summary_rows = []
+    cache = tmp / "cache"
+    cold_cfg = [f"data={BANKING}", f"cache_dir={cache}", "seed=1"]
+    cold = _run(cold_cfg, tmp / "cold")[0]["seconds"]
+    warm = _run(cold_cfg, tmp / "warm")[0]["seconds"]
+    for name, extra in (("linear", []), ("bottleneck 256", ["head.hidden=256", "head.dropout=0.2"])):
+        accuracies = []
+        for seed in (1, 2, 3):
+            summary, scores = _run([f"data={BANKING}", f"cache_dir={cache}", f"seed={seed}", *extra], tmp / f"{name}-{seed}")
+            accuracies.append(scores["accuracy"])
+            rows.append(
+                f"| {name} | {seed} | {100 * scores['accuracy']:.2f}% | {100 * scores['macro_f1']:.2f}% | {summary['epochs']} "
+                f"| {summary['trainable_parameters']:,} | {summary['seconds']:.1f} |"
+            )
+            print(rows[-1])
+        summary_rows.append(f"| {name} | {_mean_sd(accuracies)} |")
+    return "\n".join(
+        [
+            "BANKING77, train.csv (10% stratified validation split, seeded) -> test.csv (3,080). Base frozen.",
+            "",
+            *rows,
+            "",
+            "| head | test accuracy, mean ± sd over seeds 1-3 |",
+            "|---|---|",
+            *summary_rows,
+            "",
+            "Wall time inside `train()` for the linear head, seed 1: model load, data loading, embedding, training, "
+            "calibration, bundle writing (Python start-up and test scoring excluded):",
+            "",
+            "| run | wall s | target |",
+            "|---|---|---|",
+            f"| cold (empty embedding cache) | {cold:.1f} | <= 45 |",
+            f"| warm (cached embeddings) | {warm:.1f} | <= 10 |",
+            f"| cold / warm | {cold / warm:.1f}x | |",
+        ]
+    )
+
+
+def bench_embed(_tmp: Path) -> str:
+    texts = list(data.load(BANKING)["train"]["text"]) + list(data.load(f"{BANKING}:test")["test"]["text"])
+    encoder = Encoder.load(DEFAULT_BASE, max_length=64)
+    encoder.embed(texts[:256])  # warm-up
+
+    def naive() -> None:
+        """Input order, every batch padded to max_length: what a plain loop does."""
+        with torch.inference_mode():
+            for start in range(0, len(texts), 64):
+                batch = encoder.tokenizer(texts[start : start + 64], truncation=True, max_length=64, padding="max_length",
+                                          return_tensors="pt", return_token_type_ids=False)
+                encoder.forward(encoder.model, batch)
+
+    timings = {}
+    for name, fn in (("length-sorted batches (Encoder.embed)", lambda: encoder.embed(texts, batch_size=64)), ("fixed padding to 64, input order", naive)):
+        started = time.perf_counter()
+        fn()
+        timings[name] = time.perf_counter() - started
+        print(f"   {name}: {len(texts) / timings[name]:.0f} sentences/s")
+    fast, slow = timings["length-sorted batches (Encoder.embed)"], timings["fixed padding to 64, input order"]
+    return "\n".join(
+        [
+            f"BANKING77 train + test, {len(texts):,} texts, batch 64, max_length 64, torch threads {torch.get_num_threads()}, same process, back to back.",
+            "",
+            "| batching | sentences/s | seconds |",
+            "|---|---|---|",
+            *(f"| {name} | {len(texts) / s:.0f} | {s:.1f} |" for name, s in timings.items()),
+            f"| ratio | {slow / fast:.2f}x | |",
+        ]
+    )
+
+
+def bench_single(strategy: str, extra: list[str], tmp: Path, note: str) -> str:
+    summary, scores = _run([f"data={BANKING}", f"strategy={strategy}", "seed=1", *extra], tmp / strategy)
+    return "\n".join(
+        [
+            f"BANKING77 train.csv (10% stratified validation, seed 1) -> test.csv (3,080). {note}",
+            "",
+            "| strategy | test accuracy | macro-F1 | epochs (best) | trainable params | of total | wall s |",
+            "|---|---|---|---|---|---|---|",
+            f"| {strategy} | {100 * scores['accuracy']:.2f}% | {100 * scores['macro_f1']:.2f}% | {summary['epochs']} ({summary['best_epoch']}) "
+            f"| {summary['trainable_parameters']:,} | {100 * summary['trainable_parameters'] / summary['total_parameters']:.2f}% "
+            f"| {summary['seconds']:.0f} |",
+            "",
+            f"Settings: `{' '.join(extra) or 'recipe defaults'}`.",
+        ]
+    )
+
+
+def bench_clinc(tmp: Path) -> str:
+    summary, scores = _run([f"data={CLINC}", "seed=1"], tmp / "clinc")
+    return "\n".join(
+        [
+            "CLINC150 data_full.json: train 15,000 + 100 oos (oos excluded from the classes); validation 3,000 + 100 oos "
+            "(temperature, floor and gap fitted there); test 4,500 in-scope + 1,000 oos. `head` strategy (linear), seed 1.",
+            "",
+            "| metric | value | target |",
+            "|---|---|---|",
+            f"| test accuracy (in-scope, argmax) | {100 * scores['accuracy']:.2f}% | |",
+            f"| in-scope accuracy at the floor (answered and right) | {100 * scores['in_scope_accuracy']:.2f}% | >= 96.0% |",
+            f"| OOS recall at the floor | {100 * scores['oos_recall']:.2f}% | >= 75% |",
+            f"| fitted confidence floor / ambiguity gap | {summary['confidence_floor']:.2f} / {summary['ambiguity_gap']:.2f} | |",
+            f"| wall s | {summary['seconds']:.0f} | |",
+        ]
+    )
+
+
+def bench_fewshot(tmp: Path) -> str:
+    rows = ["| strategy | test accuracy | wall s |", "|---|---|---|"]
+    for strategy, extra in (("head", []), ("lora", ["epochs=15", "patience=3"])):
+        summary, scores = _run([f"data={BANKING}", f"strategy={strategy}", "few_shot=10", "seed=1", *extra], tmp / f"few-{strategy}")
+        rows.append(f"| {strategy} {' '.join(extra)} | {100 * scores['accuracy']:.2f}% | {summary['seconds']:.0f} |")
+        print(rows[-1])
+    return "\n".join(
+        [
+            "10-shot BANKING77: 10 examples per intent drawn from train.csv with seed 1 (a 10% stratified split of those, "
+            "1 per intent, is held out for early stopping and calibration), scored on the full test.csv (3,080). "
+            "Anchor: 85.19% (USE+ConveRT, Casanueva et al. 2020).",
+            "",
+            *rows,
+        ]
+    )
+
+
+BENCHES = {
+    "head": ("BANKING77: frozen encoder + head", bench_head),
+    "embed": ("Embedding throughput: length-sorted vs fixed-padding batches", bench_embed),
+    "lora": ("BANKING77: LoRA adapters + head", lambda tmp: bench_single("lora", [], tmp, "LoRA on every linear layer (configs/lora.yaml defaults).")),
+    "full": ("BANKING77: full fine-tune (baseline)", lambda tmp: bench_single("full", [], tmp, "Every encoder weight trains (configs/full.yaml defaults).")),
+    "clinc": ("CLINC150: in-scope accuracy and out-of-scope recall", bench_clinc),
+    "fewshot": ("10-shot BANKING77", bench_fewshot),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="+", choices=sorted(BENCHES))
+    args = parser.parse_args()
+    for which in args.which:
+        title, fn = BENCHES[which]
+        print(f"== {title}")
+        with tempfile.TemporaryDirectory() as tmp:
+            body = fn(Path(tmp))
+        print(body)
+        append_section(title, f"python bench/bench_train.py {which}", body)
+
+
+if __name__ == "__main__":
+    main()
