@@ -36,7 +36,11 @@ class LiveServer:
         self._sock.bind(("127.0.0.1", 0))  # the port is ours from here on: no race for it
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+        settings = app.state.runtime.settings
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+            proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
+        )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
