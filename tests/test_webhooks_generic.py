@@ -1,0 +1,197 @@
+"""The generic signed webhook on a real server (loopback) with the real shop model: replies inline
+or through a signed callback (received by the mock server's /hooks/), dedupe, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from mock_chatwoot import MockChatwoot
+from serve import signing
+from serve.app import create_app
+from serve_helpers import asgi_client, live_server, make_settings
+
+SECRET = "generic-webhook-secret"
+
+_ids = iter(range(1, 1_000_000))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{next(_ids)}"
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """A real HTTP server that records callbacks (the mock Chatwoot's /hooks/ routes)."""
+    with MockChatwoot() as mock:
+        yield mock
+
+
+@pytest.fixture(scope="module")
+def server(shop_bundle, tmp_path_factory):
+    settings = make_settings(shop_bundle, tmp_path_factory.mktemp("generic-webhook"), webhook_secret=SECRET,
+                             outbox_backoff_base_s=0.05, outbox_backoff_cap_s=0.2, outbox_max_attempts=6,
+                             outbox_send_timeout_s=3.0)
+    with live_server(settings) as live:
+        yield live
+
+
+@pytest.fixture()
+def hook(server):
+    return f"{server.url}/v1/webhooks/generic"
+
+
+def post(url: str, body: dict, *, secret: str | None = SECRET, delivery_id: str | None = None,
+         timestamp: float | None = None, without: tuple[str, ...] = ()) -> httpx.Response:
+    """POST a delivery signed as docs/webhooks.md describes, leaving out the headers named in `without`."""
+    raw = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers.update(signing.sign(secret, raw, signing.SUPPORTBOT, delivery_id=delivery_id or new_id("d"),
+                                    now=timestamp))
+    for header in without:
+        del headers[header]
+    return httpx.post(url, content=raw, headers=headers, timeout=30)
+
+
+def test_without_a_callback_the_reply_is_in_the_response(server, hook):
+    conversation = new_id("c")
+    response = post(hook, {"conversation_id": conversation, "message_id": "m1", "text": "what are your opening hours"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "answered" and body["event"] == "reply"
+    assert body["conversation_id"] == conversation and body["in_reply_to"] == "m1"
+    reply = body["reply"]
+    assert reply["action"] == "answer" and reply["text"] and reply["intent"] == "contact_hours"
+    assert reply["model_version"] == server.runtime.model_version
+    turns = httpx.get(f"{server.url}/v1/sessions/generic:{conversation}").json()["turns"]
+    assert [t["text"] for t in turns] == ["what are your opening hours", reply["text"]]
+
+
+def test_a_repeated_message_returns_the_first_reply_without_asking_the_bot_again(server, hook):
+    conversation = new_id("c")
+    body = {"conversation_id": conversation, "message_id": 77, "text": "do you ship abroad"}
+    first = post(hook, body, delivery_id="g-1").json()
+    again = post(hook, body, delivery_id="g-1").json()
+    other_delivery = post(hook, body, delivery_id="g-2").json()
+    assert again == other_delivery == {**first, "status": "duplicate"}
+    assert len(httpx.get(f"{server.url}/v1/sessions/generic:{conversation}").json()["turns"]) == 2
+
+
+def test_with_a_callback_the_reply_arrives_signed_once(server, hook, receiver):
+    conversation = new_id("c")
+    url = f"{receiver.url}/hooks/{conversation}?tenant=7"
+    receiver.fail_next(2, 503, path_contains=f"/hooks/{conversation}")
+    response = post(hook, {"conversation_id": conversation, "message_id": "m1", "text": "thank you",
+                           "callback_url": url})
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["status"] == "accepted" and accepted["callback_delivery_id"]
+
+    def callbacks(ok_only: bool = True):
+        return [r for r in receiver.received("hooks", ok_only=ok_only) if r.path.startswith(f"/hooks/{conversation}")]
+
+    assert receiver.wait_for(lambda: callbacks())
+    time.sleep(0.4)
+    attempts = callbacks(ok_only=False)
+    assert [r.status for r in attempts] == [503, 503, 200]
+    assert len({r.headers["x-supportbot-delivery"] for r in attempts}) == 1, "one delivery id across retries"
+    [delivered] = callbacks()
+    assert delivered.path == f"/hooks/{conversation}?tenant=7"
+    assert delivered.headers["x-supportbot-delivery"] == accepted["callback_delivery_id"]
+    assert signing.verify(SECRET, httpx.Headers(delivered.headers), delivered.body, signing.SUPPORTBOT) is None
+    payload = delivered.json
+    assert payload["event"] == "reply" and payload["conversation_id"] == conversation
+    assert payload["in_reply_to"] == "m1" and payload["reply"]["text"]
+    turns = httpx.get(f"{server.url}/v1/sessions/generic:{conversation}").json()["turns"]
+    assert turns[-1]["text"] == payload["reply"]["text"]
+
+
+def test_callbacks_of_one_conversation_arrive_in_order(server, hook, receiver):
+    conversation = new_id("c")
+    url = f"{receiver.url}/hooks/{conversation}"
+    receiver.fail_next(3, 500, path_contains=f"/hooks/{conversation}")
+    texts = ["hello there", "what are your opening hours", "which payment methods do you accept", "thank you"]
+    for number, text in enumerate(texts):
+        body = {"conversation_id": conversation, "message_id": f"m{number}", "text": text, "callback_url": url}
+        assert post(hook, body).status_code == 202
+    assert receiver.wait_for(lambda: len(receiver.received("hooks")) >= 1 and len(
+        [r for r in receiver.received("hooks") if r.path == f"/hooks/{conversation}"]) == 4)
+    got = [r.json["in_reply_to"] for r in receiver.received("hooks") if r.path == f"/hooks/{conversation}"]
+    assert got == ["m0", "m1", "m2", "m3"]
+
+
+def test_handoff_and_resolved_events(server, hook):
+    conversation = new_id("c")
+    handoff = post(hook, {"conversation_id": conversation, "message_id": "m1",
+                          "text": "I want to talk to a human agent"}).json()
+    assert handoff["reply"]["action"] == "handoff" and handoff["reply"]["handed_off"] is True
+    silent = post(hook, {"conversation_id": conversation, "message_id": "m2", "text": "hello?"}).json()
+    assert silent["reply"]["silent"] is True and silent["reply"]["text"] == ""
+    assert post(hook, {"event": "resolved", "conversation_id": conversation}).json() == {
+        "status": "accepted", "event": "resolved"}
+    fresh = post(hook, {"conversation_id": conversation, "message_id": "m3", "text": "thank you"}).json()
+    assert fresh["reply"]["silent"] is False and fresh["reply"]["text"]
+    assert post(hook, {"event": "handoff", "conversation_id": conversation}).json()["event"] == "handoff"
+    assert post(hook, {"conversation_id": conversation, "message_id": "m4", "text": "hi"}).json()["reply"]["silent"]
+    assert post(hook, {"event": "release", "conversation_id": conversation}).json()["event"] == "release"
+    assert not post(hook, {"conversation_id": conversation, "message_id": "m5", "text": "hi"}).json()["reply"]["silent"]
+
+
+@pytest.mark.parametrize("header, code", [
+    (signing.SUPPORTBOT.signature, "missing_signature"),
+    (signing.SUPPORTBOT.timestamp, "missing_timestamp"),
+])
+def test_missing_signature_headers_are_401(server, hook, header, code):
+    response = post(hook, {"conversation_id": "c", "message_id": "m", "text": "hi"}, without=(header,))
+    assert response.status_code == 401 and response.json()["error"]["code"] == code
+
+
+def test_refusals(server, hook):
+    conversation = new_id("c")
+    body = {"conversation_id": conversation, "message_id": "m1", "text": "hi"}
+    assert post(hook, body, secret="wrong").status_code == 401
+    stale = post(hook, body, timestamp=time.time() - 600)
+    assert stale.status_code == 401 and stale.json()["error"]["code"] == "stale_timestamp"
+    no_delivery = post(hook, body, without=(signing.SUPPORTBOT.delivery,))
+    assert no_delivery.status_code == 400 and no_delivery.json()["error"]["code"] == "missing_delivery_id"
+    for bad, where in [
+        ({**body, "callback_url": "ftp://example.com/x"}, "callback_url"),
+        ({**body, "callback_url": "javascript:alert(1)"}, "callback_url"),
+        ({**body, "callback_url": "http://user:pw@example.com/x"}, "callback_url"),
+        ({**body, "callback_url": "/relative/path"}, "callback_url"),
+        ({**body, "conversation_id": "has spaces"}, "conversation_id"),
+        ({**body, "conversation_id": "x" * 101}, "conversation_id"),
+        ({"message_id": "m", "text": "hi"}, "conversation_id"),
+        ({**body, "event": "explode"}, "event"),
+    ]:
+        response = post(hook, bad)
+        assert response.status_code == 422, (bad, response.text)
+        assert response.json()["error"]["code"] == "invalid_request" and where in response.json()["error"]["message"]
+    assert post(hook, {"conversation_id": conversation, "message_id": "m1"}).status_code == 422
+    assert post(hook, {**body, "text": "   "}).status_code == 422
+    too_long = post(hook, {**body, "text": "x" * 5000})
+    assert too_long.status_code == 422 and too_long.json()["error"]["code"] == "message_too_long"
+    raw = b"{not json"
+    headers = signing.sign(SECRET, raw, signing.SUPPORTBOT)
+    response = httpx.post(hook, content=raw, headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    # Nothing refused was recorded: the valid delivery of the same message is answered now.
+    assert post(hook, body).json()["status"] == "answered"
+
+
+def test_without_a_secret_the_generic_webhook_refuses(shop_bundle, tmp_path):
+    async def scenario():
+        app = create_app(make_settings(shop_bundle, tmp_path))
+        async with asgi_client(app) as http:
+            raw = json.dumps({"conversation_id": "c", "message_id": "m", "text": "hi"}).encode()
+            response = await http.post("/v1/webhooks/generic", content=raw,
+                                       headers={"Content-Type": "application/json", "X-Supportbot-Delivery": "d"})
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "webhook_not_configured"
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
