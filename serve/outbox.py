@@ -215,11 +215,14 @@ class OutboxStore:
             self._db.execute(sql, params)
 
     def pending_stats(self, *, now: float) -> tuple[int, float]:
-        """(pending actions, age in seconds of the oldest one; 0 when none)."""
+        """(pending actions, age in seconds of the oldest one; 0 when none or when closed)."""
         with self._lock:
-            count, oldest = self._db.execute(
-                "SELECT COUNT(*), MIN(created_at) FROM actions WHERE state = 'pending'"
-            ).fetchone()
+            try:
+                count, oldest = self._db.execute(
+                    "SELECT COUNT(*), MIN(created_at) FROM actions WHERE state = 'pending'"
+                ).fetchone()
+            except sqlite3.ProgrammingError:  # closed: the app has stopped
+                return 0, 0.0
         return int(count), (max(0.0, now - oldest) if oldest is not None else 0.0)
 
     def actions(self, state: str | None = None) -> list[dict[str, Any]]:
@@ -284,6 +287,8 @@ class Outbox:
     _task: asyncio.Task | None = field(default=None, init=False)
     _last_prune: float = field(default=0.0, init=False)
     _stopping: bool = field(default=False, init=False)
+    _held: dict[str, float] = field(default_factory=dict, init=False)  # conversation -> resume time
+    _unrecorded: dict[int, str] = field(default_factory=dict, init=False)  # delivered action id -> conversation
 
     async def seen(self, keys: Sequence[str]) -> Duplicate | None:
         return await asyncio.to_thread(self.store.seen, keys)
@@ -349,27 +354,59 @@ class Outbox:
         if now - self._last_prune >= self.housekeeping_s:
             self._last_prune = now
             await asyncio.to_thread(self.store.prune, now=now, retention_s=self.retention_s)
+        await self._record_unrecorded(now)
+        self._held = {c: until for c, until in self._held.items() if until > now}
+        blocked = set(self._busy) | set(self._held) | set(self._unrecorded.values())
         free = self.concurrency - len(self._busy)
         if free > 0:
-            for action in await asyncio.to_thread(self.store.heads, now=now, busy=set(self._busy), limit=free):
+            for action in await asyncio.to_thread(self.store.heads, now=now, busy=blocked, limit=free):
                 self._busy[action.conversation] = asyncio.create_task(self._attempt(action))
-        if len(self._busy) >= self.concurrency:
-            return self.housekeeping_s  # a finishing send wakes us
-        due = await asyncio.to_thread(self.store.next_due_at, set(self._busy))
-        if due is None:
-            return self.housekeeping_s
-        return min(self.housekeeping_s, max(0.0, due - self.clock()))
+                blocked.add(action.conversation)
+        wake_at = [self.clock() + self.housekeeping_s, *self._held.values()]
+        if self._unrecorded:
+            wake_at.append(self.clock() + 1.0)
+        if len(self._busy) < self.concurrency:  # else a finishing send wakes us
+            due = await asyncio.to_thread(self.store.next_due_at, blocked)
+            if due is not None:
+                wake_at.append(due)
+        return max(0.0, min(wake_at) - self.clock())
+
+    async def _record_unrecorded(self, now: float) -> None:
+        """Retry recording sends the receiver accepted while the database refused the write."""
+        for action_id, conversation in list(self._unrecorded.items()):
+            try:
+                await asyncio.to_thread(self.store.mark_sent, action_id, now=now)
+            except Exception:
+                return
+            del self._unrecorded[action_id]
+            log.info("outbox action %s (%s) recorded as sent", action_id, conversation)
 
     async def _attempt(self, action: Action) -> None:
         try:
             await self._send_and_record(action)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._hold_after_db_error(action, exc)
         finally:
             self._busy.pop(action.conversation, None)
             self._wake.set()
 
+    def _hold_after_db_error(self, action: Action, exc: Exception) -> None:
+        """The send's outcome could not be stored. A delivered action must never go out again, so
+        its conversation waits until the 'sent' mark is written; otherwise the conversation rests
+        for the longest backoff instead of hammering the receiver with a state we cannot advance."""
+        if isinstance(exc, _DeliveredUnrecorded):
+            self._unrecorded[action.id] = action.conversation
+            log.error("outbox action %s (%s) was delivered but could not be recorded (%s); holding %s until it is",
+                      action.id, action.kind, type(exc).__name__, action.conversation)
+        else:
+            self._held[action.conversation] = self.clock() + self.policy.backoff_cap_s
+            log.error("outbox action %s (%s): recording the attempt failed (%s); pausing %s for %.0f s",
+                      action.id, action.kind, type(exc).__name__, action.conversation, self.policy.backoff_cap_s)
+
     async def _send_and_record(self, action: Action) -> None:
         sender = self.senders[action.kind]
-        retry_after: float | None = None
         try:
             response = await sender(action)
         except httpx.TransportError as exc:  # timeouts, refused connections, broken responses
@@ -380,7 +417,10 @@ class Outbox:
         else:
             status = response.status_code
             if 200 <= status < 300:
-                await asyncio.to_thread(self.store.mark_sent, action.id, now=self.clock())
+                try:
+                    await asyncio.to_thread(self.store.mark_sent, action.id, now=self.clock())
+                except Exception as exc:
+                    raise _DeliveredUnrecorded(type(exc).__name__) from exc
                 if self.metrics:
                     self.metrics.sent.labels(action.kind).inc()
                 return
@@ -411,6 +451,10 @@ class Outbox:
         reason = "gave up after the last allowed attempt" if failure.retryable else "not retryable"
         log.error("outbox action %s (%s, %s) failed after %d attempt(s), %s: %s",
                   action.id, action.kind, action.conversation, attempts, reason, failure.summary)
+
+
+class _DeliveredUnrecorded(Exception):
+    """The receiver accepted the action, but marking it sent failed."""
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ class Webhooks:
 
     def require_outbox(self) -> Outbox:
         if self.outbox is None:
-            raise ApiError(503, "not_ready", "the webhook outbox is starting", {"Retry-After": "1"})
+            raise ApiError(429, "not_ready", "the webhook outbox is starting; retry", {"Retry-After": "3"})
         return self.outbox
 
     async def _send_callback(self, action: Action) -> httpx.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -261,3 +262,31 @@ def test_backoff_is_exponential_capped_jittered_and_honours_retry_after():
     assert policy.delay(1, retry_after=3600.0) == 10.0
     jittered = RetryPolicy(backoff_base_s=1.0, backoff_cap_s=10.0, jitter=0.5)
     assert all(1.0 <= jittered.delay(2) <= 2.0 for _ in range(50))  # up to half of 2 s is random
+
+
+class FlakyStore(OutboxStore):
+    """A store whose first `failures` attempts to mark an action sent fail (a full disk, say)."""
+
+    failures = 2
+
+    def mark_sent(self, action_id: int, *, now: float) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        super().mark_sent(action_id, now=now)
+
+
+def test_a_delivered_action_whose_sent_mark_fails_is_never_sent_again(tmp_path):
+    async def scenario():
+        with MockChatwoot() as chatwoot:
+            h = Harness(tmp_path / "outbox.sqlite3", chatwoot)
+            h.store = FlakyStore(tmp_path / "outbox.sqlite3")
+            h.outbox.store = h.store
+            h.outbox.start()
+            await h.outbox.submit(["d1"], [message(1, "once"), message(1, "then me")])
+            assert await until(lambda: len(h.store.actions("sent")) == 2)
+            await asyncio.sleep(0.3)
+            await h.close()
+            assert chatwoot.replies() == ["once", "then me"]
+
+    run(scenario())

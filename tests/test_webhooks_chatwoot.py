@@ -422,3 +422,23 @@ def test_without_chatwoot_settings_the_webhook_answers_503(shop_bundle, tmp_path
             assert response.json()["error"]["code"] == "chatwoot_not_configured"
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_while_no_model_can_answer_chatwoot_is_told_to_retry(tmp_path):
+    """429, the status Chatwoot retries; after its last try Chatwoot opens the conversation to humans."""
+
+    async def scenario():
+        with MockChatwoot(token=TOKEN) as chatwoot:
+            settings = make_settings(tmp_path / "no-such-bundle", tmp_path, chatwoot_url=chatwoot.url,
+                                     chatwoot_token=TOKEN)
+            app = create_app(settings)
+            async with asgi_client(app, start=False) as http, app.router.lifespan_context(app):
+                assert not await app.state.runtime.wait_ready()
+                raw, headers = signed_body(message_event("hello there", message_id=1, conversation_id=1), secret=None)
+                response = await http.post("/v1/webhooks/chatwoot", content=raw, headers=headers)
+                assert response.status_code == 429 and response.headers["retry-after"]
+                assert response.json()["error"]["code"] == "not_ready"
+                # Nothing was recorded: the retry is answered once a model is there.
+                assert await app.state.webhooks.outbox.seen(["chatwoot:message:1:1"]) is None
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
