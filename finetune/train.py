@@ -200,7 +200,9 @@ def train(
     epochs_bar = tqdm(range(1, cfg.epochs + 1), desc=f"train {cfg.strategy}", unit="epoch", disable=not progress)
     for epoch in epochs_bar:
         model.train()
+        # every process draws the same shuffled batches (same seed) and takes its share of them
         batches = _epoch_batches(in_scope, train_lengths, cfg.batch_size, rng)
+        batches = batches[accelerator.process_index :: accelerator.num_processes]
         steps = tqdm(batches, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress or cfg.strategy == "head")
         running = 0.0
         for indices in steps:
@@ -261,6 +263,9 @@ def train(
             "seconds": round(train_seconds, 2),
         },
     }
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # under `accelerate launch`, one process writes the bundle
+        return TrainResult(bundle_mod.Bundle(Path(cfg.output), meta), {}, model)
     written = bundle_mod.write(cfg.output, meta, _bundle_writers(cfg, model, head))
     summary = {
         "strategy": cfg.strategy,

@@ -143,3 +143,22 @@ def test_cli_reports_bad_data_in_one_line_exit_2(tmp_path):
     assert "Traceback" not in run.stderr
     lines = [line for line in run.stderr.splitlines() if "error" in line]
     assert lines == [f"supportbot train: error: {path}: row 3: empty text"]
+
+
+def test_hf_spec_goes_through_datasets(tmp_path, monkeypatch):
+    """`hf:NAME` is handed to datasets.load_dataset; a local dataset folder exercises the same path offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "train.csv").write_text("utterance,intent\nhello,greet\nhi,greet\nbye,bye\nsee you,bye\n")
+    (tmp_path / "test.csv").write_text("utterance,intent\nhey,greet\n")
+    splits = data.load(f"hf:{tmp_path}")
+    assert set(splits) == {"train", "test"}
+    assert list(splits["train"]["label"]) == ["greet", "greet", "bye", "bye"]
+
+
+def test_hf_spec_unreachable_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"^hf:nobody/no-such-dataset: cannot load from the Hugging Face hub") as err:
+        data.load("hf:nobody/no-such-dataset")
+    assert "\n" not in str(err.value)
