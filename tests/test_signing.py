@@ -70,3 +70,12 @@ def test_timestamp_more_than_five_minutes_off_is_stale_either_way():
     assert signing.verify(SECRET, httpx.Headers(good), BODY, CHATWOOT, now=NOW - 300) is None
     assert _refusal(good, now=NOW + 301) == "stale_timestamp"
     assert _refusal(good, now=NOW - 301) == "stale_timestamp"
+
+
+def test_the_docs_show_the_same_worked_example():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "webhooks.md").read_text(encoding="utf-8")
+    assert f"Secret `{SECRET}`, timestamp `{NOW}`" in docs
+    assert BODY.decode() in docs and f"({len(BODY)} bytes, no spaces)" in docs
+    assert signing.compute(SECRET, str(NOW), BODY) in docs
