@@ -1,0 +1,136 @@
+"""The web chat page in a real headless Chromium against a live server with the real shop model:
+send a message, see the reply, click a clarify quick reply, see the handoff state, reload."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from bot import bundle as bundle_mod
+from serve_helpers import live_server, make_settings
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SHOP_TEST = Path(__file__).resolve().parents[1] / "bot" / "domains" / "shop" / "test.yaml"
+AMBIGUOUS = ["blah", "ta", "ok", "hmm", "what should I call you", "yes", "help", "order", "card", "bye then"]
+
+
+@pytest.fixture(scope="module")
+def cautious_bundle(shop_bundle, tmp_path_factory) -> Path:
+    """The shop model with a wide ambiguity gap: it asks "did you mean A or B?" whenever two intents
+    are close, as an operator who prefers questions to wrong answers would set it."""
+    source = bundle_mod.load(shop_bundle)
+    meta = {k: v for k, v in source.meta.items() if k not in ("format_version", "version", "created", "files")}
+    meta["calibration"] = {**meta["calibration"], "ambiguity_gap": 0.9}
+    writers = {name: (lambda target, name=name: shutil.copyfile(source.path / name, target)) for name in source.meta["files"]}
+    return bundle_mod.write(tmp_path_factory.mktemp("bundles") / "shop-cautious", meta, writers).path
+
+
+@pytest.fixture(scope="module")
+def server(cautious_bundle, tmp_path_factory):
+    with live_server(make_settings(cautious_bundle, tmp_path_factory.mktemp("web-page"))) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def clarify_message(url: str) -> tuple[str, list[str]]:
+    """A message this model answers with a clarify question (asked on a fresh session each)."""
+    pack = yaml.safe_load(SHOP_TEST.read_text())
+    candidates = AMBIGUOUS + [t for spec in pack["intents"].values() for t in spec["examples"]]
+    candidates += list(pack.get("out_of_scope") or [])
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for i, text in enumerate(candidates):
+            reply = http.post("/v1/chat", json={"session_id": f"probe-{i}", "message": text}).json()
+            if reply["action"] == "clarify" and reply["quick_replies"]:
+                return text, reply["quick_replies"]
+    pytest.fail("no message of the shop test set gets a clarify reply from this model")
+
+
+def test_chat_page_conversation(server, browser):
+    clarify_text, options = clarify_message(server.url)
+    page = browser.new_page()
+    page.goto(server.url + "/")
+
+    log = page.get_by_role("log", name="Conversation")
+    assert log.get_attribute("aria-live") == "polite"
+    box = page.get_by_label("Your message")
+    assert page.get_by_role("heading", name="Customer support").is_visible()
+
+    # Send with the keyboard: type, Enter.
+    box.fill("where is my order #48213")
+    box.press("Enter")
+    bot = log.locator("li.message.bot")
+    bot.first.wait_for()
+    assert "48213" in bot.first.inner_text()
+    assert log.locator("li.message.user").first.inner_text().endswith("where is my order #48213")
+    assert box.input_value() == ""
+    session_id = page.evaluate("localStorage.getItem('supportbot.session_id')")
+    assert session_id
+
+    # A clarify question shows its options as buttons; clicking one sends it.
+    box.fill(clarify_text)
+    page.get_by_role("button", name="Send").click()
+    group = page.get_by_role("group", name="Suggested replies")
+    choice = group.get_by_role("button", name=options[0], exact=True)
+    choice.wait_for()
+    assert [b.inner_text() for b in group.get_by_role("button").all()] == options
+    answers_before = bot.count()
+    choice.click()
+    page.wait_for_function(f"document.querySelectorAll('li.message.bot').length > {answers_before}")
+    assert log.locator("li.message.user").last.inner_text().endswith(options[0])
+    assert page.evaluate("document.activeElement.id") == "message"  # focus back in the box
+
+    # Asking for a person: the page shows that a person will take over.
+    handoff = page.get_by_role("status").filter(has_text="A person will take over")
+    assert not handoff.is_visible()
+    box.fill("I want to talk to a human")
+    box.press("Enter")
+    handoff.wait_for(state="visible")
+    turns = log.locator("li.message").count()
+
+    # A reload keeps the session: same id, transcript back, still handed off.
+    page.reload()
+    page.wait_for_function(f"document.querySelectorAll('li.message').length === {turns}")
+    assert page.evaluate("localStorage.getItem('supportbot.session_id')") == session_id
+    assert page.get_by_role("status").filter(has_text="A person will take over").is_visible()
+    transcript = httpx.get(f"{server.url}/v1/sessions/{session_id}").json()["turns"]
+    assert len(transcript) == turns and transcript[0]["text"] == "where is my order #48213"
+
+    # A new conversation forgets the session.
+    page.get_by_role("button", name="New conversation").click()
+    assert log.locator("li.message").count() == 0
+    assert page.evaluate("localStorage.getItem('supportbot.session_id')") is None
+    assert not page.get_by_role("status").filter(has_text="A person will take over").is_visible()
+    page.close()
+
+
+def test_errors_show_and_the_text_is_kept(server, browser):
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.evaluate("document.getElementById('message').removeAttribute('maxlength')")
+    box = page.get_by_label("Your message")
+    box.fill("z" * 2500)
+    box.press("Enter")
+    alert = page.get_by_role("alert")
+    alert.wait_for(state="visible")
+    assert "limit is 2,000" in alert.inner_text()
+    assert box.input_value() == "z" * 2500  # nothing the customer wrote is lost
+    page.close()
