@@ -234,7 +234,7 @@ class OutboxStore:
                 (state,) if state else (),
             )
             columns = [c[0] for c in cursor.description]
-            rows = [dict(zip(columns, row)) for row in cursor.fetchall()]
+            rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
         for row in rows:
             row["payload"] = json.loads(row["payload"])
         return rows

@@ -240,6 +240,9 @@ async def handle_chatwoot(request: Request) -> JSONResponse:
     if isinstance(event, Ignored):
         webhooks.count("chatwoot", "ignored")
         return JSONResponse({"status": "ignored", "reason": event.reason})
+    if isinstance(event, MessageEvent) and not event.should_answer:
+        webhooks.count("chatwoot", "ignored")
+        return JSONResponse({"status": "ignored", "reason": _why_not(event)})
     if webhooks.chatwoot is None:
         webhooks.count("chatwoot", "unconfigured")
         raise ApiError(503, "chatwoot_not_configured",
@@ -252,9 +255,6 @@ async def handle_chatwoot(request: Request) -> JSONResponse:
 
 async def _chatwoot_message(request: Request, webhooks: Webhooks, event: MessageEvent,
                             delivery_keys: list[str]) -> JSONResponse:
-    if not event.should_answer:
-        webhooks.count("chatwoot", "ignored")
-        return JSONResponse({"status": "ignored", "reason": _why_not(event)})
     account, conversation = event.account.id, event.conversation.id
     session = chatwoot.session_id(account, conversation)
     keys = [*delivery_keys, f"chatwoot:message:{account}:{event.id}"]
@@ -451,12 +451,35 @@ def _describe(exc: ValidationError) -> str:
 # ----------------------------------------------------------------------------- router
 
 
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI for a route that reads its raw body itself (the signature covers the exact bytes)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+_ERRORS = {status: {"description": text} for status, text in [
+    (400, "not JSON, or a bad delivery id"), (401, "missing, bad or stale signature"),
+    (413, "body too large"), (422, "a field is missing or invalid"),
+    (429, "try again after Retry-After (model loading, overload, shutdown)"),
+    (503, "this webhook is not configured"),
+]}
+
+
 def build_webhook_router() -> APIRouter:
     router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
-    router.add_api_route("/chatwoot", handle_chatwoot, methods=["POST"], summary="Chatwoot Agent Bot events",
-                         description="Signed with X-Chatwoot-Signature when SUPPORTBOT_CHATWOOT_SECRET is set. "
-                                     "See docs/webhooks.md.")
-    router.add_api_route("/generic", handle_generic, methods=["POST"], summary="Generic signed webhook",
-                         description="Signed with X-Supportbot-Signature (SUPPORTBOT_WEBHOOK_SECRET). "
-                                     "See docs/webhooks.md.")
+    router.add_api_route(
+        "/chatwoot", handle_chatwoot, methods=["POST"], summary="Chatwoot Agent Bot events",
+        description="Chatwoot's Agent Bot deliveries (message and conversation events), verified with "
+                    "X-Chatwoot-Signature when SUPPORTBOT_CHATWOOT_SECRET is set. See docs/webhooks.md.",
+        openapi_extra=_json_body({"type": "object", "required": ["event"],
+                                  "properties": {"event": {"type": "string"}}, "additionalProperties": True}),
+        responses=_ERRORS,
+    )
+    router.add_api_route(
+        "/generic", handle_generic, methods=["POST"], summary="Generic signed webhook",
+        description="A customer message (or a conversation event) from any platform, signed with "
+                    "X-Supportbot-Signature (SUPPORTBOT_WEBHOOK_SECRET). The reply is in the response (200) "
+                    "or sent to callback_url (202). See docs/webhooks.md.",
+        openapi_extra=_json_body(GenericDelivery.model_json_schema()),
+        responses={202: {"description": "accepted; the reply goes to callback_url"}, **_ERRORS},
+    )
     return router

@@ -254,7 +254,8 @@ def conversation_data(*, account_id: int = 1, conversation_id: int = 1, status: 
     """Conversations::EventDataPresenter#push_data: `id` is the display id."""
     now = int(time.time())
     return {
-        "additional_attributes": {"browser": {"browser_name": "Firefox"}}, "can_reply": True, "channel": "Channel::WebWidget",
+        "additional_attributes": {"browser": {"browser_name": "Firefox"}}, "can_reply": True,
+        "channel": "Channel::WebWidget",
         "contact_inbox": {"id": 5, "contact_id": 11, "inbox_id": inbox_id, "source_id": str(uuid.uuid4()),
                           "hmac_verified": False, "pubsub_token": "tok"},
         "id": conversation_id, "inbox_id": inbox_id,

@@ -420,6 +420,11 @@ def test_without_chatwoot_settings_the_webhook_answers_503(shop_bundle, tmp_path
             response = await http.post("/v1/webhooks/chatwoot", content=raw, headers=headers)
             assert response.status_code == 503
             assert response.json()["error"]["code"] == "chatwoot_not_configured"
+            # What needs no answer is still acknowledged, so Chatwoot does not hand the conversation over.
+            raw, headers = signed_body(message_event("hi", message_id=2, conversation_id=1, message_type="outgoing"),
+                                       secret=None)
+            response = await http.post("/v1/webhooks/chatwoot", content=raw, headers=headers)
+            assert response.status_code == 200 and response.json()["status"] == "ignored"
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
 

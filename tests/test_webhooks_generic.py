@@ -195,3 +195,12 @@ def test_without_a_secret_the_generic_webhook_refuses(shop_bundle, tmp_path):
             assert response.json()["error"]["code"] == "webhook_not_configured"
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_openapi_describes_the_webhooks(server):
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    generic = schema["paths"]["/v1/webhooks/generic"]["post"]
+    body = generic["requestBody"]["content"]["application/json"]["schema"]
+    assert {"conversation_id", "message_id", "text", "callback_url", "event"} <= set(body["properties"])
+    assert {"200", "202", "401", "422", "429", "503"} <= set(generic["responses"])
+    assert "/v1/webhooks/chatwoot" in schema["paths"]
