@@ -233,12 +233,12 @@ def test_chatwoot_failing_the_first_three_attempts_gets_the_reply_once(server, c
 
 def test_acknowledged_fast_even_when_chatwoot_is_slow(server, chatwoot, hook):
     conversation = new_id()
-    chatwoot.hang_s = 1.5
+    chatwoot.hang_s = 4.0  # Chatwoot's API says nothing for 4 s, then drops the connection
     chatwoot.fail_next(1, "hang", path_contains=f"/conversations/{conversation}/")
     started = time.perf_counter()
     response = deliver(hook, message_event("thank you", message_id=new_id(), conversation_id=conversation),
                        secret=SECRET)
-    assert response.status_code == 200 and time.perf_counter() - started < 1.0
+    assert response.status_code == 200 and time.perf_counter() - started < 2.5  # Chatwoot waits 5 s at most
     assert chatwoot.wait_for(lambda: chatwoot.replies(1, conversation), timeout=20)
 
 
