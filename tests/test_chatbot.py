@@ -109,10 +109,12 @@ def test_an_ambiguous_message_is_asked_about_and_the_answer_resolves_it(bot, sho
     options are quick replies and "the first one" picks the first.
     """
     candidates = [
+        "I have a problem with my order",
         "I want to return it and get a refund",
         "I sent the jacket back, where's my money",
         "the parcel is late and I want to cancel it",
         "the item came broken and also it's the wrong colour",
+        "the parcel arrived broken and it's the wrong item",
     ]
     predictions = shop_classifier.predict(candidates)
     text, prediction = min(zip(candidates, predictions), key=lambda tp: tp[1].margin)
