@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .responses import SOCIAL_ROLES
 from .sessions import SessionState
 from .slots import extract as extract_slots
 
@@ -66,6 +67,7 @@ REASON_SLOT_MISSING = "slot_missing"
 REASON_HANDOFF_INTENT = "handoff_intent"
 REASON_REPEATED_FALLBACK = "repeated_fallback"
 REASON_SILENT = "silent"
+REASON_SOCIAL_MIX = "social_mix"  # clarify zone, but one option is a greeting/thanks/goodbye: answer the other
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,10 @@ class DialoguePolicy:
             return self._answer(state, prediction.label, prediction.confidence, REASON_CONFIDENT)
         if action == CLARIFY:
             options = tuple(name for name, _ in prediction.ranking[:2])
+            social = [o for o in options if self.domain.role(o) in SOCIAL_ROLES]
+            if social:  # "hi, where is my order": asking "Say hello or Track an order?" helps nobody
+                chosen = next((o for o in options if o not in social), options[0])
+                return self._answer(state, chosen, dict(prediction.ranking).get(chosen, 0.0), REASON_SOCIAL_MIX)
             state.fallbacks = 0
             state.pending = {"kind": "choice", "options": list(options), "confidence": prediction.confidence}
             return Decision(CLARIFY, prediction.label, prediction.confidence, REASON_AMBIGUOUS, options=options), state

@@ -25,6 +25,7 @@ from bot.policy import (
     REASON_SILENT,
     REASON_SLOT_FILLED,
     REASON_SLOT_MISSING,
+    REASON_SOCIAL_MIX,
     DialoguePolicy,
     decide,
     decision_masks,
@@ -183,6 +184,15 @@ def test_clarify_follow_up_resolves(policy, answer, chosen):
     assert (d.action, d.intent, d.reason) == (ANSWER, chosen, REASON_CHOSEN)
     assert d.slot == "order_id"  # both options need the order number, asked for next
     assert state.pending == {"kind": "slot", "intent": chosen, "slot": "order_id", "confidence": 0.46}
+
+
+def test_no_clarify_between_small_talk_and_a_question(policy):
+    hello_order = pred(("greet", 0.46), ("order_status", 0.44), ("delivery_late", 0.05))
+    (d,), state = run(policy, SessionState(), ("hi, where is order 12345", hello_order))
+    assert (d.action, d.intent, d.reason, d.confidence) == (ANSWER, "order_status", REASON_SOCIAL_MIX, 0.44)
+    thanks_bye = pred(("thanks", 0.50), ("goodbye", 0.48))
+    (d,), _ = run(policy, SessionState(), ("thanks, bye", thanks_bye))
+    assert (d.action, d.intent) == (ANSWER, "thanks")
 
 
 def test_clarify_neither_is_a_fallback(policy):
