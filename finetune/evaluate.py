@@ -50,7 +50,6 @@ Record = dict[str, Any]
 
 ECE_BINS = 15
 TOP_K = 3
-LATENCY_SAMPLE = 200  # texts timed one at a time
 PREDICT_CHUNK = 256  # texts per progress-bar step; the classifier batches 64 at a time inside
 CONFUSED_PAIRS = 10
 EXACT_MCNEMAR_BELOW = 25  # discordant pairs; below this the exact binomial test replaces chi-squared
@@ -148,9 +147,11 @@ def records_from_logits(
     return records
 
 
-def measure_latency(classifier: IntentClassifier, texts: list[str], *, batch_seconds: float, progress: bool) -> dict[str, Any]:
-    """Single-text latency on a seeded sample of up to LATENCY_SAMPLE texts; batched time per text from the full pass."""
-    sample = random.Random(0).sample(texts, min(LATENCY_SAMPLE, len(texts)))
+def measure_latency(
+    classifier: IntentClassifier, texts: list[str], *, batch_seconds: float, sample_size: int, progress: bool
+) -> dict[str, Any]:
+    """Single-text latency on a seeded sample of `sample_size` texts; batched time per text from the full pass."""
+    sample = random.Random(0).sample(texts, min(sample_size, len(texts)))
     classifier.predict(sample[:1])  # warm-up: first-call allocations are not what a warm server sees
     timings = []
     for text in tqdm(sample, desc="latency (one text at a time)", unit="text", disable=not progress, leave=False):
@@ -267,6 +268,20 @@ def worst_errors(records: list[Record], n: int) -> list[dict[str, Any]]:
 # ---- compare -------------------------------------------------------------------------------------
 
 
+def scalar_metrics(report: dict[str, Any]) -> dict[str, float | None]:
+    """The report's headline numbers as one flat mapping: what folds average and comparisons subtract."""
+    out: dict[str, float | None] = {key: report[key] for key in SUMMARY_KEYS}
+    if report["out_of_scope"]:
+        oos = report["out_of_scope"]
+        out |= {"in_scope_accuracy": oos["in_scope_accuracy"], "oos_recall": oos["recall"], "oos_precision": oos["precision"]}
+    out |= {f"{action}_share": share for action, share in report["actions"].items()}
+    out |= {"answer_accuracy": report["answer_accuracy"], "ece_raw": report["calibration"]["ece_raw"],
+            "ece_calibrated": report["calibration"]["ece_calibrated"]}
+    if "latency_ms" in report:
+        out |= {f"latency_{key}_ms": report["latency_ms"][key] for key in ("single_p50", "single_p95", "batch_per_text")}
+    return out
+
+
 def mcnemar(model_right: np.ndarray, other_right: np.ndarray) -> dict[str, Any]:
     """McNemar's test on paired correctness; exact binomial when discordant pairs are few."""
     b = int((model_right & ~other_right).sum())
@@ -290,19 +305,19 @@ def mcnemar(model_right: np.ndarray, other_right: np.ndarray) -> dict[str, Any]:
 def compare_reports(model: Evaluation, other: Evaluation, other_path: str) -> dict[str, Any]:
     """Side by side metrics, McNemar on the paired predictions, per-intent F1 changes (model - other)."""
     a, b = model.report, other.report
-    metrics = {key: {"model": a[key], "other": b[key], "delta": a[key] - b[key]} for key in SUMMARY_KEYS}
-    if a["out_of_scope"] and b["out_of_scope"]:
-        for key in ("in_scope_accuracy", "recall"):
-            va, vb = a["out_of_scope"][key], b["out_of_scope"][key]
-            metrics[f"oos_{key}" if key == "recall" else key] = {"model": va, "other": vb, "delta": va - vb}
+    mine, theirs = scalar_metrics(a), scalar_metrics(b)
+    metrics = {
+        key: {"model": mine[key], "other": theirs[key],
+              "delta": None if mine[key] is None or theirs[key] is None else mine[key] - theirs[key]}
+        for key in mine
+    }
     f1_changes = {
         name: {"model": a["per_intent"][name]["f1"], "other": b["per_intent"][name]["f1"],
                "delta": a["per_intent"][name]["f1"] - b["per_intent"][name]["f1"]}
         for name in a["per_intent"]
     }
     return {
-        "other_model": other_path, "other_version": b["model_version"], "metrics": metrics,
-        "latency_ms": {"model": a["latency_ms"], "other": b["latency_ms"]},
+        "other_model": other_path, "other_version": b["model_version"], "other": b["model"], "metrics": metrics,
         "mcnemar": mcnemar(_correct(model.records), _correct(other.records)),
         "per_intent_f1": dict(sorted(f1_changes.items(), key=lambda item: (item[1]["delta"], item[0]))),
     }
@@ -316,14 +331,16 @@ def _correct(records: list[Record]) -> np.ndarray:
 
 
 def evaluate_bundle(
-    model: str | Path, dataset: Dataset, *, open_set: bool, worst: int, progress: bool
+    model: str | Path, dataset: Dataset, *, open_set: bool, worst: int, latency_sample: int, progress: bool
 ) -> Evaluation:
     """Score one bundle on `dataset`: records, metrics, latency."""
     classifier = IntentClassifier.from_bundle(model)
     check_labels(dataset, classifier.labels, model)
     records, seconds = predict_records(classifier, dataset, open_set=open_set, progress=progress)
     report = {"model_version": classifier.version, "model": model_info(classifier.bundle), **build_report(records, worst=worst)}
-    report["latency_ms"] = measure_latency(classifier, list(dataset["text"]), batch_seconds=seconds, progress=progress)
+    report["latency_ms"] = measure_latency(
+        classifier, list(dataset["text"]), batch_seconds=seconds, sample_size=latency_sample, progress=progress
+    )
     return Evaluation(records, report)
 
 
@@ -361,7 +378,7 @@ def fold_indices(labels: list[str], k: int, seed: int) -> list[tuple[np.ndarray,
 
 
 def cross_validate(
-    model: str | Path, dataset: Dataset, spec: str, k: int, *, worst: int, progress: bool
+    model: str | Path, dataset: Dataset, spec: str, k: int, *, worst: int, latency_sample: int, progress: bool
 ) -> Evaluation:
     """Retrain the bundle's recipe on K stratified folds; pool the out-of-fold records; mean and sd per metric."""
     from .train import prepare_splits, train
@@ -388,25 +405,23 @@ def cross_validate(
                 "fold": fold, "n_train": len(train_idx), "confidence_floor": classifier.confidence_floor,
                 **fold_metrics(build_report(fold_records, worst=0)),
             })
-        latency = measure_latency(classifier, list(dataset["text"]), batch_seconds=seconds, progress=progress)
+        latency = measure_latency(
+            classifier, list(dataset["text"]), batch_seconds=seconds, sample_size=latency_sample, progress=progress
+        )
     report = {"model_version": bundle.version, "model": model_info(bundle), **build_report(records, worst=worst)}
     report["latency_ms"] = latency | {"note": latency["note"] + f"; single-text timings on the fold {k} model"}
     report["cross_validation"] = cv_summary(per_fold, k, recipe)
     return Evaluation(records, report)
 
 
-def fold_metrics(report: dict[str, Any]) -> dict[str, float]:
+def fold_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The scalar metrics of one fold."""
-    out = {"n": report["n"], **{key: report[key] for key in SUMMARY_KEYS}}
-    out |= {"ece_raw": report["calibration"]["ece_raw"], "ece_calibrated": report["calibration"]["ece_calibrated"]}
-    if report["out_of_scope"]:
-        oos = report["out_of_scope"]
-        out |= {"in_scope_accuracy": oos["in_scope_accuracy"], "oos_recall": oos["recall"], "oos_precision": oos["precision"]}
-    return out | {f"{action}_share": share for action, share in report["actions"].items()}
+    return {"n": report["n"], **scalar_metrics(report)}
 
 
 def cv_summary(per_fold: list[dict[str, Any]], k: int, recipe: TrainConfig) -> dict[str, Any]:
-    keys = [key for key in per_fold[0] if key not in ("fold", "n", "n_train")]
+    skip = {"fold", "n", "n_train"}
+    keys = [key for key in per_fold[0] if key not in skip and all(fold.get(key) is not None for fold in per_fold)]
     values = {key: np.array([fold[key] for fold in per_fold], dtype=float) for key in keys}
     return {
         "k": k, "seed": recipe.seed, "strategy": recipe.strategy, "stratified": True,
@@ -429,6 +444,8 @@ def check_options(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {value:g}: expected a share between 0 and 1")
     if args.worst < 0:
         raise ConfigError(f"--worst {args.worst}: expected 0 or more")
+    if args.latency_sample < 1:
+        raise ConfigError(f"--latency-sample {args.latency_sample}: expected 1 or more")
     if args.cv is not None and args.cv < 2:
         raise ConfigError(f"--cv {args.cv}: cross-validation needs at least 2 folds")
     if args.cv is not None and args.compare:
@@ -438,18 +455,18 @@ def check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> Evaluation:
     """Evaluate (or cross-validate, or compare) as the options say; nothing is written yet."""
     check_options(args)
-    progress = not args.quiet
+    options = {"worst": args.worst, "latency_sample": args.latency_sample, "progress": not args.quiet}
     splits = data.load(args.data)
     split, dataset = training_split(splits) if args.cv else evaluation_split(splits)
     open_set = data.OOS_LABEL in set(dataset["label"])
     if args.min_oos_recall is not None and not open_set:
         raise data.DataError(f"{args.data}: --min-oos-recall needs out-of-scope ({data.OOS_LABEL!r}) examples in the data")
     if args.cv:
-        evaluation = cross_validate(args.model, dataset, args.data, args.cv, worst=args.worst, progress=progress)
+        evaluation = cross_validate(args.model, dataset, args.data, args.cv, **options)
     else:
-        evaluation = evaluate_bundle(args.model, dataset, open_set=open_set, worst=args.worst, progress=progress)
+        evaluation = evaluate_bundle(args.model, dataset, open_set=open_set, **options)
     if args.compare:
-        other = evaluate_bundle(args.compare, dataset, open_set=open_set, worst=args.worst, progress=progress)
+        other = evaluate_bundle(args.compare, dataset, open_set=open_set, **options)
         evaluation.report["compare"] = compare_reports(evaluation, other, str(args.compare))
         evaluation.extra_files["compare_predictions.jsonl"] = other.records
     if len(splits) == 1 and Path(args.data).is_file():

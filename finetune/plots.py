@@ -89,13 +89,12 @@ def confusion_matrix_png(records: list[Record], path: Path) -> Path:
     n = len(names)
     side = float(np.clip(0.13 * n + 3.5, 6.0, 15.0))
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
-    cmap = matplotlib.colormaps["magma_r"].copy()
-    cmap.set_bad("white")  # cells with no messages stay white, so the few confusions stand out
+    cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="white")  # empty cells stay white: confusions stand out
     image = ax.imshow(
         np.ma.masked_equal(matrix, 0.0), cmap=cmap, norm=PowerNorm(gamma=0.4, vmin=0.0, vmax=1.0), interpolation="nearest"
     )
     ax.set_facecolor("white")
-    shown = set(names) if n <= LABEL_ALL_UP_TO else worst_intents(norm, labels, WORST_LABELLED)
+    shown = set(names) if n <= LABEL_ALL_UP_TO else worst_intents(norm, labels, WORST_LABELLED) | {OOS_LABEL}
     ticks = [i for i, name in enumerate(names) if name in shown]
     fontsize = float(np.clip(520 / max(n, 1), 4.5, 9.0)) if n <= LABEL_ALL_UP_TO else 6.0
     ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=fontsize)

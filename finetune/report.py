@@ -73,22 +73,21 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def summary_rows(report: Report) -> list[tuple[str, Any]]:
-    """(label, value) rows shared by the HTML summary and the terminal table."""
-    rows: list[tuple[str, Any]] = [("messages", report["n"])]
-    rows += [(name, report[key]) for name, key in (
-        ("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("weighted-F1", "weighted_f1"), ("top-3 accuracy", "top3_accuracy"),
-    )]
-    if report["out_of_scope"]:
-        oos = report["out_of_scope"]
-        rows += [("in-scope accuracy", oos["in_scope_accuracy"]), ("OOS recall", oos["recall"]), ("OOS precision", oos["precision"])]
-    rows += [(f"{action} share", share) for action, share in report["actions"].items()]
-    rows += [("accuracy of answered messages", report["answer_accuracy"])]
-    rows += [("ECE raw", report["calibration"]["ece_raw"]), ("ECE temperature-scaled", report["calibration"]["ece_calibrated"])]
-    latency = report["latency_ms"]
-    rows += [("latency single p50 (ms)", latency["single_p50"]), ("latency single p95 (ms)", latency["single_p95"]),
-             ("latency batched per text (ms)", latency["batch_per_text"])]
-    return rows
+LABELS = {
+    "accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1", "top3_accuracy": "top-3 accuracy",
+    "in_scope_accuracy": "in-scope accuracy", "oos_recall": "OOS recall", "oos_precision": "OOS precision",
+    "answer_share": "answer share", "clarify_share": "clarify share", "fallback_share": "fallback share",
+    "handoff_share": "handoff share", "answer_accuracy": "accuracy of answered messages", "ece_raw": "ECE raw",
+    "ece_calibrated": "ECE temperature-scaled", "latency_single_p50_ms": "latency single p50 (ms)",
+    "latency_single_p95_ms": "latency single p95 (ms)", "latency_batch_per_text_ms": "latency batched per text (ms)",
+}
+
+
+def summary_rows(report: Report) -> list[tuple[str, str, Any]]:
+    """(key, label, value) rows shared by the HTML summary and the terminal table."""
+    from .evaluate import scalar_metrics
+
+    return [("n", "messages", report["n"])] + [(key, LABELS.get(key, key), v) for key, v in scalar_metrics(report).items()]
 
 
 def _header(report: Report) -> str:
@@ -114,21 +113,19 @@ def _gate(report: Report) -> str:
 
 def _summary(report: Report) -> str:
     if "compare" not in report:
-        return "<h2>Summary</h2>" + _table(["metric", "value"], [list(row) for row in summary_rows(report)])
-    compare = report["compare"]
-    rows = [[key, m["model"], m["other"], m["delta"]] for key, m in compare["metrics"].items()]
-    latency = compare["latency_ms"]
-    rows += [[f"latency {k} (ms)", latency["model"][k], latency["other"][k], latency["model"][k] - latency["other"][k]]
-             for k in ("single_p50", "single_p95", "batch_per_text")]
+        return "<h2>Summary</h2>" + _table(["metric", "value"], [[label, v] for _, label, v in summary_rows(report)])
+    compare, other = report["compare"], report["compare"]["other"]
+    rows = [[LABELS.get(key, key), m["model"], m["other"], m["delta"]] for key, m in compare["metrics"].items()]
     test = compare["mcnemar"]
     return (
         "<h2>Summary: this model against the other</h2>"
-        f"<p>other model: <code>{html.escape(compare['other_model'])}</code> (version {html.escape(compare['other_version'])}); "
+        f"<p>other model: <code>{html.escape(compare['other_model'])}</code> (version {html.escape(compare['other_version'])}, "
+        f"{html.escape(other['strategy'])}, {other['intents']} intents, confidence floor {other['confidence_floor']:.2f}, "
+        f"ambiguity gap {other['ambiguity_gap']:.2f}), evaluated on the same {report['n']:,} messages; "
         "delta = this model minus the other.</p>" + _table(["metric", "this model", "other", "delta"], rows)
         + f"<p>McNemar test on the paired predictions ({html.escape(test['method'])}): this model alone right on "
         f"{test['model_only_right']}, the other alone right on {test['other_only_right']}, p = {test['p_value']:.4g}: "
         f"<b>{html.escape(test['verdict'])}</b>.</p>"
-        "<h2>This model alone</h2>" + _table(["metric", "value"], [list(row) for row in summary_rows(report)])
     )
 
 
@@ -145,7 +142,7 @@ def _cross_validation(report: Report) -> str:
     if not cv:
         return ""
     keys = list(cv["mean"])
-    rows = [[key, cv["mean"][key], cv["sd"][key]] + [fold[key] for fold in cv["folds"]] for key in keys]
+    rows = [[LABELS.get(key, key), cv["mean"][key], cv["sd"][key]] + [fold[key] for fold in cv["folds"]] for key in keys]
     header = ["metric", "mean", "sd"] + [f"fold {fold['fold']}" for fold in cv["folds"]]
     return (
         f"<h2>{cv['k']}-fold cross-validation (stratified, seed {cv['seed']}, {html.escape(cv['strategy'])})</h2>"
@@ -225,19 +222,13 @@ def print_summary(report: Report, out_dir: Path) -> None:
     if compare:
         table.add_column("other", justify="right")
         table.add_column("delta", justify="right")
-    cv_keys = {"accuracy": "accuracy", "macro-F1": "macro_f1", "weighted-F1": "weighted_f1", "top-3 accuracy": "top3_accuracy",
-               "in-scope accuracy": "in_scope_accuracy", "OOS recall": "oos_recall", "OOS precision": "oos_precision",
-               "ECE raw": "ece_raw", "ECE temperature-scaled": "ece_calibrated"}
-    compare_keys = {"accuracy": "accuracy", "macro-F1": "macro_f1", "weighted-F1": "weighted_f1",
-                    "top-3 accuracy": "top3_accuracy", "in-scope accuracy": "in_scope_accuracy", "OOS recall": "oos_recall"}
-    for label, value in summary_rows(report):
+    for key, label, value in summary_rows(report):
         row = [label, _fmt(value)]
         if cv:
-            key = cv_keys.get(label) or (label.replace(" share", "_share") if label.endswith(" share") else None)
             row.append(f"{cv['mean'][key]:.4f} ± {cv['sd'][key]:.4f}" if key in cv["mean"] else "")
         if compare:
-            m = compare["metrics"].get(compare_keys.get(label, ""))
-            row += [_fmt(m["other"]), f"{m['delta']:+.4f}"] if m else ["", ""]
+            m = compare["metrics"].get(key)
+            row += [_fmt(m["other"]), "" if m["delta"] is None else f"{m['delta']:+.4f}"] if m else ["", ""]
         table.add_row(*row)
     console.print(table)
     if compare:
