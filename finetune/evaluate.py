@@ -1,8 +1,9 @@
 """Offline evaluation: is this model good enough, where does it fail, is it better than production?
 
 `supportbot evaluate --model DIR --data SPEC` scores a bundle through the same inference path
-as serving (`IntentClassifier.logits` -> `predictions_from_logits`) and the same answer / clarify /
-fallback rule (`bot.policy.decide`), so the numbers describe the bot a customer would meet.
+as serving (`IntentClassifier.logits` -> `predictions_from_logits`) and the bot's own dialogue policy
+(`bot.policy.DialoguePolicy` around the shared answer / clarify / fallback rule `decide()`), so the
+numbers describe the bot a customer would meet.
 
 Every metric in report.json is computed from the per-example records saved as
 predictions.jsonl (`build_report`), so a reader can recompute any number from that file.
@@ -31,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from datasets import Dataset, DatasetDict
 from scipy import stats
 from sklearn.metrics import f1_score, precision_recall_fscore_support
@@ -40,7 +40,10 @@ from tqdm.auto import tqdm
 from bot import bundle as bundle_mod
 from bot import policy
 from bot.bundle import Bundle, BundleError
+from bot.chatbot import load_domain
 from bot.classifier import IntentClassifier
+from bot.policy import DialoguePolicy
+from bot.sessions import SessionState
 
 from . import data
 from .calibrate import expected_calibration_error
@@ -89,19 +92,6 @@ def check_labels(dataset: Dataset, known: Sequence[str], model: str | Path) -> N
         raise data.DataError(f"{len(unknown)} label(s) in the data are unknown to the model {model}: {shown}")
 
 
-def handoff_intent(bundle: Bundle) -> str | None:
-    """The domain's handoff intent (`special.handoff` in the bundle's responses.yaml), if the model has it."""
-    path = bundle.file("responses.yaml")
-    if path is None:
-        return None
-    try:
-        special = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("special") or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise BundleError(f"bundle {bundle.path}: responses.yaml is unreadable ({exc.__class__.__name__})") from None
-    name = special.get("handoff") if isinstance(special, dict) else None
-    return name if name in bundle.labels else None
-
-
 # ---- predicting ----------------------------------------------------------------------------------
 
 
@@ -125,13 +115,15 @@ def records_from_logits(
     classifier: IntentClassifier, texts: list[str], golds: list[str], logits: torch.Tensor, *, open_set: bool,
     fold: int | None = None,
 ) -> list[Record]:
-    """One record per text: the serving path's prediction, the policy's action, raw and calibrated confidence."""
+    """One record per text: the serving path's prediction, the bot's action, raw and calibrated confidence.
+
+    The action is what the running bot does with the text as the first message of a conversation:
+    `DialoguePolicy.step` (the shared `decide()` rule at the bundle's thresholds, plus the domain's
+    handoff intent and its no-clarify-between-small-talk rule).
+    """
     predictions = classifier.predictions_from_logits(logits, top_k=TOP_K)
     raw_top = torch.softmax(logits.float(), dim=-1).max(dim=-1).values.tolist()
-    top1 = np.array([p.confidence for p in predictions])
-    top2 = np.array([p.ranking[1][1] if len(p.ranking) > 1 else 0.0 for p in predictions])
-    actions = policy.decide(top1, top2, classifier.confidence_floor, classifier.ambiguity_gap)
-    handoff = handoff_intent(classifier.bundle)
+    rules = DialoguePolicy(load_domain(classifier.bundle), floor=classifier.confidence_floor, gap=classifier.ambiguity_gap)
     records = []
     for i, (text, gold, prediction) in enumerate(zip(texts, golds, predictions)):
         predicted = data.OOS_LABEL if open_set and prediction.out_of_scope else prediction.label
@@ -139,7 +131,7 @@ def records_from_logits(
             "text": text, "gold": gold, "predicted": predicted, "correct": predicted == gold,
             "confidence": prediction.confidence, "confidence_raw": raw_top[i],
             "top3": [[name, p] for name, p in prediction.ranking],
-            "action": policy.HANDOFF if prediction.label == handoff else str(actions[i]),
+            "action": rules.step(SessionState(), text, prediction)[0].action,
         }
         if fold is not None:
             record["fold"] = fold
@@ -350,7 +342,7 @@ def model_info(bundle: Bundle) -> dict[str, Any]:
         "path": str(bundle.path), "strategy": bundle.strategy, "base": bundle.meta["base"]["id"],
         "intents": len(bundle.labels), "temperature": calibration_["temperature"],
         "confidence_floor": calibration_["confidence_floor"], "ambiguity_gap": calibration_["ambiguity_gap"],
-        "handoff_intent": handoff_intent(bundle),
+        "handoff_intent": load_domain(bundle).handoff_intent,
     }
 
 

@@ -186,7 +186,10 @@ def _notes(report: Report) -> str:
         notes.append("out of scope: " + report["out_of_scope"]["rule"])
     notes.append(f"calibration: ECE over {report['calibration']['n']} in-scope messages, {report['calibration']['bins']} bins")
     handoff = report["model"].get("handoff_intent")
-    notes.append(f"handoff share: messages whose top intent is {handoff!r}" if handoff else "handoff share: the model has no handoff intent")
+    notes.append("actions: what the bot does with each message as the first of a conversation (its dialogue policy "
+                 "at the bundle's thresholds)")
+    notes.append(f"handoff share: messages handed to a person because the bot answers them with {handoff!r}"
+                 if handoff else "handoff share: 0, the model has no handoff intent")
     return "<h2>How these numbers were measured</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from matplotlib import image as mpimg
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
@@ -25,7 +26,7 @@ from bot.policy import decide
 from finetune.calibrate import expected_calibration_error
 from finetune.evaluate import mcnemar
 from supportbot.cli import main
-from conftest import BANKING77, CLINC150, train_bundle, write_slice
+from conftest import BANKING77, CLINC150, ROOT, train_bundle, write_slice
 
 STABLE_KEYS = {
     "model_version", "n", "accuracy", "macro_f1", "weighted_f1", "top3_accuracy", "per_intent", "out_of_scope",
@@ -242,6 +243,28 @@ def test_clinc_out_of_scope(clinc_eval, clinc_bundle):
     assert oos["in_scope_accuracy"] > 0.8 and oos["recall"] > 0.2  # four distinct intents; the floor catches real oos
     page = (clinc_eval / "report.html").read_text()
     assert "OOS recall" in page and "out of scope: predicted oos when" in page
+
+
+def test_shop_pack_action_mix_follows_the_dialogue_policy(tmp_path, shop_bundle):
+    """The default domain: a handoff intent, small talk and out-of-scope examples in its test split."""
+    out = tmp_path / "shop"
+    assert main(["evaluate", "--model", str(shop_bundle), "--data", "pack:shop", "--output", str(out), "--quiet",
+                 "--latency-sample", "10"]) == 0
+    report, records = read_output(out)
+    assert_report_matches_records(report, records)
+    special = yaml.safe_load((ROOT / "bot" / "domains" / "shop" / "responses.yaml").read_text())["special"]
+    assert report["model"]["handoff_intent"] == special["handoff"] and report["out_of_scope"] is not None
+    calibration = bundle_mod.load(shop_bundle).calibration
+    social = {special["greeting"], special["goodbye"], special["thanks"]}
+    for r in records:  # the policy's documented rules, re-derived for a first message
+        (top, p1), (second, p2) = r["top3"][0], r["top3"][1]
+        action = decide(p1, p2, calibration["confidence_floor"], calibration["ambiguity_gap"])
+        if action == "clarify" and social & {top, second}:  # no "hello or refund?" question: answer the real one
+            action, top = "answer", next((o for o in (top, second) if o not in social), top)
+        if action == "answer" and top == special["handoff"]:
+            action = "handoff"
+        assert r["action"] == action, r
+    assert report["actions"]["handoff"] > 0  # the test split asks for a person several times
 
 
 def test_gates_block_a_model_that_falls_short(capsys, tmp_path, clinc_eval, clinc_bundle, clinc_slice):
