@@ -73,7 +73,9 @@ def choose_thresholds(
     `clarify_value` (-`clarify_value` when they miss), a fallback 0. Out of scope (when the
     data has examples): a fallback is worth 1, a clarify -`clarify_value`, an answer 0 - so
     with cost 1 the score is in-scope accuracy + out-of-scope recall, less the harm of wrong
-    answers and useless questions. Ties go to the lowest floor, then the smallest gap.
+    answers and useless questions. Among equally good cells the middle of the plateau wins (the
+    median best floor, then the median best gap at that floor), so each threshold sits as far as the
+    validation data allow from the examples that decide it, instead of on the edge of one of them.
     """
     in_score = _utility_grid(probs, targets, cfg)
     score = in_score.mean(axis=0)
@@ -83,9 +85,14 @@ def choose_thresholds(
         method = "max in-scope utility + out-of-scope recall on validation"
     best = score.max()
     floors, gaps = _grid(cfg)
-    candidates = np.argwhere(score >= best - 1e-12)
-    fi, gi = min(candidates.tolist(), key=lambda ij: (gaps[ij[1]], floors[ij[0]]))
+    best_cells = score >= best - 1e-9
+    fi = _median_index(np.flatnonzero(best_cells.any(axis=1)))
+    gi = _median_index(np.flatnonzero(best_cells[fi]))
     return Thresholds(float(floors[fi]), float(gaps[gi]), method, float(best))
+
+
+def _median_index(indices: np.ndarray) -> int:
+    return int(indices[(len(indices) - 1) // 2])
 
 
 def _grid(cfg: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -83,4 +83,19 @@ def test_gap_turns_on_when_top_two_are_often_swapped():
     chosen = choose_thresholds(probs, targets, None, CalibrationConfig())
     assert chosen.ambiguity_gap > 0.06
     clean = choose_thresholds(probs[~ambiguous], targets[~ambiguous], None, CalibrationConfig())
-    assert clean.ambiguity_gap == 0.0
+    clean_sorted = np.sort(probs[~ambiguous], axis=1)
+    assert (clean_sorted[:, -1] - clean_sorted[:, -2] >= clean.ambiguity_gap).all()  # no clean message is questioned
+    assert (clean_sorted[:, -1] >= clean.confidence_floor).all()
+
+
+def test_thresholds_sit_in_the_middle_of_the_gap_between_classes():
+    """In-scope confidences >= 0.8, out-of-scope <= 0.4: any floor in (0.4, 0.8] is perfect; take the middle."""
+    rng = np.random.default_rng(4)
+    k = 4
+    targets = rng.integers(0, k, 300)
+    in_probs = np.full((300, k), 0.2 / (k - 1))
+    in_probs[np.arange(300), targets] = 0.8
+    oos_probs = np.full((100, k), 0.6 / (k - 1))
+    oos_probs[:, 0] = 0.4
+    chosen = choose_thresholds(in_probs, targets, oos_probs, CalibrationConfig())
+    assert 0.55 <= chosen.confidence_floor <= 0.65
