@@ -80,6 +80,7 @@ LABELS = {
     "handoff_share": "handoff share", "answer_accuracy": "accuracy of answered messages", "ece_raw": "ECE raw",
     "ece_calibrated": "ECE temperature-scaled", "latency_single_p50_ms": "latency single p50 (ms)",
     "latency_single_p95_ms": "latency single p95 (ms)", "latency_batch_per_text_ms": "latency batched per text (ms)",
+    "confidence_floor": "confidence floor (each fold's own)",
 }
 
 
@@ -113,7 +114,8 @@ def _gate(report: Report) -> str:
 
 def _summary(report: Report) -> str:
     if "compare" not in report:
-        return "<h2>Summary</h2>" + _table(["metric", "value"], [[label, v] for _, label, v in summary_rows(report)])
+        title = "Summary: all folds' out-of-fold predictions pooled" if "cross_validation" in report else "Summary"
+        return f"<h2>{title}</h2>" + _table(["metric", "value"], [[label, v] for _, label, v in summary_rows(report)])
     compare, other = report["compare"], report["compare"]["other"]
     rows = [[LABELS.get(key, key), m["model"], m["other"], m["delta"]] for key, m in compare["metrics"].items()]
     test = compare["mcnemar"]
