@@ -18,7 +18,6 @@ Calibration (ECE) is measured on in-scope examples only: the model has no `oos` 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
