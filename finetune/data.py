@@ -78,6 +78,14 @@ def load(spec: str) -> DatasetDict:
     return DatasetDict({name: _to_dataset(rows) for name, rows in splits.items()})
 
 
+def evaluation_split(splits: DatasetDict) -> tuple[str, Dataset]:
+    """The split to score on: test when there is one, else validation, else the whole file."""
+    for name in ("test", "validation", "train"):
+        if name in splits:
+            return name, splits[name]
+    raise DataError("no data to evaluate on")
+
+
 def validate_training(rows: Dataset) -> None:
     """A class needs at least two examples (one to train on, one to validate)."""
     counts = Counter(rows["label"])

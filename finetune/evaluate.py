@@ -70,17 +70,9 @@ class Evaluation:
 # ---- data --------------------------------------------------------------------------------------
 
 
-def evaluation_split(splits: DatasetDict) -> tuple[str, Dataset]:
-    """The split to evaluate on: test when there is one, else validation, else the whole file."""
-    for name in ("test", "validation", "train"):
-        if name in splits:
-            return name, splits[name]
-    raise data.DataError("no data to evaluate on")
-
-
 def training_split(splits: DatasetDict) -> tuple[str, Dataset]:
     """The split cross-validation folds: train when there is one, else what evaluation would use."""
-    return ("train", splits["train"]) if "train" in splits else evaluation_split(splits)
+    return ("train", splits["train"]) if "train" in splits else data.evaluation_split(splits)
 
 
 def check_labels(dataset: Dataset, known: Sequence[str], model: str | Path) -> None:
@@ -448,7 +440,7 @@ def run(args: argparse.Namespace) -> Evaluation:
     check_options(args)
     options = {"worst": args.worst, "latency_sample": args.latency_sample, "progress": not args.quiet}
     splits = data.load(args.data)
-    split, dataset = training_split(splits) if args.cv else evaluation_split(splits)
+    split, dataset = training_split(splits) if args.cv else data.evaluation_split(splits)
     open_set = data.OOS_LABEL in set(dataset["label"])
     if args.min_oos_recall is not None and not open_set:
         raise data.DataError(f"{args.data}: --min-oos-recall needs out-of-scope ({data.OOS_LABEL!r}) examples in the data")

@@ -89,8 +89,7 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
         raise data.DataError(f"{cfg.data}: no training split")
     test_ds = None
     if cfg.eval_data:
-        evaluation = data.load(cfg.eval_data)
-        test_ds = evaluation.get("test") or evaluation.get("validation") or evaluation["train"]
+        test_ds = data.evaluation_split(data.load(cfg.eval_data))[1]
     return prepare_splits(cfg, splits["train"], splits.get("validation"), test_ds)
 
 
