@@ -42,13 +42,16 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
-def protected(request: Request, runtime: RuntimeDep) -> None:
-    """Chat, classify and sessions: the per-client rate limit, then the API key when one is set."""
+async def protected(request: Request, runtime: RuntimeDep) -> None:
+    """Chat, classify and sessions: the per-client rate limit, then the API key when one is set.
+
+    Dependencies are `async def` on purpose: FastAPI runs a plain `def` one in its thread pool,
+    a thread hop per request for a few microseconds of work."""
     check_rate_limit(request, runtime.limiter, runtime.metrics)
     check_api_key(request, runtime.settings.api_key, runtime.metrics)
 
 
-def admin(request: Request, runtime: RuntimeDep) -> None:
+async def admin(request: Request, runtime: RuntimeDep) -> None:
     check_rate_limit(request, runtime.limiter, runtime.metrics)
     check_admin_token(request, runtime.settings.admin_token, runtime.metrics)
 

@@ -245,6 +245,6 @@ def _load_failure(exc: Exception) -> str:
     return f"the bundle could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
 
 
-def get_runtime(request: Request) -> Runtime:
-    """FastAPI dependency: the app's runtime."""
+async def get_runtime(request: Request) -> Runtime:
+    """FastAPI dependency: the app's runtime (async, so FastAPI does not hop to a thread for it)."""
     return request.app.state.runtime

@@ -170,11 +170,17 @@ COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        # Before torch loads OpenMP: idle intra-op threads sleep instead of spinning, so they do
+        # not fight the event loop for the cores (spinning made one forward pass ~10x slower on a
+        # busy 2-core machine; docs/serving.md).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
     from bot.bundle import BundleError
     from finetune.config import ConfigError
     from finetune.data import DataError
 
-    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (DataError, BundleError, ConfigError) as exc:
