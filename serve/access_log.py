@@ -21,7 +21,7 @@ from .metrics import Metrics
 access_log = logging.getLogger("supportbot.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

@@ -36,6 +36,9 @@ STATUS_CODES = {
 }
 
 
+_NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "model_type"}
+
+
 class ApiError(Exception):
     """An error answered to the client: HTTP status, a stable machine code, a human message."""
 
@@ -60,6 +63,8 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[int, str, 
     if any(error.get("type") == "json_invalid" for error in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
         return 400, "invalid_json", f"the request body is not valid JSON{': ' + str(detail) if detail else ''}"
+    if any(tuple(error.get("loc", ())) == ("body",) and error.get("type") in _NOT_AN_OBJECT for error in errors):
+        return 422, "invalid_request", "the request body must be a JSON object (Content-Type: application/json)"
     parts = []
     for error in errors[:10]:
         loc = [str(p) for p in error.get("loc", ()) if p != "body"]

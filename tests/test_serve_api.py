@@ -184,6 +184,9 @@ def test_error_messages_are_specific(http):
     assert missing == "message: Field required"
     too_long = http.post("/v1/chat", json={"message": LONG}).json()["error"]["message"]
     assert too_long == "message is 2,001 characters long; the limit is 2,000"
+    for body, headers in ((b"[1, 2]", {"content-type": "application/json"}), (b"message=hi", {})):
+        not_object = http.post("/v1/chat", content=body, headers=headers).json()["error"]["message"]
+        assert not_object == "the request body must be a JSON object (Content-Type: application/json)"
 
 
 CLASSIFY_ERRORS = [
