@@ -150,7 +150,7 @@ class Encoder:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(texts), desc="embedding", unit="text", leave=False)
+            bar = tqdm(total=len(texts), desc="embedding", unit="text", leave=False, disable=None)  # None: off when not a terminal
         with torch.inference_mode():
             for indices in batches:
                 batch = {k: v.to(device) for k, v in self.pad(features, indices).items()}

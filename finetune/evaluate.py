@@ -92,7 +92,7 @@ def predict_records(
     """Per-example records for `dataset`, and the seconds the batched prediction took."""
     texts, golds = list(dataset["text"]), list(dataset["label"])
     chunks = []
-    with tqdm(total=len(texts), desc="predicting", unit="text", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(texts), desc="predicting", unit="text", disable=None if progress else True, leave=False) as bar:
         started = time.perf_counter()
         for start in range(0, len(texts), PREDICT_CHUNK):
             chunks.append(classifier.logits(texts[start : start + PREDICT_CHUNK]))
@@ -137,7 +137,7 @@ def measure_latency(
     sample = random.Random(0).sample(texts, min(sample_size, len(texts)))
     classifier.predict(sample[:1])  # warm-up: first-call allocations are not what a warm server sees
     timings = []
-    for text in tqdm(sample, desc="latency (one text at a time)", unit="text", disable=not progress, leave=False):
+    for text in tqdm(sample, desc="latency (one text at a time)", unit="text", disable=None if progress else True, leave=False):
         started = time.perf_counter()
         classifier.predict([text])
         timings.append((time.perf_counter() - started) * 1000)
@@ -374,7 +374,7 @@ def cross_validate(
     seconds = 0.0
     with tempfile.TemporaryDirectory(prefix="supportbot-cv-") as tmp:
         folds = fold_indices(list(dataset["label"]), k, recipe.seed)
-        for fold, (train_idx, test_idx) in enumerate(tqdm(folds, desc="cross-validation", unit="fold", disable=not progress), 1):
+        for fold, (train_idx, test_idx) in enumerate(tqdm(folds, desc="cross-validation", unit="fold", disable=None if progress else True), 1):
             cfg = recipe.model_copy(update={"data": spec, "eval_data": None, "output": str(Path(tmp) / f"fold-{fold}")})
             prepared = prepare_splits(cfg, dataset.select(train_idx), None)
             trained = train(cfg, prepared=prepared, progress=False, log=lambda _msg: None)

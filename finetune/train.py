@@ -196,13 +196,13 @@ def train(
     y_val_sorted = prepared.y_val[val_in_sorted]
     best = {"loss": math.inf, "epoch": 0, "state": None, "acc": 0.0}
     history = []
-    epochs_bar = tqdm(range(1, cfg.epochs + 1), desc=f"train {cfg.strategy}", unit="epoch", disable=not progress)
+    epochs_bar = tqdm(range(1, cfg.epochs + 1), desc=f"train {cfg.strategy}", unit="epoch", disable=None if progress else True)
     for epoch in epochs_bar:
         model.train()
         # every process draws the same shuffled batches (same seed) and takes its share of them
         batches = _epoch_batches(in_scope, train_lengths, cfg.batch_size, rng)
         batches = batches[accelerator.process_index :: accelerator.num_processes]
-        steps = tqdm(batches, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress or cfg.strategy == "head")
+        steps = tqdm(batches, desc=f"epoch {epoch}", unit="step", leave=False, disable=None if progress and cfg.strategy != "head" else True)
         running = 0.0
         for indices in steps:
             inputs = _to(make_inputs("train", indices), accelerator.device)
