@@ -173,11 +173,13 @@ def bench_fewshot(tmp: Path) -> str:
     )
 
 
+OVERRIDES: list[str] = []  # --set key=value for the lora and full runs
+
 BENCHES = {
     "head": ("BANKING77: frozen encoder + head", bench_head),
     "embed": ("Embedding throughput: length-sorted vs fixed-padding batches", bench_embed),
-    "lora": ("BANKING77: LoRA adapters + head", lambda tmp: bench_single("lora", [], tmp, "LoRA on every linear layer (configs/lora.yaml defaults).")),
-    "full": ("BANKING77: full fine-tune (baseline)", lambda tmp: bench_single("full", [], tmp, "Every encoder weight trains (configs/full.yaml defaults).")),
+    "lora": ("BANKING77: LoRA adapters + head", lambda tmp: bench_single("lora", OVERRIDES, tmp, "LoRA on every linear layer (configs/lora.yaml defaults unless set below).")),
+    "full": ("BANKING77: full fine-tune (baseline)", lambda tmp: bench_single("full", OVERRIDES, tmp, "Every encoder weight trains (configs/full.yaml defaults unless set below).")),
     "clinc": ("CLINC150: in-scope accuracy and out-of-scope recall", bench_clinc),
     "fewshot": ("10-shot BANKING77", bench_fewshot),
 }
@@ -186,14 +188,18 @@ BENCHES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", nargs="+", choices=sorted(BENCHES))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for the lora and full runs, e.g. --set epochs=10")
     args = parser.parse_args()
+    OVERRIDES.extend(args.overrides)
     for which in args.which:
         title, fn = BENCHES[which]
         print(f"== {title}")
         with tempfile.TemporaryDirectory() as tmp:
             body = fn(Path(tmp))
         print(body)
-        append_section(title, f"python bench/bench_train.py {which}", body)
+        extra = "".join(f" --set {o}" for o in args.overrides) if which in ("lora", "full") else ""
+        append_section(title, f"python bench/bench_train.py {which}{extra}", body)
 
 
 if __name__ == "__main__":
