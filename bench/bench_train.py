@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.record import append_section, machine  # noqa: E402
+from bench.record import append_section  # noqa: E402
 from bot.encoder import DEFAULT_BASE, Encoder  # noqa: E402
 from finetune import data  # noqa: E402
 from finetune.config import load_config  # noqa: E402

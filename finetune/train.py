@@ -12,7 +12,6 @@ data and everything is written as a verified bundle (bot/bundle.py).
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 import random
@@ -179,9 +178,10 @@ def train(
         """Eval-mode logits in input order, in length-sorted batches for the encoder strategies."""
         model.eval()
         out = []
+        step = 256 if cfg.strategy == "head" else 64  # vectors are cheap; token batches are not
         with torch.inference_mode():
-            for start in range(0, len(indices), 256 if cfg.strategy == "head" else 64):
-                chunk = indices[start : start + (256 if cfg.strategy == "head" else 64)]
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
                 out.append(model(_to(make_inputs(split, chunk), accelerator.device)).float().cpu())
         model.train()
         return torch.cat(out) if out else torch.zeros(0, len(prepared.labels))
@@ -375,7 +375,7 @@ def _bundle_writers(cfg: TrainConfig, model: nn.Module, head: IntentHead) -> dic
         adapter = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model.body).items()}
         writers["adapter.safetensors"] = lambda p: save_file(adapter, str(p))
     elif cfg.strategy == "full":
-        encoder_state = {k: v.detach().contiguous().cpu() for k, v in copy.copy(model.body.state_dict()).items()}
+        encoder_state = {k: v.detach().contiguous().cpu() for k, v in model.body.state_dict().items()}
         writers["encoder.safetensors"] = lambda p: save_file(encoder_state, str(p))
     responses = _pack_responses(cfg.data)
     if responses is not None:
