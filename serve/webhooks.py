@@ -166,9 +166,11 @@ def _webhooks(request: Request) -> Webhooks:
 # ----------------------------------------------------------------------------- shared steps
 
 
-def _verify(secret: str, request: Request, raw: bytes, scheme: signing.Scheme) -> None:
+def _verify(webhooks: Webhooks, route: str, secret: str, request: Request, raw: bytes, scheme: signing.Scheme) -> None:
+    """401 (counted as rejected for `route`) unless the delivery is signed with `secret`."""
     error = signing.verify(secret, request.headers, raw, scheme)
     if error is not None:
+        webhooks.count(route, "rejected")
         raise ApiError(401, error.code, error.message)
 
 
@@ -226,11 +228,7 @@ async def handle_chatwoot(request: Request) -> JSONResponse:
     raw = await request.body()
     secret = _secret(webhooks.settings.chatwoot_secret)
     if secret is not None:
-        try:
-            _verify(secret, request, raw, signing.CHATWOOT)
-        except ApiError:
-            webhooks.count("chatwoot", "rejected")
-            raise
+        _verify(webhooks, "chatwoot", secret, request, raw, signing.CHATWOOT)
     delivery = _delivery_id(request, signing.CHATWOOT, required=False)
     event = chatwoot.parse_event(_json(raw))
     log_fields(request, webhook="chatwoot", event=getattr(event, "event", None), delivery_id=delivery)
@@ -367,11 +365,7 @@ async def handle_generic(request: Request) -> JSONResponse:
         raise ApiError(503, "webhook_not_configured",
                        "the generic webhook is off: set SUPPORTBOT_WEBHOOK_SECRET to turn it on")
     raw = await request.body()
-    try:
-        _verify(secret, request, raw, signing.SUPPORTBOT)
-    except ApiError:
-        webhooks.count("generic", "rejected")
-        raise
+    _verify(webhooks, "generic", secret, request, raw, signing.SUPPORTBOT)
     delivery = _delivery_id(request, signing.SUPPORTBOT, required=True)
     try:
         body = GenericDelivery.model_validate(_json(raw))
