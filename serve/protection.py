@@ -22,13 +22,17 @@ _BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 class BodyLimitMiddleware:
     """Answers 413 (in the API's error shape) to a request body over `max_bytes`.
 
-    A declared Content-Length over the limit is refused before reading; a chunked body is
-    read up to the limit and refused as soon as it passes it, so memory stays bounded.
+    Memory stays bounded: a body is kept only up to the limit. Before answering 413 the rest
+    of an oversized body is read and dropped, up to `drain_bytes`: a server that answers and
+    closes while the client is still sending makes the kernel reset the connection, and the
+    client then sees "connection reset" instead of the 413 (nginx's lingering close, for
+    the same reason). A body larger still is answered without draining.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, metrics: Metrics):
+    def __init__(self, app: ASGIApp, *, max_bytes: int, metrics: Metrics, drain_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.drain_bytes = 16 * max_bytes if drain_bytes is None else drain_bytes
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -37,6 +41,8 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
+            if declared <= self.drain_bytes:
+                await _drain(receive, self.drain_bytes)
             await self._refuse(send)
             return
         chunks: list[bytes] = []
@@ -48,6 +54,8 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await _drain(receive, self.drain_bytes - size)
                 await self._refuse(send)
                 return
             chunks.append(chunk)
@@ -74,6 +82,17 @@ class BodyLimitMiddleware:
                    (b"connection", b"close")]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    """Reads and drops the rest of a request body, at most `budget` bytes of it."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _content_length(scope: Scope) -> int | None:
