@@ -15,6 +15,8 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .callbacks import parse_host_entry
+
 DEFAULT_CONFIG = Path("configs/serve.yaml")
 
 # The YAML file of the load in progress; a context variable so concurrent loads cannot mix files.
@@ -39,6 +41,11 @@ class Settings(BaseSettings):
     chatwoot_token: SecretStr | None = None
     chatwoot_secret: SecretStr | None = None
     webhook_secret: SecretStr | None = None
+    callback_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts the generic webhook may send callbacks to: exact (hooks.example.com, 10.0.0.7) or "
+                    "subdomains (.example.com); empty: any host with public addresses",
+    )
 
     # Webhook outbox (serve/outbox.py): replies to Chatwoot and generic callbacks.
     outbox_max_attempts: int = Field(8, ge=1, le=100, description="send attempts before an action is given up")
@@ -87,6 +94,20 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
+
+    @field_validator("callback_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        """A YAML list, or a comma-separated string from the environment."""
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
+
+    @field_validator("callback_hosts")
+    @classmethod
+    def _canonical_hosts(cls, value: list[str]) -> list[str]:
+        """Entries as the callback guard compares them; a scheme, port or path is refused, not ignored."""
+        return [parse_host_entry(host) for host in value]
 
     @property
     def sessions_path(self) -> Path:

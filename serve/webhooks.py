@@ -35,6 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from bot.chatbot import Reply
 
 from . import chatwoot, signing
+from .callbacks import CallbackPolicy, CallbackRefused, callback_client
 from .chatwoot import ChatwootClient, ConversationChange, Ignored, Invalid, MessageEvent
 from .errors import ApiError
 from .outbox import Action, Duplicate, NewAction, Outbox, OutboxMetrics, OutboxStore, RetryPolicy, Sender
@@ -75,14 +76,22 @@ class _KeyedLocks:
 
 @dataclass
 class Webhooks:
-    """The webhook side of one app: outbox, HTTP client, Chatwoot client, delivery metrics."""
+    """The webhook side of one app: outbox, HTTP clients, Chatwoot client, callback policy, delivery metrics.
+
+    Callbacks have a client of their own (`callback_http`, guarded against internal addresses);
+    Chatwoot's URL is the operator's, often on a private network, so it uses the plain `http`."""
 
     runtime: Runtime
     outbox: Outbox | None = None
     http: httpx.AsyncClient | None = None
+    callback_http: httpx.AsyncClient | None = None
     chatwoot: ChatwootClient | None = None
     locks: _KeyedLocks = field(default_factory=_KeyedLocks)
     deliveries: Counter | None = None
+    callback_policy: CallbackPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.callback_policy = CallbackPolicy(self.settings.callback_hosts)
 
     @property
     def settings(self) -> Settings:
@@ -92,6 +101,7 @@ class Webhooks:
         s = self.settings
         self.http = httpx.AsyncClient(timeout=s.outbox_send_timeout_s, follow_redirects=False,
                                       headers={"User-Agent": "supportbot-webhooks"})
+        self.callback_http = callback_client(self.callback_policy, s.outbox_send_timeout_s)
         chatwoot_url, chatwoot_token = s.chatwoot_url, _secret(s.chatwoot_token)
         if chatwoot_url and chatwoot_token:
             self.chatwoot = ChatwootClient(chatwoot_url, chatwoot_token, self.http)
@@ -119,8 +129,9 @@ class Webhooks:
         if self.outbox is not None:
             await self.outbox.stop(grace_s=min(5.0, self.settings.outbox_send_timeout_s))
             self.outbox.store.close()
-        if self.http is not None:
-            await self.http.aclose()
+        for client in (self.http, self.callback_http):
+            if client is not None:
+                await client.aclose()
 
     def count(self, platform: str, outcome: str) -> None:
         if self.deliveries is not None:
@@ -132,15 +143,26 @@ class Webhooks:
         return self.outbox
 
     async def _send_callback(self, action: Action) -> httpx.Response:
-        """POST a reply to a generic platform's callback_url, signed afresh on every attempt."""
+        """POST a reply to a generic platform's callback_url, signed afresh on every attempt.
+
+        The host is checked again here (the allow-list may have changed since the action was
+        queued), and the guarded client resolves it and refuses a non-public address as it
+        connects. A refusal is raised as CallbackRefused, which the outbox records as a permanent
+        failure; the log names the host, not the URL (it may carry a token)."""
         secret = _secret(self.settings.webhook_secret)
         if secret is None:
             raise RuntimeError("SUPPORTBOT_WEBHOOK_SECRET was unset after the callback was queued")
-        assert self.http is not None
+        assert self.callback_http is not None
+        url = action.payload["url"]
         body = json.dumps(action.payload["body"], separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         headers = signing.sign(secret, body, signing.SUPPORTBOT, delivery_id=action.payload["delivery_id"])
         headers["Content-Type"] = "application/json"
-        return await self.http.post(action.payload["url"], content=body, headers=headers)
+        try:
+            self.callback_policy.check_url(url)
+            return await self.callback_http.post(url, content=body, headers=headers)
+        except CallbackRefused as exc:
+            log.warning("outbox action %s (%s): callback refused at send time: %s", action.id, action.conversation, exc)
+            raise
 
 
 async def _chatwoot_off(_action: Action) -> httpx.Response:
@@ -374,9 +396,22 @@ async def handle_generic(request: Request) -> JSONResponse:
         raise ApiError(422, "invalid_request", _describe(exc)) from None
     session = f"generic:{body.conversation_id}"
     log_fields(request, webhook="generic", event=body.event, delivery_id=delivery, session_id=session)
+    if body.callback_url is not None:
+        _check_callback(webhooks, request, body.callback_url)
     if body.event != "message":
         return await _generic_command(webhooks, body, session, delivery)
     return await _generic_message(request, webhooks, body, session, delivery)
+
+
+def _check_callback(webhooks: Webhooks, request: Request, url: str) -> None:
+    """422 `callback_not_allowed` for a callback_url the policy refuses, before anything is recorded."""
+    try:
+        host = webhooks.callback_policy.check_url(url)
+    except CallbackRefused as exc:
+        webhooks.count("generic", "callback_refused")
+        log.warning("generic webhook: callback_url refused: %s", exc)
+        raise ApiError(422, "callback_not_allowed", f"callback_url: {exc}") from None
+    log_fields(request, callback_host=host)
 
 
 async def _generic_command(webhooks: Webhooks, body: GenericDelivery, session: str, delivery: str) -> JSONResponse:
@@ -474,6 +509,8 @@ def build_webhook_router() -> APIRouter:
                     "X-Supportbot-Signature (SUPPORTBOT_WEBHOOK_SECRET). The reply is in the response (200) "
                     "or sent to callback_url (202). See docs/webhooks.md.",
         openapi_extra=_json_body(GenericDelivery.model_json_schema()),
-        responses={202: {"description": "accepted; the reply goes to callback_url"}, **_ERRORS},
+        responses={202: {"description": "accepted; the reply goes to callback_url"}, **_ERRORS,
+                   422: {"description": "a field is missing or invalid, or callback_url's host is not allowed "
+                                        "(SUPPORTBOT_CALLBACK_HOSTS, or not a public address)"}},
     )
     return router

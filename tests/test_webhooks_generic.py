@@ -1,11 +1,16 @@
 """The generic signed webhook on a real server (loopback) with the real shop model: replies inline
-or through a signed callback (received by the mock server's /hooks/), dedupe, refusals."""
+or through a signed callback (received by the mock server's /hooks/), dedupe, refusals, and the
+callback guard (allow-list, no internal addresses, checked again when the callback is sent)."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import logging
+import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,6 +18,7 @@ import pytest
 from mock_chatwoot import MockChatwoot
 from serve import signing
 from serve.app import create_app
+from serve.callbacks import CallbackPolicy, CallbackRefused, system_resolver
 from serve_helpers import asgi_client, live_server, make_settings
 
 SECRET = "generic-webhook-secret"
@@ -31,11 +37,24 @@ def receiver():
         yield mock
 
 
+FAST_OUTBOX = {"outbox_backoff_base_s": 0.05, "outbox_backoff_cap_s": 0.2, "outbox_max_attempts": 6,
+               "outbox_send_timeout_s": 3.0}
+
+
 @pytest.fixture(scope="module")
 def server(shop_bundle, tmp_path_factory):
+    """Callbacks allowed to the loopback receiver only, by an exact allow-list entry."""
     settings = make_settings(shop_bundle, tmp_path_factory.mktemp("generic-webhook"), webhook_secret=SECRET,
-                             outbox_backoff_base_s=0.05, outbox_backoff_cap_s=0.2, outbox_max_attempts=6,
-                             outbox_send_timeout_s=3.0)
+                             callback_hosts=["127.0.0.1"], **FAST_OUTBOX)
+    with live_server(settings) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def open_server(shop_bundle, tmp_path_factory):
+    """No callback allow-list: any host with public addresses, nothing internal."""
+    settings = make_settings(shop_bundle, tmp_path_factory.mktemp("generic-webhook-open"), webhook_secret=SECRET,
+                             **FAST_OUTBOX)
     with live_server(settings) as live:
         yield live
 
@@ -204,3 +223,178 @@ def test_openapi_describes_the_webhooks(server):
     assert {"conversation_id", "message_id", "text", "callback_url", "event"} <= set(body["properties"])
     assert {"200", "202", "401", "422", "429", "503"} <= set(generic["responses"])
     assert "/v1/webhooks/chatwoot" in schema["paths"]
+
+
+# ----------------------------------------------------------------------------- the callback guard
+
+
+def receiver_port(receiver) -> int:
+    return int(receiver.url.rsplit(":", 1)[1])
+
+
+def sent_to(receiver, conversation: str) -> list:
+    return [r for r in receiver.received("hooks", ok_only=False) if r.path.startswith(f"/hooks/{conversation}")]
+
+
+def callback_actions(server, conversation: str) -> list[dict]:
+    actions = server.app.state.webhooks.outbox.store.actions()
+    return [a for a in actions if a["conversation"] == f"generic:{conversation}"]
+
+
+def test_a_callback_host_off_the_allow_list_is_refused_and_nothing_is_queued(server, hook, receiver, caplog):
+    conversation = new_id("c")
+    port = receiver_port(receiver)
+    body = {"conversation_id": conversation, "message_id": "m1", "text": "thank you"}
+    with caplog.at_level(logging.WARNING):
+        for url, host in [
+            ("https://hooks.evil.example/cb?token=s3cret-token", "hooks.evil.example"),
+            (f"http://localhost:{port}/hooks/{conversation}?token=s3cret-token", "localhost"),
+            (f"http://[::1]:{port}/hooks/{conversation}", "::1"),
+            (f"http://127.0.0.2:{port}/hooks/{conversation}", "127.0.0.2"),
+            (f"http://127.1:{port}/hooks/{conversation}", "127.1"),
+        ]:
+            response = post(hook, {**body, "callback_url": url})
+            assert response.status_code == 422, (url, response.text)
+            assert response.json()["error"] == {
+                "code": "callback_not_allowed",
+                "message": f"callback_url: host {host!r} is not in the callback allow-list (SUPPORTBOT_CALLBACK_HOSTS)"}
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "'hooks.evil.example' is not in the callback allow-list" in logged and "s3cret-token" not in logged
+    # Nothing was recorded, asked of the bot or sent; the same message with an allowed URL is new.
+    assert httpx.get(f"{server.url}/v1/sessions/generic:{conversation}").status_code == 404
+    assert callback_actions(server, conversation) == [] and sent_to(receiver, conversation) == []
+    accepted = post(hook, {**body, "callback_url": f"{receiver.url}/hooks/{conversation}"})
+    assert accepted.status_code == 202 and accepted.json()["status"] == "accepted"
+    assert receiver.wait_for(lambda: [r.status for r in sent_to(receiver, conversation)] == [200])
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'supportbot_webhook_deliveries_total{outcome="callback_refused",platform="generic"} 5.0' in metrics
+
+
+def test_without_an_allow_list_internal_addresses_are_refused(open_server, receiver):
+    conversation = new_id("c")
+    port = receiver_port(receiver)
+    hook = f"{open_server.url}/v1/webhooks/generic"
+    body = {"conversation_id": conversation, "message_id": "m1", "text": "thank you"}
+    for url, host, kind in [
+        (f"http://127.0.0.1:{port}/hooks/{conversation}", "127.0.0.1", "loopback"),
+        ("http://[::1]/", "::1", "loopback"),
+        ("http://10.0.0.5/", "10.0.0.5", "private"),
+        ("http://169.254.169.254/latest/meta-data/", "169.254.169.254", "link-local"),
+        ("http://[fe80::1]/", "fe80::1", "link-local"),
+        ("http://0.0.0.0/", "0.0.0.0", "unspecified"),
+        ("http://224.0.0.1/", "224.0.0.1", "multicast"),
+        ("http://100.64.0.1/", "100.64.0.1", "non-public"),
+        ("http://[::ffff:127.0.0.1]/", "::ffff:7f00:1", "loopback"),
+        (f"http://2130706433:{port}/hooks/{conversation}", "2130706433", "loopback"),
+    ]:
+        response = post(hook, {**body, "callback_url": url})
+        assert response.status_code == 422, (url, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "callback_not_allowed"
+        assert error["message"].startswith(f"callback_url: host {host!r} is not a public address ({kind})"), url
+    response = post(hook, {**body, "callback_url": f"http://LocalHost.:{port}/hooks/{conversation}"})
+    assert response.status_code == 422 and "host 'localhost' is this machine" in response.json()["error"]["message"]
+    assert httpx.get(f"{open_server.url}/v1/sessions/generic:{conversation}").status_code == 404
+    assert callback_actions(open_server, conversation) == [] and sent_to(receiver, conversation) == []
+
+
+def _loopback_alias() -> str | None:
+    """A name in the hosts file, other than localhost, that resolves to a loopback address."""
+    try:
+        lines = Path("/etc/hosts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        try:
+            if len(fields) < 2 or not ipaddress.ip_address(fields[0].split("%")[0]).is_loopback:
+                continue
+        except ValueError:
+            continue
+        for name in fields[1:]:
+            if name.lower() == "localhost" or name.lower().endswith(".localhost") or "." in name.strip("."):
+                continue
+            try:
+                resolved = {info[4][0] for info in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
+            except OSError:
+                continue
+            if resolved and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in resolved):
+                return name
+    return None
+
+
+def _refused_when_sent(server, receiver, conversation: str, host: str, caplog) -> dict:
+    """POST a message whose callback_url names `host` (accepted: it looks public), then the stored
+    outcome of its callback once the outbox has tried it."""
+    hook = f"{server.url}/v1/webhooks/generic"
+    url = f"http://{host}:{receiver_port(receiver)}/hooks/{conversation}?token=s3cret-token"
+    with caplog.at_level(logging.WARNING):
+        response = post(hook, {"conversation_id": conversation, "message_id": "m1", "text": "thank you",
+                               "callback_url": url})
+        assert response.status_code == 202, response.text
+        deadline = time.monotonic() + 15
+        while [a["state"] for a in callback_actions(server, conversation)] != ["failed"]:
+            assert time.monotonic() < deadline, callback_actions(server, conversation)
+            time.sleep(0.02)
+        time.sleep(0.5)  # more than the longest backoff: a retry would have happened by now
+    [action] = callback_actions(server, conversation)
+    assert action["state"] == "failed" and action["attempts"] == 1, action
+    assert sent_to(receiver, conversation) == []
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"callback refused at send time: host {host!r} resolves to" in logged
+    assert "s3cret-token" not in logged and "/hooks/" not in logged
+    return action
+
+
+def test_a_name_that_resolves_to_loopback_is_refused_when_the_callback_is_sent(open_server, receiver, monkeypatch,
+                                                                               caplog):
+    """DNS rebinding: the name looks public when the delivery arrives and points at 127.0.0.1 when
+    the callback goes out. One internal address among public ones is enough to refuse."""
+    async def rebinding(host: str, port: int) -> list[str]:
+        return ["93.184.216.34", "127.0.0.1"] if host == "rebind.test" else await system_resolver(host, port)
+
+    monkeypatch.setattr(open_server.app.state.webhooks.callback_policy, "resolver", rebinding)
+    action = _refused_when_sent(open_server, receiver, new_id("c"), "rebind.test", caplog)
+    assert action["last_error"].startswith("CallbackRefused: host 'rebind.test' resolves to 127.0.0.1 (loopback)")
+    text = httpx.get(f"{open_server.url}/metrics").text
+    assert 'supportbot_outbox_failed_total{kind="generic.callback"}' in text
+
+
+def test_a_hosts_file_name_for_loopback_is_refused_when_the_callback_is_sent(open_server, receiver, caplog):
+    """The same through the system resolver, with a loopback alias from /etc/hosts."""
+    alias = _loopback_alias()
+    if alias is None:
+        pytest.skip("no loopback alias other than localhost in /etc/hosts")
+    action = _refused_when_sent(open_server, receiver, new_id("c"), alias, caplog)
+    assert action["last_error"].startswith(f"CallbackRefused: host {alias.lower()!r} resolves to ")
+    assert "(loopback)" in action["last_error"]
+
+
+def test_the_callback_policy_rules():
+    open_policy = CallbackPolicy()
+    assert not open_policy.restricted
+    assert open_policy.check_url("https://hooks.example.com/cb") == "hooks.example.com"
+    assert open_policy.check_url("http://[2001:4860:4860::8888]/") == "2001:4860:4860::8888"
+    for url in ("http://[64:ff9b::a00:5]/", "http://[2002:7f00:1::]/", "http://0x7f.1/", "http://[::]/",
+                "http://a.localhost/", "http://255.255.255.255/"):
+        with pytest.raises(CallbackRefused):
+            open_policy.check_url(url)
+    policy = CallbackPolicy(["Hooks.Example.com", ".example.org", "10.0.0.7"])
+    assert policy.restricted
+    assert policy.check_url("https://hooks.example.com./x") == "hooks.example.com"
+    assert policy.check_url("https://a.b.example.org/") == "a.b.example.org"
+    assert policy.check_url("http://10.0.0.7:8080/") == "10.0.0.7"
+    assert policy.trusted("10.0.0.7") and policy.trusted("hooks.example.com")
+    assert not policy.trusted("a.example.org")  # a suffix admits names, not their internal addresses
+    for url in ("https://example.org/", "https://evil-example.org/", "https://example.org.evil.com/",
+                "https://other.example.com/", "http://10.0.0.8/"):
+        with pytest.raises(CallbackRefused, match="is not in the callback allow-list"):
+            policy.check_url(url)
+
+    async def internal(host: str, port: int) -> list[str]:
+        return ["10.1.2.3"]
+
+    guarded = CallbackPolicy([".example.org", "hooks.example.com"], resolver=internal)
+    with pytest.raises(CallbackRefused, match=r"'a.example.org' resolves to 10.1.2.3 \(private\)"):
+        asyncio.run(guarded.addresses("a.example.org", 443))
+    assert asyncio.run(guarded.addresses("hooks.example.com", 443)) is None  # exact: trusted, connect by name
