@@ -1,4 +1,4 @@
-"""What keeps the public API safe: body size limit, API key, admin token, per-client rate limit.
+"""What keeps the public API safe: body size limit, API key, admin and metrics tokens, per-client rate limit.
 
 Keys are compared with `hmac.compare_digest` (constant time) and never logged.
 """
@@ -133,13 +133,28 @@ def check_api_key(request: Request, expected: SecretStr | None, metrics: Metrics
         raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
 
 
+def bearer_matches(request: Request, expected: SecretStr) -> bool:
+    """`Authorization: Bearer TOKEN` with the expected token (bearer only: tokens are not API keys)."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and key_matches(credentials.strip() or None, expected)
+
+
 def check_admin_token(request: Request, expected: SecretStr | None, metrics: Metrics) -> None:
     if expected is None:
         raise ApiError(403, "admin_disabled", "admin routes are off: set SUPPORTBOT_ADMIN_TOKEN to enable them")
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key_matches(credentials.strip() or None, expected):
+    if not bearer_matches(request, expected):
         metrics.rejected.labels(reason="admin_token").inc()
         raise ApiError(401, "unauthorized", "send the admin token as `Authorization: Bearer TOKEN`",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+def check_metrics_token(request: Request, expected: SecretStr | None, metrics: Metrics) -> None:
+    """No token configured: open, for a scraper on a private network. Else the bearer token."""
+    if expected is None:
+        return
+    if not bearer_matches(request, expected):
+        metrics.rejected.labels(reason="metrics_token").inc()
+        raise ApiError(401, "unauthorized", "send the metrics token as `Authorization: Bearer TOKEN`",
                        {"WWW-Authenticate": "Bearer"})
 
 

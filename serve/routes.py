@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from bot.chatbot import Reply
 
 from .errors import ApiError
-from .protection import check_admin_token, check_api_key, check_rate_limit
+from .protection import check_admin_token, check_api_key, check_metrics_token, check_rate_limit
 from .runtime import Runtime, get_runtime
 from .schemas import (
     SESSION_ID_PATTERN,
@@ -54,6 +54,11 @@ async def protected(request: Request, runtime: RuntimeDep) -> None:
 async def admin(request: Request, runtime: RuntimeDep) -> None:
     check_rate_limit(request, runtime.limiter, runtime.metrics)
     check_admin_token(request, runtime.settings.admin_token, runtime.metrics)
+
+
+async def metrics_reader(request: Request, runtime: RuntimeDep) -> None:
+    """/metrics: the metrics token when one is set (no rate limit: scrapers poll on a schedule)."""
+    check_metrics_token(request, runtime.settings.metrics_token, runtime.metrics)
 
 
 def check_text(text: str, limit: int, name: str) -> None:
@@ -161,10 +166,12 @@ def build_router() -> APIRouter:
         )
         return JSONResponse(body.model_dump(), status_code=200 if runtime.ready else 503)
 
-    @router.get("/metrics", tags=["operations"], response_class=Response,
-                responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    @router.get("/metrics", tags=["operations"], response_class=Response, dependencies=[Depends(metrics_reader)],
+                responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+                           **_errors(401)})
     async def metrics(runtime: RuntimeDep) -> Response:
-        """Prometheus metrics: requests, latency, predictions by intent and action, batch sizes, model version."""
+        """Prometheus metrics: requests, latency, predictions by intent and action, batch sizes, model version.
+        With SUPPORTBOT_METRICS_TOKEN set, send it as `Authorization: Bearer TOKEN`."""
         return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
 
     @router.post("/v1/admin/reload", response_model=ReloadResponse, tags=["operations"], dependencies=[Depends(admin)],

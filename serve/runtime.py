@@ -81,6 +81,9 @@ class Runtime:
         self._shutdown_hooks.append(hook)
 
     async def start(self) -> None:
+        if self.settings.metrics_token is None:
+            log.warning("SUPPORTBOT_METRICS_TOKEN is not set: /metrics is open to anyone who can reach the server; "
+                        "set it, or expose /metrics only to your monitoring network")
         configure_threads(self.settings.threads)
         self.batcher.start()
         self._load_task = asyncio.get_running_loop().create_task(self._initial_load(), name="supportbot-load")

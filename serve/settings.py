@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         description="hosts the generic webhook may send callbacks to: exact (hooks.example.com, 10.0.0.7) or "
                     "subdomains (.example.com); empty: any host with public addresses",
     )
+    metrics_token: SecretStr | None = Field(
+        None, description="when set, GET /metrics needs `Authorization: Bearer TOKEN`; unset: /metrics is open"
+    )
 
     # Webhook outbox (serve/outbox.py): replies to Chatwoot and generic callbacks.
     outbox_max_attempts: int = Field(8, ge=1, le=100, description="send attempts before an action is given up")
@@ -108,6 +111,12 @@ class Settings(BaseSettings):
     def _canonical_hosts(cls, value: list[str]) -> list[str]:
         """Entries as the callback guard compares them; a scheme, port or path is refused, not ignored."""
         return [parse_host_entry(host) for host in value]
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        """An empty SUPPORTBOT_METRICS_TOKEN (a compose file's `${TOKEN:-}`) means unset, not "no one gets in"."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def sessions_path(self) -> Path:

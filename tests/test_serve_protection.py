@@ -1,4 +1,4 @@
-"""Protections of the public API on a live server: API key, admin token, rate limit, CORS,
+"""Protections of the public API on a live server: API key, admin and metrics tokens, rate limit, CORS,
 body and queue limits; and the settings loader (YAML under SUPPORTBOT_* env, secrets hidden)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from supportbot.cli import main as cli_main
 
 API_KEY = "test-key-7c1f0e9a"
 ADMIN_TOKEN = "admin-token-55aa"
+METRICS_TOKEN = "metrics-token-3b9d"
 ORIGIN = "https://shop.example"
 _clients = count(1)
 
@@ -31,6 +32,7 @@ def new_client() -> dict[str, str]:
 def server(shop_bundle, tmp_path_factory):
     settings = make_settings(
         shop_bundle, tmp_path_factory.mktemp("serve-protection"), api_key=API_KEY, admin_token=ADMIN_TOKEN,
+        metrics_token=METRICS_TOKEN,
         rate_limit_per_minute=60, rate_limit_burst=5, cors_origins=[ORIGIN], max_queue=1,
     )
     with live_server(settings) as live:
@@ -75,7 +77,7 @@ def test_either_header_carries_the_key(http):
 
 
 def test_operations_routes_stay_open(http):
-    for path in ("/healthz", "/readyz", "/metrics", "/", "/openapi.json"):
+    for path in ("/healthz", "/readyz", "/", "/openapi.json"):
         assert http.get(path, headers=new_client()).status_code == 200, path
 
 
@@ -84,9 +86,46 @@ def test_keys_never_reach_the_logs(http, caplog):
         chat(http, {"Authorization": f"Bearer {API_KEY}"})
         chat(http, {"X-API-Key": "wrong-" + API_KEY})
         http.post("/v1/admin/reload", headers={**new_client(), "Authorization": f"Bearer {ADMIN_TOKEN}x"})
+        http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}x"})
     logged = "\n".join(f"{r.getMessage()} {vars(r)}" for r in caplog.records)
     assert "supportbot.access" in {r.name for r in caplog.records}
-    assert API_KEY not in logged and ADMIN_TOKEN not in logged
+    assert API_KEY not in logged and ADMIN_TOKEN not in logged and METRICS_TOKEN not in logged
+
+
+# ---------------------------------------------------------------------------- metrics token
+
+
+def test_metrics_needs_its_token_when_set(http):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {METRICS_TOKEN}x"},
+                    {"Authorization": METRICS_TOKEN}, {"X-API-Key": METRICS_TOKEN},
+                    {"Authorization": f"Bearer {API_KEY}"}, {"Authorization": f"Bearer {ADMIN_TOKEN}"}):
+        response = http.get("/metrics", headers=headers)
+        assert response.status_code == 401, headers
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.json()["error"] == {
+            "code": "unauthorized", "message": "send the metrics token as `Authorization: Bearer TOKEN`"}
+    response = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    [counted] = [line for line in response.text.splitlines()
+                 if line.startswith('supportbot_rejected_requests_total{reason="metrics_token"}')]
+    assert float(counted.split()[-1]) >= 7
+    assert "# TYPE supportbot_ready gauge" in response.text
+
+
+def test_metrics_is_open_without_a_token_and_the_server_says_so(shop_bundle, tmp_path, caplog):
+    from serve.app import create_app
+    from serve_helpers import asgi_client
+
+    async def run() -> httpx.Response:
+        async with asgi_client(create_app(make_settings(shop_bundle, tmp_path))) as client:
+            return await client.get("/metrics")
+
+    with caplog.at_level(logging.INFO):
+        response = asyncio.run(run())
+    assert response.status_code == 200 and "supportbot_ready 1.0" in response.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "/metrics" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("SUPPORTBOT_METRICS_TOKEN is not set")
 
 
 # ---------------------------------------------------------------------------- admin token
@@ -206,6 +245,25 @@ def test_settings_precedence_and_secrets(tmp_path, monkeypatch):
     assert settings.admin_token.get_secret_value() == "from-yaml"
     assert "from-env-secret" not in repr(settings) and "from-env-secret" not in settings.model_dump_json()
     assert settings.data_dir == type(settings.data_dir)(os.environ["SUPPORTBOT_DATA_DIR"])
+
+
+def test_callback_hosts_and_metrics_token_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUPPORTBOT_CALLBACK_HOSTS", "Hooks.Example.com, .example.org,[::1], 127.0.0.1.")
+    monkeypatch.setenv("SUPPORTBOT_METRICS_TOKEN", "from-env-metrics-secret")
+    settings = load_settings(None)
+    assert settings.callback_hosts == ["hooks.example.com", ".example.org", "::1", "127.0.0.1"]
+    assert settings.metrics_token.get_secret_value() == "from-env-metrics-secret"
+    assert "from-env-metrics-secret" not in repr(settings)
+    assert "from-env-metrics-secret" not in settings.model_dump_json()
+    monkeypatch.setenv("SUPPORTBOT_METRICS_TOKEN", "  ")
+    assert load_settings(None).metrics_token is None  # blank is unset, not "nobody gets in"
+    monkeypatch.delenv("SUPPORTBOT_CALLBACK_HOSTS")
+    assert load_settings(None).callback_hosts == []
+    for bad in ("https://hooks.example.com", "hooks.example.com:8443", "hooks.example.com/cb", ".10.0.0.1", "a b"):
+        monkeypatch.setenv("SUPPORTBOT_CALLBACK_HOSTS", bad)
+        with pytest.raises(SettingsError, match="callback_hosts: ") as error:
+            load_settings(None)
+        assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("content,message", [
