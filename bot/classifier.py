@@ -16,6 +16,7 @@ from . import bundle as bundle_mod
 from .bundle import Bundle, BundleError
 from .encoder import Encoder, base_weights_sha256, resolve_base
 from .heads import IntentHead
+from .precision import apply_precision
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class IntentClassifier:
         encoder = Encoder.load(meta["base"]["id"], max_length=int(meta["encoder"]["max_length"]))
         _check_base(bundle)
         _attach_body_weights(bundle, encoder)
+        encoder.model = apply_precision(encoder.model, meta["encoder"].get("precision", "fp32"))
         head_cfg = meta["head"]
         head = IntentHead(
             encoder.dim, len(bundle.labels), hidden=int(head_cfg["hidden"]), dropout=float(head_cfg["dropout"]),

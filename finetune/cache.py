@@ -1,4 +1,4 @@
-"""On-disk cache of frozen-base embeddings, keyed by base-weights hash + max length + text.
+"""On-disk cache of frozen-base embeddings, keyed by base-weights hash + max length + precision + text.
 
 The `head` strategy embeds every text once; a second run over the same data reads the
 vectors back instead of running the encoder.
@@ -26,17 +26,18 @@ def default_cache_dir() -> Path:
 
 
 class EmbeddingCache:
-    def __init__(self, folder: str | Path, base_sha256: str, max_length: int):
+    def __init__(self, folder: str | Path, base_sha256: str, max_length: int, precision: str = "fp32"):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"embeddings-{base_sha256[:16]}.sqlite"
-        self.max_length = max_length
+        # fp32 keys stay as they were before int8 existed, so old caches remain valid
+        self._prefix = f"{max_length}\0" if precision == "fp32" else f"{max_length}\0{precision}\0"
         self._db = sqlite3.connect(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS emb (key BLOB PRIMARY KEY, vec BLOB NOT NULL)")
 
     def _key(self, text: str) -> bytes:
-        return hashlib.sha1(f"{self.max_length}\0{text}".encode()).digest()
+        return hashlib.sha1(f"{self._prefix}{text}".encode()).digest()
 
     def embed(self, encoder: Encoder, texts: Sequence[str], *, batch_size: int = 64, progress: bool = True) -> tuple[torch.Tensor, int]:
         """Embeddings for `texts` (input order) and how many had to be computed."""

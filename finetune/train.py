@@ -12,11 +12,12 @@ data and everything is written as a verified bundle (bot/bundle.py).
 
 from __future__ import annotations
 
+import copy
 import math
-import warnings
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from bot.bundle import Bundle
 from bot.classifier import configure_threads, lora_config
 from bot.encoder import Encoder, base_weights_sha256, length_sorted_batches, resolve_base
 from bot.heads import IntentHead
+from bot.precision import apply_precision
 
 from . import data
 from .cache import EmbeddingCache, default_cache_dir
@@ -135,9 +137,10 @@ def train(
 
     # Inputs: for `head` the cached embeddings; otherwise token ids, batched by similar length.
     if cfg.strategy == "head":
-        cache = EmbeddingCache(cfg.cache_dir or default_cache_dir(), base_sha, cfg.max_length)
+        cache = EmbeddingCache(cfg.cache_dir or default_cache_dir(), base_sha, cfg.max_length, cfg.precision)
         texts = list(prepared.train["text"]) + list(prepared.val["text"])
-        vectors, computed = cache.embed(encoder, texts, batch_size=cfg.embed_batch_size, progress=progress)
+        serving_encoder = Encoder(apply_precision(encoder.model, cfg.precision), encoder.tokenizer, cfg.max_length)
+        vectors, computed = cache.embed(serving_encoder, texts, batch_size=cfg.embed_batch_size, progress=progress)
         cache.close()
         log(f"embeddings: {computed} computed, {len(texts) - computed} from the cache ({cache.path})")
         x_train, x_val = vectors[: len(prepared.train)], vectors[len(prepared.train) :]
@@ -174,15 +177,16 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     rng = random.Random(cfg.seed)
 
-    def logits_for(split: str, indices: list[int]) -> torch.Tensor:
-        """Eval-mode logits in input order, in length-sorted batches for the encoder strategies."""
-        model.eval()
+    def logits_for(split: str, indices: list[int], net: nn.Module | None = None) -> torch.Tensor:
+        """Eval-mode logits of `net` (default: the model in training), rows in the order of `indices`."""
+        net = model if net is None else net
+        net.eval()
         out = []
         step = 256 if cfg.strategy == "head" else 64  # vectors are cheap; token batches are not
         with torch.inference_mode():
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
-                out.append(model(_to(make_inputs(split, chunk), accelerator.device)).float().cpu())
+                out.append(net(_to(make_inputs(split, chunk), accelerator.device)).float().cpu())
         model.train()
         return torch.cat(out) if out else torch.zeros(0, len(prepared.labels))
 
@@ -229,11 +233,12 @@ def train(
     model = accelerator.unwrap_model(model)
     train_seconds = time.perf_counter() - started
 
-    # Calibration on validation: temperature on in-scope logits, then floor and gap.
-    val_logits = logits_for("val", val_in_sorted)
+    # Calibration on validation, of the model as it will serve: temperature on in-scope logits, then floor and gap.
+    serving = _serving_model(model, encoder, head, cfg)
+    val_logits = logits_for("val", val_in_sorted, serving)
     temperature = fit_temperature(val_logits, y_val_sorted)
     val_probs = torch.softmax(val_logits / temperature, -1).numpy()
-    oos_probs = torch.softmax(logits_for("val", val_order(val_oos)) / temperature, -1).numpy() if val_oos else None
+    oos_probs = torch.softmax(logits_for("val", val_order(val_oos), serving) / temperature, -1).numpy() if val_oos else None
     thresholds = choose_thresholds(val_probs, y_val_sorted.numpy(), oos_probs, cfg.calibration)
     metrics = _metrics(val_probs, y_val_sorted.numpy(), oos_probs, thresholds.confidence_floor)
     metrics["best_epoch"] = best["epoch"]
@@ -244,7 +249,7 @@ def train(
         "strategy": cfg.strategy,
         "labels": prepared.labels,
         "out_of_scope_label": data.OOS_LABEL,
-        "encoder": {"pooling": "mean", "normalize": True, "max_length": cfg.max_length},
+        "encoder": {"pooling": "mean", "normalize": True, "max_length": cfg.max_length, "precision": cfg.precision},
         "head": cfg.head.model_dump(),
         "lora": cfg.lora.model_dump() if cfg.strategy == "lora" else None,
         "calibration": {"temperature": temperature, **thresholds.as_dict()},
@@ -304,6 +309,17 @@ def score_bundle(path: Path, test: Dataset, labels: list[str]) -> dict[str, floa
 
 
 # ---- pieces of the loop ---------------------------------------------------------------------
+
+
+def _serving_model(model: nn.Module, encoder: Encoder, head: IntentHead, cfg: TrainConfig) -> nn.Module:
+    """What `IntentClassifier` will run: for lora/full at int8, a copy of the trained body (adapters
+    merged) with int8 linear layers. The head strategy already trained on int8 embeddings."""
+    if cfg.precision == "fp32" or cfg.strategy == "head":
+        return model
+    body = copy.deepcopy(model.body)
+    if cfg.strategy == "lora":
+        body = body.merge_and_unload()
+    return EncoderClassifier(encoder, apply_precision(body, cfg.precision), head)
 
 
 def _to(inputs, device):

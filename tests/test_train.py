@@ -33,7 +33,7 @@ def test_head_bundle_predicts_well_above_chance(banking_head_bundle, banking_sli
     for key in ("format_version", "version", "created", "base", "strategy", "labels", "encoder", "calibration", "metrics", "training", "files"):
         assert key in meta
     assert meta["base"]["id"] == "sentence-transformers/all-MiniLM-L6-v2" and len(meta["base"]["sha256"]) == 64
-    assert meta["encoder"] == {"pooling": "mean", "normalize": True, "max_length": 64}
+    assert meta["encoder"] == {"pooling": "mean", "normalize": True, "max_length": 64, "precision": "fp32"}
     assert meta["calibration"]["temperature"] > 0 and 0 <= meta["calibration"]["confidence_floor"] <= 0.9
     assert len(meta["training"]["data_fingerprint"]) == 64 and meta["training"]["seconds"] > 0
 

@@ -1,0 +1,66 @@
+"""Inference precision of the encoder: fp32 as trained, or int8 linear layers for faster CPU serving.
+
+One short text through MiniLM on a CPU is bound by reading the weights (about 40 MB of fp32 linear
+layers per pass), not by arithmetic; int8 weights are a quarter of that. The activations are
+quantised per token (one scale per row), not per tensor as torch's dynamic quantisation does: a
+per-tensor scale depends on every text in the batch, so a customer's answer would change with who
+else was batched alongside them. Per token, a text gets the same vector alone or in any batch.
+
+The conversion is a pure function of the fp32 weights, so a bundle stores fp32 weights plus the
+precision, and its calibration is fitted on the converted model (finetune/train.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import nn
+
+Precision = Literal["fp32", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "int8")
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W in int8 (one scale per output channel) and x in int8 (one scale per row).
+
+    The product accumulates in int32 (`torch._int_mm`), so the only error is the rounding of W and x.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_t", torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous())
+        self.register_buffer("weight_scale", scale)
+        bias = linear.bias.detach().float().clone() if linear.bias is not None else torch.zeros(self.out_features)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        if rows.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        row_scale = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True).clamp_(min=1e-12) / 127.0
+        quantised = torch.round(rows / row_scale).to(torch.int8)
+        product = torch._int_mm(quantised, self.weight_t)
+        out = torch.addcmul(self.bias, product.float(), row_scale * self.weight_scale)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def apply_precision(model: nn.Module, precision: str) -> nn.Module:
+    """`model` itself for fp32; for int8 a copy whose `nn.Linear` layers are `Int8Linear` (eval only)."""
+    if precision == "fp32":
+        return model
+    if precision != "int8":
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    converted = copy.deepcopy(model).eval()
+    for parent in list(converted.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear(child))
+    return converted.requires_grad_(False)
