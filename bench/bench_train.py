@@ -5,6 +5,7 @@
     python bench/bench_train.py lora        # BANKING77 with LoRA adapters (one seed; ~5 min an epoch on 2 cores)
     python bench/bench_train.py full        # BANKING77, every weight trained (the baseline)
     python bench/bench_train.py clinc       # CLINC150 full: in-scope accuracy and OOS recall at the fitted floor
+    python bench/bench_train.py clinc --set strategy=lora   # the same with LoRA adapters
     python bench/bench_train.py fewshot     # 10-shot BANKING77 with head and lora
 
 Each appends a section to BENCHMARKS.md (command, machine, date, figures).
@@ -139,11 +140,12 @@ def bench_single(strategy: str, extra: list[str], tmp: Path, note: str) -> str:
 
 
 def bench_clinc(tmp: Path) -> str:
-    summary, scores = _run([f"data={CLINC}", "seed=1"], tmp / "clinc")
+    summary, scores = _run([f"data={CLINC}", "seed=1", *OVERRIDES], tmp / "clinc")
     return "\n".join(
         [
             "CLINC150 data_full.json: train 15,000 + 100 oos (oos excluded from the classes); validation 3,000 + 100 oos "
-            "(temperature, floor and gap fitted there); test 4,500 in-scope + 1,000 oos. `head` strategy (linear), seed 1.",
+            f"(temperature, floor and gap fitted there); test 4,500 in-scope + 1,000 oos. `{summary['strategy']}` strategy, seed 1; "
+            f"settings: `{' '.join(OVERRIDES) or 'recipe defaults'}`.",
             "",
             "| metric | value | target |",
             "|---|---|---|",
@@ -173,7 +175,7 @@ def bench_fewshot(tmp: Path) -> str:
     )
 
 
-OVERRIDES: list[str] = []  # --set key=value for the lora and full runs
+OVERRIDES: list[str] = []  # --set key=value for the lora, full and clinc runs
 
 BENCHES = {
     "head": ("BANKING77: frozen encoder + head", bench_head),
@@ -189,7 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", nargs="+", choices=sorted(BENCHES))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe overrides for the lora and full runs, e.g. --set epochs=10")
+                        help="recipe overrides for the lora, full and clinc runs, e.g. --set epochs=10")
     args = parser.parse_args()
     OVERRIDES.extend(args.overrides)
     for which in args.which:
@@ -198,7 +200,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             body = fn(Path(tmp))
         print(body)
-        extra = "".join(f" --set {o}" for o in args.overrides) if which in ("lora", "full") else ""
+        extra = "".join(f" --set {o}" for o in args.overrides) if which in ("lora", "full", "clinc") else ""
         append_section(title, f"python bench/bench_train.py {which}{extra}", body)
 
 

@@ -1,0 +1,113 @@
+"""Inference precision: fp32 against int8 bundles, accuracy and single-text latency (bot/precision.py).
+
+    python bench/bench_precision.py              # BANKING77 and the shop pack, head strategy, seed 1
+    python bench/bench_precision.py --no-record  # print only
+
+For each dataset, two `head` bundles are trained with the same recipe and seed, one per
+precision, and scored on the held-out test set: accuracy, and how many test labels the two
+agree on. Then, in one process and interleaved (fp32, int8, fp32, ...) so both see the same
+machine load, IntentClassifier.predict([text]) is timed one message at a time on the shop
+pack's test messages: p50/p95 per precision and the ratio fp32 / int8. Appends a section to
+BENCHMARKS.md unless --no-record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `supportbot serve` runs
+
+from bench.bench_serve import shop_messages  # noqa: E402
+from bench.record import append_section  # noqa: E402
+from bot.classifier import IntentClassifier  # noqa: E402
+from finetune import data  # noqa: E402
+from finetune.config import load_config  # noqa: E402
+from finetune.train import train  # noqa: E402
+
+DATASETS = {"BANKING77": ("../shared/data/banking77", "../shared/data/banking77:test"),
+            "shop pack": ("pack:shop", "pack:shop:test")}
+PRECISIONS = ("fp32", "int8")
+
+
+def scored(train_spec: str, test_spec: str, precision: str, out: Path) -> tuple[IntentClassifier, list[str], list[str]]:
+    """Train a head bundle at `precision`; its classifier, test predictions and gold labels."""
+    cfg = load_config(None, [f"data={train_spec}", f"output={out}", f"precision={precision}", "seed=1"])
+    bundle = train(cfg, progress=False, log=lambda m: print("   ", m, file=sys.stderr)).bundle
+    classifier = IntentClassifier.from_bundle(bundle.path)
+    test = data.load(test_spec)["test"]
+    known = [i for i, label in enumerate(test["label"]) if label in set(classifier.labels)]  # in scope only
+    texts, gold = [test["text"][i] for i in known], [test["label"][i] for i in known]
+    return classifier, [p.label for p in classifier.predict(texts)], gold
+
+
+def latencies(classifiers: dict[str, IntentClassifier], messages: list[str], n: int) -> dict[str, list[float]]:
+    """Seconds per predict([text]), interleaved across precisions, order alternating each message."""
+    for classifier in classifiers.values():
+        for text in messages[:20]:
+            classifier.predict([text])
+    timings: dict[str, list[float]] = {name: [] for name in classifiers}
+    for i, text in enumerate((messages * (n // len(messages) + 1))[:n]):
+        order = list(classifiers) if i % 2 == 0 else list(reversed(classifiers))
+        for name in order:
+            started = time.perf_counter()
+            classifiers[name].predict([text])
+            timings[name].append(time.perf_counter() - started)
+    return timings
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=600, help="single-text predictions timed per precision")
+    parser.add_argument("--no-record", dest="record", action="store_false", help="do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+    rows = ["| dataset (test split) | fp32 accuracy | int8 accuracy | labels agreeing |", "|---|---:|---:|---:|"]
+    shop: dict[str, IntentClassifier] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
+        for name, (train_spec, test_spec) in DATASETS.items():
+            results = {}
+            for precision in PRECISIONS:
+                print(f"{name}: training the {precision} head bundle...", file=sys.stderr)
+                results[precision] = scored(train_spec, test_spec, precision, Path(tmp) / f"{name}-{precision}")
+            (_, fp32, gold), (_, int8, _) = results["fp32"], results["int8"]
+            accuracy = {p: sum(a == g for a, g in zip(results[p][1], gold)) / len(gold) for p in PRECISIONS}
+            agree = sum(a == b for a, b in zip(fp32, int8)) / len(gold)
+            rows.append(f"| {name} ({len(gold):,} in-scope texts) | {100 * accuracy['fp32']:.2f}% "
+                        f"| {100 * accuracy['int8']:.2f}% | {100 * agree:.2f}% |")
+            if name == "shop pack":
+                shop = {p: results[p][0] for p in PRECISIONS}
+        print("timing single-text predictions...", file=sys.stderr)
+        timings = latencies(shop, shop_messages(), args.requests)
+    p50 = {p: 1000 * statistics.median(timings[p]) for p in PRECISIONS}
+    lines = [
+        "Two `head` bundles per dataset, same recipe and seed 1, one per `precision`; accuracy on the "
+        "test split's in-scope texts.", "", *rows, "",
+        f"Single-text latency, IntentClassifier.predict([text]), {args.requests} shop test messages per precision, "
+        f"interleaved in one process (OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}); 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} at the end:", "",
+        "| precision | p50 ms | p95 ms |", "|---|---:|---:|",
+        *[f"| {p} | {p50[p]:.2f} | {1000 * quantile(timings[p], 0.95):.2f} |" for p in PRECISIONS],
+        "", f"- int8 speed-up at p50: **{p50['fp32'] / p50['int8']:.2f}x** (target p50 <= 5 ms)",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if args.record:
+        command = "python bench/bench_precision.py" + "".join(f" {a}" for a in sys.argv[1:])
+        append_section("Inference precision: fp32 vs int8", command, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
