@@ -5,9 +5,9 @@
 
 For each dataset, two `head` bundles are trained with the same recipe and seed, one per
 precision, and scored on the held-out test set: accuracy, and how many test labels the two
-agree on. Then, in one process and interleaved (fp32, int8, fp32, ...) so both see the same
-machine load, IntentClassifier.predict([text]) is timed one message at a time on the shop
-pack's test messages: p50/p95 per precision and the ratio fp32 / int8. Appends a section to
+agree on. Then, in one process, IntentClassifier.predict([text]) is timed one message at a
+time on the shop pack's test messages, in alternating blocks per precision, on every core and
+on one thread: p50/p95, and the time per text in batches of 32. Appends a section to
 BENCHMARKS.md unless --no-record.
 """
 
@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,19 +50,39 @@ def scored(train_spec: str, test_spec: str, precision: str, out: Path) -> tuple[
     return classifier, [p.label for p in classifier.predict(texts)], gold
 
 
-def latencies(classifiers: dict[str, IntentClassifier], messages: list[str], n: int) -> dict[str, list[float]]:
-    """Seconds per predict([text]), interleaved across precisions, order alternating each message."""
-    for classifier in classifiers.values():
-        for text in messages[:20]:
-            classifier.predict([text])
+def latencies(classifiers: dict[str, IntentClassifier], messages: list[str], n: int, blocks: int = 10) -> dict[str, list[float]]:
+    """Seconds per predict([text]), in blocks of consecutive calls that alternate between precisions.
+
+    Consecutive, because a server runs one model: timing fp32 and int8 call by call would let each
+    evict the other's weights from the CPU cache. Alternating blocks, so both see the same load.
+    """
     timings: dict[str, list[float]] = {name: [] for name in classifiers}
-    for i, text in enumerate((messages * (n // len(messages) + 1))[:n]):
-        order = list(classifiers) if i % 2 == 0 else list(reversed(classifiers))
-        for name in order:
-            started = time.perf_counter()
-            classifiers[name].predict([text])
-            timings[name].append(time.perf_counter() - started)
+    texts = (messages * (n // len(messages) + 1))[:n]
+    per_block = max(1, n // blocks)
+    for block in range(blocks):
+        names = list(classifiers) if block % 2 == 0 else list(reversed(classifiers))
+        for name in names:
+            chunk = texts[block * per_block : (block + 1) * per_block]
+            for text in chunk[:5]:  # warm this model's weights into the cache
+                classifiers[name].predict([text])
+            for text in chunk:
+                started = time.perf_counter()
+                classifiers[name].predict([text])
+                timings[name].append(time.perf_counter() - started)
     return timings
+
+
+def per_text_in_batches(classifier: IntentClassifier, messages: list[str], size: int = 32) -> float:
+    """Seconds per text when predicting `size` texts at a time (best of 3 passes over 320 texts)."""
+    batches = [messages[i : i + size] for i in range(0, 320, size)]
+    classifier.predict(batches[0])
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for batch in batches:
+            classifier.predict(batch)
+        best = min(best, (time.perf_counter() - started) / sum(map(len, batches)))
+    return best
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -88,18 +110,28 @@ def main() -> int:
                         f"| {100 * accuracy['int8']:.2f}% | {100 * agree:.2f}% |")
             if name == "shop pack":
                 shop = {p: results[p][0] for p in PRECISIONS}
-        print("timing single-text predictions...", file=sys.stderr)
-        timings = latencies(shop, shop_messages(), args.requests)
-    p50 = {p: 1000 * statistics.median(timings[p]) for p in PRECISIONS}
+        messages = shop_messages()
+        speed: dict[tuple[int, str], dict[str, float]] = {}
+        for threads in (torch.get_num_threads(), 1):
+            torch.set_num_threads(threads)
+            print(f"timing single-text predictions, {threads} thread(s)...", file=sys.stderr)
+            timings = latencies(shop, messages, args.requests)
+            for p in PRECISIONS:
+                speed[threads, p] = {"p50": 1000 * statistics.median(timings[p]), "p95": 1000 * quantile(timings[p], 0.95),
+                                     "batch": 1000 * per_text_in_batches(shop[p], messages)}
+    table = ["| precision | torch threads | p50 ms | p95 ms | per text in batches of 32, ms |", "|---|---:|---:|---:|---:|"]
+    table += [f"| {p} | {t} | {v['p50']:.2f} | {v['p95']:.2f} | {v['batch']:.2f} |" for (t, p), v in speed.items()]
+    fastest = min(speed.items(), key=lambda kv: kv[1]["p50"])
+    default = speed[max(t for t, _ in speed), "fp32"]
     lines = [
         "Two `head` bundles per dataset, same recipe and seed 1, one per `precision`; accuracy on the "
         "test split's in-scope texts.", "", *rows, "",
-        f"Single-text latency, IntentClassifier.predict([text]), {args.requests} shop test messages per precision, "
-        f"interleaved in one process (OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}); 1-minute load average "
-        f"{os.getloadavg()[0]:.1f} at the end:", "",
-        "| precision | p50 ms | p95 ms |", "|---|---:|---:|",
-        *[f"| {p} | {p50[p]:.2f} | {1000 * quantile(timings[p], 0.95):.2f} |" for p in PRECISIONS],
-        "", f"- int8 speed-up at p50: **{p50['fp32'] / p50['int8']:.2f}x** (target p50 <= 5 ms)",
+        f"Single-text latency, IntentClassifier.predict([text]), {args.requests} shop test messages per row, in "
+        f"blocks of consecutive calls alternating between precisions (OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, "
+        f"as `supportbot serve` runs); 1-minute load average {os.getloadavg()[0]:.1f} at the end:", "",
+        *table, "",
+        f"- fastest single text: {fastest[0][1]} on {fastest[0][0]} thread(s), p50 **{fastest[1]['p50']:.2f} ms**, "
+        f"{default['p50'] / fastest[1]['p50']:.2f}x faster than fp32 on every core (target p50 <= 5 ms)",
     ]
     body = "\n".join(lines)
     print(body)
