@@ -273,6 +273,7 @@ def train(
     written = bundle_mod.write(cfg.output, meta, _bundle_writers(cfg, model, head))
     summary = {
         "strategy": cfg.strategy,
+        "precision": cfg.precision,
         "trainable_parameters": trainable,
         "total_parameters": total_params,
         "epochs": len(history),
