@@ -124,9 +124,10 @@ def bench_embed(_tmp: Path) -> str:
 
 def bench_single(strategy: str, extra: list[str], tmp: Path, note: str) -> str:
     summary, scores = _run([f"data={BANKING}", f"strategy={strategy}", "seed=1", *extra], tmp / strategy)
+    val_fraction = float(load_config(None, extra).val_fraction)
     return "\n".join(
         [
-            f"BANKING77 train.csv (10% stratified validation, seed 1) -> test.csv (3,080). {note}",
+            f"BANKING77 train.csv ({100 * val_fraction:g}% stratified validation, seed 1) -> test.csv (3,080). {note}",
             "",
             "| strategy | test accuracy | macro-F1 | epochs (best) | trainable params | of total | wall s |",
             "|---|---|---|---|---|---|---|",
