@@ -331,6 +331,7 @@ def model_info(bundle: Bundle) -> dict[str, Any]:
     calibration_ = bundle.calibration
     return {
         "path": str(bundle.path), "strategy": bundle.strategy, "base": bundle.meta["base"]["id"],
+        "precision": bundle.meta["encoder"].get("precision", "fp32"),
         "intents": len(bundle.labels), "temperature": calibration_["temperature"],
         "confidence_floor": calibration_["confidence_floor"], "ambiguity_gap": calibration_["ambiguity_gap"],
         "handoff_intent": load_domain(bundle).handoff_intent,

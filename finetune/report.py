@@ -96,7 +96,7 @@ def _header(report: Report) -> str:
     title = "Cross-validation report" if "cross_validation" in report else "Evaluation report"
     return (
         f"<h1>supportbot: {title}</h1><p class=meta>model <code>{html.escape(model['path'])}</code> "
-        f"(version {html.escape(report['model_version'])}, {html.escape(model['strategy'])} on {html.escape(model['base'])}, "
+        f"(version {html.escape(report['model_version'])}, {html.escape(model['strategy'])} on {html.escape(model['base'])} ({html.escape(model.get('precision', 'fp32'))}), "
         f"{model['intents']} intents; temperature {model['temperature']:.3f}, confidence floor {model['confidence_floor']:.2f}, "
         f"ambiguity gap {model['ambiguity_gap']:.2f})<br>data <code>{html.escape(data_['spec'])}</code>, split "
         f"{html.escape(data_['split'])}, {data_['n']:,} messages; created {html.escape(report['created'])}</p>"

@@ -158,7 +158,7 @@ def test_banking_report_agrees_with_its_predictions(banking_eval, banking_head_b
     test_rows = (banking_slice["test"]).read_text().splitlines()[1:]
     assert len(records) == len(test_rows) == 120 and report["data"]["split"] == "test"
     assert report["model_version"] == bundle_mod.load(banking_head_bundle).version
-    assert report["out_of_scope"] is None
+    assert report["out_of_scope"] is None and report["model"]["precision"] == "fp32"
     assert 0.75 < report["accuracy"] <= report["top3_accuracy"] <= 1.0  # 8 intents, a real encoder
     assert len(report["worst_errors"]) == min(7, sum(not r["correct"] for r in records))
     latency = report["latency_ms"]
