@@ -90,20 +90,12 @@ class Settings(BaseSettings):
 
     web_page: bool = Field(True, description="serve the web chat page at /")
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "callback_hosts", mode="before")
     @classmethod
-    def _split_origins(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         """Accept a YAML list, or a comma-separated string from the environment."""
         if isinstance(value, str):
-            return [origin.strip() for origin in value.split(",") if origin.strip()]
-        return value
-
-    @field_validator("callback_hosts", mode="before")
-    @classmethod
-    def _split_hosts(cls, value: Any) -> Any:
-        """A YAML list, or a comma-separated string from the environment."""
-        if isinstance(value, str):
-            return [host.strip() for host in value.split(",") if host.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
     @field_validator("callback_hosts")
