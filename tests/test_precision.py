@@ -35,6 +35,20 @@ def test_int8_linear_is_close_to_fp32_and_each_row_is_independent_of_the_batch()
         assert quantised(torch.zeros(0, 384)).shape == (0, 1536)
 
 
+def test_layers_reading_one_input_quantise_it_once_and_notice_an_in_place_change():
+    torch.manual_seed(1)
+    layers = nn.ModuleDict({"query": nn.Linear(16, 8), "key": nn.Linear(16, 8)})
+    shared = apply_precision(layers, "int8")  # the two share one cache of the last input
+    alone = {name: Int8Linear(layer) for name, layer in layers.items()}
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.equal(shared["query"](x), alone["query"](x))
+        assert torch.equal(shared["key"](x), alone["key"](x))  # served from the cache, same numbers
+        x.mul_(3.0)  # a changed tensor is quantised afresh
+        assert torch.equal(shared["key"](x), alone["key"](x))
+        assert torch.equal(shared["query"](x.clone()), alone["query"](x))
+
+
 def test_apply_precision_converts_a_copy_and_refuses_unknown_names():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     assert apply_precision(model, "fp32") is model
