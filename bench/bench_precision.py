@@ -21,13 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `supportbot serve` runs
+# As `supportbot serve` runs; OpenMP reads these once, when torch loads, so before `import torch`.
+from supportbot.cli import set_serving_openmp  # noqa: E402
 
-from bench.bench_serve import shop_messages  # noqa: E402
+set_serving_openmp()
+
+import torch  # noqa: E402
+
+from bench.bench_serve import omp_settings, shop_messages  # noqa: E402
 from bench.record import append_section  # noqa: E402
 from bot.classifier import IntentClassifier  # noqa: E402
 from finetune import data  # noqa: E402
@@ -127,8 +130,7 @@ def main() -> int:
         "Two `head` bundles per dataset, same recipe and seed 1, one per `precision`; accuracy on the "
         "test split's in-scope texts.", "", *rows, "",
         f"Single-text latency, IntentClassifier.predict([text]), {args.requests} shop test messages per row, in "
-        f"blocks of consecutive calls alternating between precisions (OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, "
-        f"as `supportbot serve` runs); 1-minute load average {os.getloadavg()[0]:.1f} at the end:", "",
+        f"blocks of consecutive calls alternating between precisions ({omp_settings()}); 1-minute load average {os.getloadavg()[0]:.1f} at the end:", "",
         *table, "",
         f"- fastest single text: {fastest[0][1]} on {fastest[0][0]} thread(s), p50 **{fastest[1]['p50']:.2f} ms**, "
         f"{default['p50'] / fastest[1]['p50']:.2f}x faster than fp32 on every core (target p50 <= 5 ms)",

@@ -37,11 +37,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# As `supportbot serve` does (supportbot/cli.py), before torch loads OpenMP: idle intra-op threads
-# sleep rather than spin, here (the single-request latency) and in the profiled server child.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As `supportbot serve` does, before torch loads OpenMP: how idle intra-op threads wait, here (the
+# single-request latency) and in the profiled server child.
+from supportbot.cli import set_serving_openmp  # noqa: E402
+
+set_serving_openmp()
 
 PYTHON = sys.executable
+
+
+def omp_settings() -> str:
+    """How idle OpenMP threads wait, as the environment set it when torch loaded."""
+    return (f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset (active)')}, "
+            f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}")
+
 WARMUP_REQUESTS = 100
 MESSAGES_PER_SESSION = 5
 
@@ -415,8 +424,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         f"`POST /v1/chat`, {args.requests:,} requests after {WARMUP_REQUESTS} warm-up, {args.concurrency} concurrent "
         f"clients (bounded asyncio httpx, another process), messages from the shop pack's test.yaml, "
         f"{MESSAGES_PER_SESSION} per session; servers run `supportbot serve` (access log on, rate limit off), "
-        f"torch threads {args.threads or 'default (every core)'}, OMP_WAIT_POLICY "
-        f"{os.environ.get('OMP_WAIT_POLICY', 'unset (active)')}. The machine is shared: 1-minute load average "
+        f"torch threads {args.threads or 'default (every core)'}, {omp_settings()}. The machine is shared: "
+        f"1-minute load average "
         f"{load_before:.1f} at the start, {load_after:.1f} at the end (2 cores; other jobs included).",
         "",
         *table,

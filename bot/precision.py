@@ -20,6 +20,9 @@ from torch import nn
 
 Precision = Literal["fp32", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "int8")
+# Revision of each precision's arithmetic, for caches of its outputs (finetune/cache.py): bump it when
+# the numbers Int8Linear gives change, so embeddings cached by older code are not mixed with new ones.
+REVISIONS = {"fp32": "fp32", "int8": "int8.2"}
 
 
 class _LastInput:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from bot.encoder import Encoder
+from bot.precision import REVISIONS
 
 
 def default_cache_dir() -> Path:
@@ -31,7 +32,7 @@ class EmbeddingCache:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"embeddings-{base_sha256[:16]}.sqlite"
         # fp32 keys stay as they were before int8 existed, so old caches remain valid
-        self._prefix = f"{max_length}\0" if precision == "fp32" else f"{max_length}\0{precision}\0"
+        self._prefix = f"{max_length}\0" if precision == "fp32" else f"{max_length}\0{REVISIONS[precision]}\0"
         self._db = sqlite3.connect(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS emb (key BLOB PRIMARY KEY, vec BLOB NOT NULL)")

@@ -166,16 +166,27 @@ def print_summary(title: str, summary: dict) -> None:
     Console(stderr=False).print(table)
 
 
+# How idle OpenMP threads wait while serving (read once, when torch loads OpenMP). Spinning without
+# end made one forward pass ~10x slower on a busy 2-core machine: the spinning threads took the
+# cores from the event loop. Sleeping at once (PASSIVE alone) made every op of a forward pass wake
+# its threads: an int8 single message took 10.2 ms. A short spin (libgomp, which torch's Linux
+# wheels use) keeps the threads awake between the ops of one pass only: 4.8 ms (BENCHMARKS.md).
+SERVING_OPENMP = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
+
+
+def set_serving_openmp() -> None:
+    """Set SERVING_OPENMP where the environment does not already choose; call before importing torch."""
+    for name, value in SERVING_OPENMP.items():
+        os.environ.setdefault(name, value)
+
+
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        # Before torch loads OpenMP: idle intra-op threads sleep instead of spinning, so they do
-        # not fight the event loop for the cores (spinning made one forward pass ~10x slower on a
-        # busy 2-core machine; docs/serving.md).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        set_serving_openmp()
 
     from bot.bundle import BundleError
     from finetune.config import ConfigError

@@ -103,3 +103,20 @@ def test_int8_lora_bundle_is_calibrated_on_the_merged_int8_body(tmp_path, bankin
     prepared = prepare_data(load_config(None, overrides))
     served_logits = classifier.logits(list(prepared.val["text"])).clone()  # out of inference mode, for LBFGS
     assert fit_temperature(served_logits, prepared.y_val) == pytest.approx(meta["calibration"]["temperature"], rel=1e-3)
+
+
+def test_the_embedding_cache_keeps_int8_vectors_apart_from_fp32(tmp_path):
+    from bot.encoder import Encoder
+    from finetune.cache import EmbeddingCache
+
+    encoder = Encoder.load("sentence-transformers/all-MiniLM-L6-v2")
+    int8 = Encoder(apply_precision(encoder.model, "int8"), encoder.tokenizer, encoder.max_length)
+    texts = ["where is my parcel", "refund please", "hello"]
+    fp32_cache = EmbeddingCache(tmp_path, "0" * 64, 64)
+    int8_cache = EmbeddingCache(tmp_path, "0" * 64, 64, "int8")
+    exact, computed = fp32_cache.embed(encoder, texts, progress=False)
+    assert computed == 3
+    quick, computed = int8_cache.embed(int8, texts, progress=False)
+    assert computed == 3 and not torch.equal(exact, quick)  # not served the fp32 vectors
+    again, computed = int8_cache.embed(int8, texts, progress=False)
+    assert computed == 0 and torch.equal(again, quick)
