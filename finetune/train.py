@@ -317,10 +317,8 @@ def _serving_model(model: nn.Module, encoder: Encoder, head: IntentHead, cfg: Tr
     merged) with int8 linear layers. The head strategy already trained on int8 embeddings."""
     if cfg.precision == "fp32" or cfg.strategy == "head":
         return model
-    body = copy.deepcopy(model.body)
-    if cfg.strategy == "lora":
-        body = body.merge_and_unload()
-    return EncoderClassifier(encoder, apply_precision(body, cfg.precision), head)
+    body = copy.deepcopy(model.body).merge_and_unload() if cfg.strategy == "lora" else model.body
+    return EncoderClassifier(encoder, apply_precision(body, cfg.precision), head)  # apply_precision copies
 
 
 def _to(inputs, device):
