@@ -31,7 +31,7 @@ set_serving_openmp()
 import torch  # noqa: E402
 
 from bench.bench_serve import omp_settings, shop_messages  # noqa: E402
-from bench.record import append_section  # noqa: E402
+from bench.record import append_section, command_line  # noqa: E402
 from bot.classifier import IntentClassifier  # noqa: E402
 from finetune import data  # noqa: E402
 from finetune.config import load_config  # noqa: E402
@@ -138,8 +138,7 @@ def main() -> int:
     body = "\n".join(lines)
     print(body)
     if args.record:
-        command = "python bench/bench_precision.py" + "".join(f" {a}" for a in sys.argv[1:])
-        append_section("Inference precision: fp32 vs int8", command, body)
+        append_section("Inference precision: fp32 vs int8", command_line("bench/bench_precision.py"), body)
     return 0
 
 

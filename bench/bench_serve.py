@@ -457,10 +457,9 @@ def orchestrate(args: argparse.Namespace) -> int:
     body = "\n".join(lines)
     print(body)
     if args.record:
-        from bench.record import append_section
+        from bench.record import append_section, command_line
 
-        command = "python bench/bench_serve.py" + "".join(f" {a}" for a in sys.argv[1:])
-        append_section("Serving: batched vs unbatched /v1/chat", command, body)
+        append_section("Serving: batched vs unbatched /v1/chat", command_line("bench/bench_serve.py"), body)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,3 +44,8 @@ def append_section(title: str, command: str, body: str) -> None:
     )
     with open(BENCHMARKS, "a", encoding="utf-8") as handle:
         handle.write(section)
+
+
+def command_line(script: str) -> str:
+    """How this benchmark was run: `python SCRIPT` and the arguments it was given."""
+    return f"python {script}" + "".join(f" {arg}" for arg in sys.argv[1:])
