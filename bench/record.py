@@ -1,4 +1,10 @@
-"""Appending a benchmark section to BENCHMARKS.md: command, machine, date, figures."""
+"""Appending a benchmark run to BENCHMARKS.md: command, machine, date, commit, figures.
+
+BENCHMARKS.md holds one current table per benchmark at the top and every run below its `## History`
+heading, oldest first. A run is appended at the end of the file as a `### title` entry under History
+(the heading is added when the file has none), never rewritten: choosing which run is current is a
+judgement (same settings? a quiet machine?), so the current table's row is updated by hand.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+HISTORY = "## History"
 
 
 def machine() -> str:
@@ -34,14 +41,17 @@ def _commit() -> str:
 
 
 def append_section(title: str, command: str, body: str) -> None:
-    """Add `## title` with command, machine, date and commit, then `body` (markdown), to BENCHMARKS.md."""
+    """Add `### title` with command, machine, date and commit, then `body` (markdown), to BENCHMARKS.md's History."""
     if not BENCHMARKS.exists():
-        BENCHMARKS.write_text("# Benchmarks\n\nFigures recorded by the scripts in bench/; newest sections last.\n")
+        BENCHMARKS.write_text("# Benchmarks\n\nFigures recorded by the scripts in bench/.\n")
+    text = BENCHMARKS.read_text(encoding="utf-8")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (
-        f"\n## {title}\n\n"
+        f"\n### {title}\n\n"
         f"- command: `{command}`\n- machine: {machine()}\n- date: {stamp}, commit {_commit()}\n\n{body.rstrip()}\n"
     )
+    if HISTORY not in text.splitlines():
+        section = f"\n{HISTORY}\n\nEvery run as its script recorded it, oldest first.\n" + section
     with open(BENCHMARKS, "a", encoding="utf-8") as handle:
         handle.write(section)
 

@@ -33,7 +33,7 @@ class InvalidMessage(ValueError):
 
 @dataclass
 class Reply:
-    """The bot's answer to one message (see the Chatbot contract in the README)."""
+    """The bot's answer to one message (see docs/dialogue.md, Using the bot from Python)."""
 
     session_id: str
     text: str  # "" when silent

@@ -1,6 +1,6 @@
 """Reading labelled utterances from a data SPEC into `datasets` tables.
 
-SPEC (DESIGN.md): a CSV, JSONL, JSON or YAML file; a folder holding `train.*` / `test.*`
+SPEC (docs/design.md, Data rules): a CSV, JSONL, JSON or YAML file; a folder holding `train.*` / `test.*`
 (or `train/`, `dev/`, `test/` subfolders with one file each); a domain pack folder
 (`nlu.yaml`, `test.yaml`); `pack:NAME` for a pack shipped with supportbot; CLINC150's
 `{split: [[text, label], ...]}` JSON (with `oos` as out of scope); `hf:NAME` through

@@ -1,4 +1,4 @@
-"""The HTTP API of DESIGN.md: chat, classify, sessions, health, readiness, metrics, reload, web page."""
+"""The HTTP API of docs/http-api.md: chat, classify, sessions, health, readiness, metrics, reload, web page."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SUPPORTBOT_", extra="forbid", validate_default=True)
 
-    # The names DESIGN.md fixes.
+    # The names docs/design.md fixes (Settings).
     model: Path | None = Field(None, description="bundle directory to serve")
     data_dir: Path = Field(Path(".supportbot"), description="sessions, outbox and caches")
     api_key: SecretStr | None = Field(None, description="when set, /v1/chat, /v1/classify and /v1/sessions need it")

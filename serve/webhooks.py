@@ -498,7 +498,7 @@ def build_webhook_router() -> APIRouter:
     router.add_api_route(
         "/chatwoot", handle_chatwoot, methods=["POST"], summary="Chatwoot Agent Bot events",
         description="Chatwoot's Agent Bot deliveries (message and conversation events), verified with "
-                    "X-Chatwoot-Signature when SUPPORTBOT_CHATWOOT_SECRET is set. See the README, section Webhooks.",
+                    "X-Chatwoot-Signature when SUPPORTBOT_CHATWOOT_SECRET is set. See docs/webhooks.md.",
         openapi_extra=_json_body({"type": "object", "required": ["event"],
                                   "properties": {"event": {"type": "string"}}, "additionalProperties": True}),
         responses=_ERRORS,
@@ -507,7 +507,7 @@ def build_webhook_router() -> APIRouter:
         "/generic", handle_generic, methods=["POST"], summary="Generic signed webhook",
         description="A customer message (or a conversation event) from any platform, signed with "
                     "X-Supportbot-Signature (SUPPORTBOT_WEBHOOK_SECRET). The reply is in the response (200) "
-                    "or sent to callback_url (202). See the README, section Webhooks.",
+                    "or sent to callback_url (202). See docs/webhooks.md.",
         openapi_extra=_json_body(GenericDelivery.model_json_schema()),
         responses={202: {"description": "accepted; the reply goes to callback_url"}, **_ERRORS,
                    422: {"description": "a field is missing or invalid, or callback_url's host is not allowed "

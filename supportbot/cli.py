@@ -1,4 +1,4 @@
-"""`supportbot`: train, evaluate, serve, chat, predict (DESIGN.md).
+"""`supportbot`: train, evaluate, serve, chat, predict (docs/design.md).
 
 Each command imports only what it needs, so `supportbot predict` does not load the web stack.
 Errors a user can fix (bad data, a damaged bundle, a bad option) print one line and exit 2.

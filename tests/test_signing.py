@@ -16,7 +16,7 @@ NOW = 1767225600
 
 
 def test_worked_example_from_the_docs():
-    # The same numbers appear in the README (generic webhook); `openssl dgst -sha256 -hmac whsec_example` agrees.
+    # The same numbers appear in docs/webhooks.md (Signature); `openssl dgst -sha256 -hmac whsec_example` agrees.
     expected = "sha256=2d4c39e4e65c62f16876e567131a73f9f6a556ee3b430dff086898ea325d3d8b"
     assert signing.compute(SECRET, str(NOW), BODY) == expected
     independent = hmac.new(SECRET.encode(), f"{NOW}.".encode() + BODY, hashlib.sha256).hexdigest()
@@ -75,7 +75,7 @@ def test_timestamp_more_than_five_minutes_off_is_stale_either_way():
 def test_the_docs_show_the_same_worked_example():
     from pathlib import Path
 
-    docs = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "webhooks.md").read_text(encoding="utf-8")
     assert f"Secret `{SECRET}`, timestamp `{NOW}`" in docs
     assert BODY.decode() in docs and f"({len(BODY)} bytes, no spaces)" in docs
     assert signing.compute(SECRET, str(NOW), BODY) in docs

@@ -63,7 +63,7 @@ def hook(server):
 
 def post(url: str, body: dict, *, secret: str | None = SECRET, delivery_id: str | None = None,
          timestamp: float | None = None, without: tuple[str, ...] = ()) -> httpx.Response:
-    """POST a delivery signed as the README (The generic webhook, Signature) describes, leaving out the headers named in `without`."""
+    """POST a delivery signed as docs/webhooks.md (The generic webhook, Signature) describes, leaving out the headers named in `without`."""
     raw = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if secret is not None:
