@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 # or install your own build into $(VENV) before running make.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test browser clean
+.PHONY: setup run test lint browser clean
 
 setup: $(VENV)/.installed
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench,lint]'
 	touch $@
 
 # Train the default shop model if models/default has none, then serve it on http://127.0.0.1:8000
@@ -27,7 +27,13 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	  else echo "Chromium is missing: sudo apt-get install chromium chromium-driver"; exit 1; fi; }
 
-test: setup browser
+# ruff (rules in pyproject.toml) over the tree; mypy over the packages, strict on bot/.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy bot
+
+# The README's test command: lint first, then the whole suite.
+test: setup browser lint
 	$(BIN)/python -m pytest
 
 clean:

@@ -97,8 +97,8 @@ def measure(bundle: Path, workdir: Path) -> dict[str, float]:
     scores = score_bundle(bundle, test, classifier.labels)
     texts, labels = list(test["text"]), list(test["label"])
     return {
-        "n_in": sum(l != data.OOS_LABEL for l in labels),
-        "n_oos": sum(l == data.OOS_LABEL for l in labels),
+        "n_in": sum(label != data.OOS_LABEL for label in labels),
+        "n_oos": sum(label == data.OOS_LABEL for label in labels),
         "floor": classifier.confidence_floor,
         "gap": classifier.ambiguity_gap,
         "accuracy": scores["accuracy"],

@@ -262,7 +262,7 @@ def start_server(model: Path, workdir: Path, name: str, env_settings: dict[str, 
     port = free_port()
     env = {**os.environ, "SUPPORTBOT_DATA_DIR": str(workdir / name), "SUPPORTBOT_RATE_LIMIT_PER_MINUTE": "0",
            "SUPPORTBOT_MAX_QUEUE": "100000", **env_settings}
-    log = open(workdir / f"{name}.log", "w")
+    log = open(workdir / f"{name}.log", "w")  # noqa: SIM115 (the server process writes to it for its whole life)
     process = subprocess.Popen(
         [str(Path(PYTHON).parent / "supportbot"), "serve", "--model", str(model), "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -354,7 +354,7 @@ def profile_forward_pass(classifier) -> str:
 def profile_server(model: Path, workdir: Path, requests: int, concurrency: int) -> dict:
     port = free_port()
     out = workdir / "profile.json"
-    log = open(workdir / "profiled.log", "w")
+    log = open(workdir / "profiled.log", "w")  # noqa: SIM115 (the server process writes to it for its whole life)
     process = subprocess.Popen(
         [PYTHON, __file__, "--serve-profiled", "--model", str(model), "--port", str(port), "--out", str(out),
          "--data-dir", str(workdir / "profiled")],

@@ -12,7 +12,7 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -45,7 +45,7 @@ def append_section(title: str, command: str, body: str) -> None:
     if not BENCHMARKS.exists():
         BENCHMARKS.write_text("# Benchmarks\n\nFigures recorded by the scripts in bench/.\n")
     text = BENCHMARKS.read_text(encoding="utf-8")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     section = (
         f"\n### {title}\n\n"
         f"- command: `{command}`\n- machine: {machine()}\n- date: {stamp}, commit {_commit()}\n\n{body.rstrip()}\n"

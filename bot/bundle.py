@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ class Bundle:
 
     @property
     def version(self) -> str:
-        return self.meta["version"]
+        return str(self.meta["version"])
 
     @property
     def labels(self) -> list[str]:
@@ -60,11 +60,11 @@ class Bundle:
 
     @property
     def strategy(self) -> str:
-        return self.meta["strategy"]
+        return str(self.meta["strategy"])
 
     @property
     def calibration(self) -> dict[str, Any]:
-        return self.meta["calibration"]
+        return dict(self.meta["calibration"])
 
     def file(self, name: str) -> Path | None:
         """Path of a listed file, or None when the bundle has no such file."""
@@ -89,7 +89,7 @@ def write(out_dir: str | Path, meta: dict[str, Any], writers: dict[str, Callable
         manifest = {
             "format_version": FORMAT_VERSION,
             "version": _version_id(files, meta),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             **meta,
             "files": files,
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ class Chatbot:
     # ---- conversation ----------------------------------------------------------------------
 
     def respond(
-        self, session_id: str, text: str, *, prediction: Prediction | None = None, metadata: dict | None = None
+        self, session_id: str, text: str, *, prediction: Prediction | None = None, metadata: dict[str, Any] | None = None
     ) -> Reply:
         """Answer one user message in a session (created on first use)."""
         check_session_id(session_id)
@@ -158,7 +159,7 @@ class Chatbot:
                 self._locks[session_id] = lock
             return lock
 
-    def _update(self, session_id: str, change) -> None:
+    def _update(self, session_id: str, change: Callable[[SessionState], SessionState]) -> None:
         check_session_id(session_id)
         with self._lock(session_id):
             for attempt in range(COMMIT_ATTEMPTS):
@@ -204,7 +205,7 @@ class Chatbot:
             return domain.render(choose(texts, *key), state.slots), []
         raise ValueError(f"unknown action {decision.action!r}")
 
-    def _fallback_words(self, decision: Decision, key: tuple) -> tuple[str, list[str]]:
+    def _fallback_words(self, decision: Decision, key: tuple[object, ...]) -> tuple[str, list[str]]:
         domain = self.domain
         if decision.slot is not None:
             return domain.render(choose(domain.slot_retry[decision.slot], *key), {}), self._handoff_button([])
@@ -221,10 +222,10 @@ class Chatbot:
         """A real desk always offers a way to a person after the bot failed to understand."""
         intent = self.domain.handoff_intent
         title = self.domain.title(intent) if intent else None
-        return quick + [title] if title and title not in quick else quick
+        return [*quick, title] if title and title not in quick else quick
 
     def _turns(
-        self, text: str, reply: Reply, decision: Decision, prediction: Prediction | None, metadata: dict | None
+        self, text: str, reply: Reply, decision: Decision, prediction: Prediction | None, metadata: dict[str, Any] | None
     ) -> list[Turn]:
         user = Turn(
             role="user",

@@ -44,7 +44,7 @@ class Prediction:
         }
 
 
-def lora_config(settings: dict[str, Any]):
+def lora_config(settings: dict[str, Any]) -> Any:
     """The peft LoraConfig for `settings` (r, alpha, dropout, target_modules); training and loading share it."""
     from peft import LoraConfig
 
@@ -103,7 +103,8 @@ class IntentClassifier:
         """Raw (uncalibrated) logits, rows in input order."""
         with self._lock, torch.inference_mode():
             embeddings = self.encoder.embed(texts, batch_size=batch_size)
-            return self.head(embeddings)
+            logits: torch.Tensor = self.head(embeddings)
+            return logits
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits / self.temperature, dim=-1)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +98,7 @@ class Encoder:
     """A transformer body with its tokenizer, the pooling it was trained with, and a length cap."""
 
     model: nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer (untyped library)
     max_length: int = 128
 
     @classmethod
@@ -105,7 +106,7 @@ class Encoder:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # a 0.1 s "Loading weights" bar on every load is noise
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a 0.1 s "Loading weights" bar on every load is noise
         resolved = resolve_base(base)
         tokenizer = AutoTokenizer.from_pretrained(resolved)
         model = AutoModel.from_pretrained(resolved)
@@ -114,9 +115,10 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        config: Any = self.model.config  # a transformers PretrainedConfig
+        return int(config.hidden_size)
 
-    def tokenize(self, texts: Sequence[str], *, pad: bool = True) -> dict[str, torch.Tensor] | dict[str, list]:
+    def tokenize(self, texts: Sequence[str], *, pad: bool = True) -> Any:
         """The one tokenizer call used by training and inference."""
         return self.tokenizer(
             list(texts),
@@ -127,10 +129,11 @@ class Encoder:
             return_token_type_ids=False,
         )
 
-    def pad(self, features: dict[str, list], indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    def pad(self, features: dict[str, list[Any]], indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Pad a subset of pre-tokenised texts (from `tokenize(pad=False)`) into tensors."""
         rows = [{key: values[i] for key, values in features.items()} for i in indices]
-        return self.tokenizer.pad(rows, return_tensors="pt")
+        padded: dict[str, torch.Tensor] = self.tokenizer.pad(rows, return_tensors="pt")
+        return padded
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled sentence vectors from `model` (this encoder's body, or a peft wrapper of it)."""

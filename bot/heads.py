@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -22,5 +23,6 @@ class IntentHead(nn.Module):
         else:
             self.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, n_labels))
 
-    def forward(self, embeddings):
-        return self.layers(embeddings * self.scale)
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.layers(embeddings * self.scale)
+        return out

@@ -27,7 +27,7 @@ ANSWER, CLARIFY, FALLBACK, HANDOFF = "answer", "clarify", "fallback", "handoff"
 ACTIONS = (ANSWER, CLARIFY, FALLBACK, HANDOFF)
 
 
-def decide(top1, top2, floor: float, gap: float):
+def decide(top1: Any, top2: Any, floor: float, gap: float) -> Any:
     """answer when top-1 clears the floor and leads top-2 by at least the gap; clarify when the
     two are within the gap but together clear the floor ("did you mean A or B?"); else fallback.
 
@@ -38,7 +38,7 @@ def decide(top1, top2, floor: float, gap: float):
     return str(out) if out.ndim == 0 else out
 
 
-def decision_masks(top1, top2, floor, gap) -> tuple[np.ndarray, np.ndarray]:
+def decision_masks(top1: Any, top2: Any, floor: Any, gap: Any) -> tuple[np.ndarray, np.ndarray]:
     """(clarify, answer) as boolean arrays (broadcast over the inputs); the rest is fallback."""
     top1, top2 = np.asarray(top1, dtype=float), np.asarray(top2, dtype=float)
     clarify = (top1 - top2 < gap) & (top1 + top2 >= floor)
@@ -118,7 +118,7 @@ class DialoguePolicy:
             if isinstance(chosen, str):
                 return self._answer(state, chosen, float(pending.get("confidence", prediction.confidence)), REASON_CHOSEN)
         if expecting:
-            if expecting in found:
+            if expecting in found and pending is not None:
                 return self._answer(state, pending["intent"], float(pending.get("confidence", 0.0)), REASON_SLOT_FILLED)
             if action != ANSWER:
                 return self._fallback(state, prediction, REASON_SLOT_MISSING, retry=pending)

@@ -34,10 +34,11 @@ class _LastInput:
     def __init__(self) -> None:
         self.source: torch.Tensor | None = None
         self.version = -1
-        self.quantised = self.row_max = None
+        self.quantised: torch.Tensor | None = None
+        self.row_max: torch.Tensor | None = None
 
     def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if x is self.source and _version(x) == self.version:
+        if x is self.source and _version(x) == self.version and self.quantised is not None and self.row_max is not None:
             return self.quantised, self.row_max
         return None
 
@@ -54,6 +55,10 @@ class Int8Linear(nn.Module):
 
     The product accumulates in int32 (`torch._int_mm`), so the only error is the rounding of W and x.
     """
+
+    weight_t: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(self, linear: nn.Linear, last_input: _LastInput | None = None):
         super().__init__()

@@ -119,7 +119,7 @@ class Domain:
             shop_name=shop_name.strip(),
             intents=intents,
             fallback=_texts(data, generic, "fallback", {"suggestions", "shop_name"}, where),
-            clarify=_texts(data, generic, "clarify", {"options", "shop_name"}, where, required={"options"}),
+            clarify=_texts(data, generic, "clarify", {"options", "shop_name"}, where, required=frozenset({"options"})),
             handoff=handoff,
             out_of_scope=_texts(data, generic, "out_of_scope", {"shop_name"}, where),
             answer=answer,
@@ -194,10 +194,11 @@ class _Where:
 
 @lru_cache(maxsize=1)
 def _generic_data() -> dict[str, Any]:
-    return yaml.safe_load(GENERIC_FILE.read_text(encoding="utf-8"))
+    data: dict[str, Any] = yaml.safe_load(GENERIC_FILE.read_text(encoding="utf-8"))
+    return data
 
 
-def _text_list(value: Any, place: str, allowed: set[str], where: _Where, *, required: set[str] = frozenset()) -> tuple[str, ...]:
+def _text_list(value: Any, place: str, allowed: set[str], where: _Where, *, required: frozenset[str] = frozenset()) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -217,7 +218,7 @@ def _text_list(value: Any, place: str, allowed: set[str], where: _Where, *, requ
     return tuple(texts)
 
 
-def _texts(data: dict, generic: dict, key: str, allowed: set[str], where: _Where, *, required: set[str] = frozenset()) -> tuple[str, ...]:
+def _texts(data: dict[str, Any], generic: dict[str, Any], key: str, allowed: set[str], where: _Where, *, required: frozenset[str] = frozenset()) -> tuple[str, ...]:
     if data.get(key) is None:
         return _text_list(generic[key], key, allowed, _Where(str(GENERIC_FILE)), required=required)
     return _text_list(data[key], key, allowed, where, required=required)
@@ -247,7 +248,7 @@ def _intent(name: str, body: Any, where: _Where) -> IntentResponses:
     return IntentResponses(name, title.strip(), texts, prompts, tuple(q.strip() for q in quick))
 
 
-def _special(value: Any, aliases: dict[str, list[str]], labels: list[str], intents: dict, where: _Where) -> dict[str, str]:
+def _special(value: Any, aliases: dict[str, list[str]], labels: list[str], intents: dict[str, Any], where: _Where) -> dict[str, str]:
     """Roles named by the file; roles it leaves out are found among the labels by their usual names."""
     if value is not None and not isinstance(value, dict):
         raise ResponsesError(where("special", "expected a mapping of role: intent"))

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -91,7 +91,7 @@ class Turn:
     confidence: float
     action: str
     model_version: str
-    at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+    at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,7 +218,7 @@ class SQLiteSessionStore:
     def commit(self, session_id: str, state: SessionState, turns: list[Turn]) -> int:
         check_session_id(session_id)
         conn = self._conn()
-        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = conn.execute("SELECT rev FROM sessions WHERE id = ?", (session_id,)).fetchone()

@@ -96,8 +96,8 @@ def _median_index(indices: np.ndarray) -> int:
 
 
 def _grid(cfg: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
-    floors = GRID[(GRID >= cfg.min_floor) & (GRID <= cfg.max_floor)]
-    gaps = GRID[GRID <= cfg.max_gap]
+    floors = GRID[(cfg.min_floor <= GRID) & (cfg.max_floor >= GRID)]
+    gaps = GRID[cfg.max_gap >= GRID]
     return floors, gaps
 
 

@@ -324,7 +324,7 @@ def _load_hub(name: str) -> dict[str, Rows]:
 
     try:
         hub = load_dataset(name)
-    except Exception as exc:  # noqa: BLE001 - any hub failure is one line for the user
+    except Exception as exc:
         raise DataError(f"hf:{name}: cannot load from the Hugging Face hub: {str(exc).splitlines()[0]}") from None
     splits: dict[str, Rows] = {}
     for split_name, table in hub.items():

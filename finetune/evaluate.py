@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -456,7 +456,7 @@ def run(args: argparse.Namespace) -> Evaluation:
     if len(splits) == 1 and Path(args.data).is_file():
         split = "whole file"
     evaluation.report["data"] = {"spec": str(args.data), "split": split, "n": len(dataset), "out_of_scope": open_set}
-    evaluation.report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    evaluation.report["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     return evaluation
 
 

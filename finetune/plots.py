@@ -13,14 +13,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import PowerNorm  # noqa: E402
-from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering  # noqa: E402
-from scipy.spatial.distance import pdist  # noqa: E402
-from sklearn.metrics import confusion_matrix as sk_confusion_matrix  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import PowerNorm
+from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
+from scipy.spatial.distance import pdist
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-from .data import OOS_LABEL  # noqa: E402
+from .data import OOS_LABEL
 
 Record = dict[str, Any]
 DPI = 110

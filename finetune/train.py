@@ -60,8 +60,8 @@ class Prepared:
 
     def __post_init__(self) -> None:
         index = {label: i for i, label in enumerate(self.labels)}
-        self.y_train = torch.tensor([index.get(l, -1) for l in self.train["label"]])
-        self.y_val = torch.tensor([index.get(l, -1) for l in self.val["label"]])
+        self.y_train = torch.tensor([index.get(label, -1) for label in self.train["label"]])
+        self.y_val = torch.tensor([index.get(label, -1) for label in self.val["label"]])
 
 
 @dataclass
@@ -301,11 +301,11 @@ def score_bundle(path: Path, test: Dataset, labels: list[str]) -> dict[str, floa
 
     classifier = IntentClassifier.from_bundle(path)
     index = {label: i for i, label in enumerate(labels)}
-    y = np.array([index.get(l, -1) for l in test["label"]])
+    y = np.array([index.get(label, -1) for label in test["label"]])
     probs = classifier.probabilities(classifier.logits(list(test["text"]))).numpy()
     in_scope = y >= 0
     scores = _metrics(probs[in_scope], y[in_scope], probs[~in_scope] if (~in_scope).any() else None, classifier.confidence_floor)
-    scores["n"] = int(len(y))
+    scores["n"] = len(y)
     return scores
 
 

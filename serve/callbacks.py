@@ -244,7 +244,8 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
     httpx has no option for a network backend, so the pool it built is replaced by one that has it
     (the live webhook tests fail if a future httpx stops using `_pool`)."""
 
-    def __init__(self, policy: CallbackPolicy, limits: httpx.Limits = httpx.Limits()):
+    def __init__(self, policy: CallbackPolicy, limits: httpx.Limits | None = None):
+        limits = limits or httpx.Limits()
         super().__init__(limits=limits)
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(), max_connections=limits.max_connections,

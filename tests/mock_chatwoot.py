@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -149,7 +149,7 @@ class MockChatwoot:
             def log_message(self, *_args: Any) -> None:  # keep test output clean
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 recorded = Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
@@ -239,7 +239,7 @@ class MockChatwoot:
 
 
 def _iso(ts: float | None = None) -> str:
-    return datetime.fromtimestamp(ts or time.time(), tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts or time.time(), tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 def contact(contact_id: int = 11) -> dict[str, Any]:

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import BANKING77, CLINC150, ROOT, SHARED_DATA
+
 from finetune import data
 from finetune.data import DataError
 
@@ -109,7 +109,7 @@ def test_label_with_one_example_is_refused_with_its_row(tmp_path):
 def test_stratified_split_is_seeded_and_keeps_every_label():
     rows = data.load(str(BANKING77 / "test.csv"))["train"]
     train_a, val_a = data.stratified_split(rows, 0.1, seed=7)
-    train_b, val_b = data.stratified_split(rows, 0.1, seed=7)
+    _train_b, val_b = data.stratified_split(rows, 0.1, seed=7)
     _, val_c = data.stratified_split(rows, 0.1, seed=8)
     assert list(val_a["text"]) == list(val_b["text"]) and list(val_a["text"]) != list(val_c["text"])
     assert set(val_a["label"]) == set(rows["label"]) == set(train_a["label"])

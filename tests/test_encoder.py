@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def test_resolver_prefers_the_packaged_copy(tmp_path):
 
 def test_base_weights_hash_is_the_safetensors_sha256():
     folder = resolve_base(DEFAULT_BASE)
-    expected = hashlib.sha256(open(f"{folder}/model.safetensors", "rb").read()).hexdigest()
+    expected = hashlib.sha256(Path(f"{folder}/model.safetensors").read_bytes()).hexdigest()
     assert base_weights_sha256(folder) == expected
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from mock_chatwoot import MockChatwoot
 from prometheus_client import CollectorRegistry
 
 from serve.chatwoot import KIND_MESSAGE, KIND_OPEN, ChatwootClient, message_payload, open_payload
 from serve.outbox import Accepted, Duplicate, NewAction, Outbox, OutboxMetrics, OutboxStore, RetryPolicy
-from mock_chatwoot import MockChatwoot
 
 FAST = RetryPolicy(max_attempts=5, backoff_base_s=0.05, backoff_cap_s=0.2, jitter=0.0)
 

@@ -188,7 +188,7 @@ def test_clarify_follow_up_resolves(policy, answer, chosen):
 
 def test_no_clarify_between_small_talk_and_a_question(policy):
     hello_order = pred(("greet", 0.46), ("order_status", 0.44), ("delivery_late", 0.05))
-    (d,), state = run(policy, SessionState(), ("hi, where is order 12345", hello_order))
+    (d,), _state = run(policy, SessionState(), ("hi, where is order 12345", hello_order))
     assert (d.action, d.intent, d.reason, d.confidence) == (ANSWER, "order_status", REASON_SOCIAL_MIX, 0.44)
     thanks_bye = pred(("thanks", 0.50), ("goodbye", 0.48))
     (d,), _ = run(policy, SessionState(), ("thanks, bye", thanks_bye))
@@ -252,7 +252,7 @@ def test_two_consecutive_fallbacks_hand_off(policy):
 
 
 def test_an_answer_resets_the_fallback_counter(policy):
-    decisions, state = run(
+    decisions, _state = run(
         policy, SessionState(),
         ("weather?", NOISE), ("what payment methods", SURE("payment_methods")), ("a joke?", NOISE), ("football?", NOISE),
     )

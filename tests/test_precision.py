@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import train_bundle
 from torch import nn
 
 from bot.classifier import IntentClassifier
 from bot.precision import Int8Linear, apply_precision
-from conftest import train_bundle
 from finetune.calibrate import fit_temperature
 from finetune.config import load_config
 from finetune.data import load

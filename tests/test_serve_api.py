@@ -12,12 +12,12 @@ import time
 
 import httpx
 import pytest
+from serve_helpers import asgi_client, live_server, make_settings
 
 from serve.access_log import JsonFormatter
 from serve.app import create_app
 from serve.batching import Batcher, QueueFull
 from serve.metrics import Metrics
-from serve_helpers import asgi_client, live_server, make_settings
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from itertools import count
 
 import httpx
 import pytest
+from serve_helpers import live_server, make_settings
 
 from serve.ratelimit import RateLimiter
 from serve.settings import SettingsError, load_settings
-from serve_helpers import live_server, make_settings
 from supportbot.cli import main as cli_main
 
 API_KEY = "test-key-7c1f0e9a"
@@ -114,8 +114,9 @@ def test_metrics_needs_its_token_when_set(http):
 
 
 def test_metrics_is_open_without_a_token_and_the_server_says_so(shop_bundle, tmp_path, caplog):
-    from serve.app import create_app
     from serve_helpers import asgi_client
+
+    from serve.app import create_app
 
     async def run() -> httpx.Response:
         async with asgi_client(create_app(make_settings(shop_bundle, tmp_path))) as client:
@@ -140,8 +141,9 @@ def test_reload_needs_the_admin_token(http):
 
 
 def test_reload_is_off_without_an_admin_token(shop_bundle, tmp_path):
-    from serve.app import create_app
     from serve_helpers import asgi_client
+
+    from serve.app import create_app
 
     async def run():
         async with asgi_client(create_app(make_settings(shop_bundle, tmp_path)), start=False) as client:

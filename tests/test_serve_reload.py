@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-
 from serve_helpers import live_server, make_settings
 from test_serve_api import metric_value
 

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import train_bundle
 from safetensors.torch import load_file
 
 from bot import bundle as bundle_mod
 from bot.bundle import BundleError
 from bot.classifier import IntentClassifier
 from bot.encoder import resolve_base
-from conftest import train_bundle
 from finetune.config import load_config
 from finetune.train import train
 
@@ -122,14 +122,14 @@ def test_flipped_byte_is_refused_naming_the_file(banking_head_bundle, tmp_path):
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     weights.write_bytes(bytes(raw))
-    with pytest.raises(BundleError, match="file head.safetensors is damaged"):
+    with pytest.raises(BundleError, match=r"file head\.safetensors is damaged"):
         bundle_mod.load(copy)
 
 
 def test_missing_file_is_refused_naming_it(banking_head_bundle, tmp_path):
     copy = _copy(banking_head_bundle, tmp_path)
     (copy / "head.safetensors").unlink()
-    with pytest.raises(BundleError, match="file head.safetensors is missing"):
+    with pytest.raises(BundleError, match=r"file head\.safetensors is missing"):
         IntentClassifier.from_bundle(copy)
 
 
@@ -151,10 +151,10 @@ def test_foreign_or_mismatched_bundles_are_refused(banking_head_bundle, tmp_path
 
 
 def test_not_a_bundle(tmp_path):
-    with pytest.raises(BundleError, match="bundle.json is missing"):
+    with pytest.raises(BundleError, match=r"bundle\.json is missing"):
         bundle_mod.load(tmp_path)
     (tmp_path / "bundle.json").write_text("{not json")
-    with pytest.raises(BundleError, match="bundle.json is damaged"):
+    with pytest.raises(BundleError, match=r"bundle\.json is damaged"):
         bundle_mod.load(tmp_path)
     with pytest.raises(BundleError, match="not a directory"):
         bundle_mod.load(tmp_path / "nope")

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from serve_helpers import live_server, make_settings
 
 from bot import bundle as bundle_mod
-from serve_helpers import live_server, make_settings
 
 pytestmark = pytest.mark.browser
 

@@ -10,11 +10,11 @@ import time
 
 import httpx
 import pytest
-
 from mock_chatwoot import MockChatwoot, conversation_event, deliver, message_event, signed_body
+from serve_helpers import asgi_client, live_server, make_settings
+
 from serve import signing
 from serve.app import create_app
-from serve_helpers import asgi_client, live_server, make_settings
 
 SECRET = "cw-agent-bot-secret"
 TOKEN = "cw-agent-bot-token"

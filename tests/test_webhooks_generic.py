@@ -11,12 +11,12 @@ import time
 
 import httpx
 import pytest
-
 from mock_chatwoot import MockChatwoot
+from serve_helpers import asgi_client, live_server, make_settings
+
 from serve import signing
 from serve.app import create_app
 from serve.callbacks import CallbackPolicy, CallbackRefused, system_resolver
-from serve_helpers import asgi_client, live_server, make_settings
 
 SECRET = "generic-webhook-secret"
 
