@@ -50,8 +50,7 @@ def articles() -> dict[str, tuple[dict, str]]:
 @pytest.fixture(scope="module")
 def splits() -> dict[str, list[dict]]:
     return {
-        name: yaml.safe_load((QUESTIONS / f"{name}.yaml").read_text(encoding="utf-8"))["questions"]
-        for name in SPLITS
+        name: yaml.safe_load((QUESTIONS / f"{name}.yaml").read_text(encoding="utf-8"))["questions"] for name in SPLITS
     }
 
 
