@@ -39,8 +39,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 log = logging.getLogger("supportbot.outbox")
 
-PENDING, SENT, FAILED = "pending", "sent", "failed"
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS actions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
