@@ -19,11 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .errors import SupportbotError
+
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 
 
-class BundleError(Exception):
+class BundleError(SupportbotError):
     """A bundle that cannot be used: missing, damaged, foreign, or built on other base weights."""
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from .bundle import Bundle, BundleError
 from .classifier import IntentClassifier, Prediction
+from .errors import SupportbotError
 from .policy import ANSWER, CLARIFY, FALLBACK, HANDOFF, REASON_HANDOFF_INTENT, Decision, DialoguePolicy
 from .responses import Domain, ResponsesError, choose, join_choices
 from .sessions import SessionConflict, SessionState, SessionStore, Turn, check_session_id
@@ -28,7 +29,7 @@ DEFAULT_MAX_MESSAGE_CHARS = 4000
 COMMIT_ATTEMPTS = 5
 
 
-class InvalidMessage(ValueError):
+class InvalidMessage(SupportbotError, ValueError):
     """A message that is not text, is empty, or is too long."""
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from .errors import SupportbotError
 from .slots import SLOT_TYPES
 
 GENERIC_FILE = Path(__file__).resolve().parent / "generic_responses.yaml"
@@ -31,7 +32,7 @@ DEFAULT_HANDOFF_AFTER_FALLBACKS = 2
 MAX_RESPONSES_BYTES = 4 << 20
 
 
-class ResponsesError(Exception):
+class ResponsesError(SupportbotError):
     """A responses file that cannot be used; the message is one line naming the file and the place."""
 
 

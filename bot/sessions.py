@@ -19,20 +19,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from .errors import SupportbotError
+
 MAX_SESSION_ID_CHARS = 128
 SESSIONS_FILE = "sessions.sqlite3"
 SCHEMA_VERSION = 1
 
 
-class InvalidSessionId(ValueError):
+class InvalidSessionId(SupportbotError, ValueError):
     """A session id that is empty, too long or holds control characters."""
 
 
-class SessionConflict(RuntimeError):
+class SessionConflict(SupportbotError, RuntimeError):
     """Another writer changed the session since it was loaded; reload and try again."""
 
 
-class SessionStoreError(RuntimeError):
+class SessionStoreError(SupportbotError, RuntimeError):
     """The store cannot be opened or read (damaged file, foreign schema)."""
 
 

@@ -148,9 +148,9 @@ def _readline_input(history: Path | None) -> Callable[[str], str]:
 
 def run(model: Path, session_id: str | None = None, *, store: SessionStore | None = None) -> int:
     """Talk to the bundle at `model` in this terminal; returns the exit status."""
-    print(f"Loading the model from {model} ...", file=sys.stderr, flush=True)
     own_store = store is None
-    store = store if store is not None else SQLiteSessionStore()
+    store = store if store is not None else SQLiteSessionStore()  # a damaged store fails before the slow part
+    print(f"Loading the model from {model} ...", file=sys.stderr, flush=True)
     try:
         bot = Chatbot.from_bundle(model, store)
         session = session_id or f"terminal-{uuid.uuid4().hex[:8]}"

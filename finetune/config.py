@@ -9,12 +9,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bot.encoder import DEFAULT_BASE
+from bot.errors import SupportbotError
 from bot.precision import Precision
 
 Strategy = Literal["head", "lora", "full"]
 
 
-class ConfigError(Exception):
+class ConfigError(SupportbotError):
     """A recipe that cannot be used; the message is one line."""
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import yaml
 from datasets import Dataset, DatasetDict
 
+from bot.errors import SupportbotError
+
 OOS_LABEL = "oos"
 TEXT_COLUMNS = ("text", "utterance", "instruction", "query")
 LABEL_COLUMNS = ("label", "intent", "category")
@@ -37,7 +39,7 @@ MAX_TEXT_CHARS = 10_000
 csv.field_size_limit(1 << 24)
 
 
-class DataError(Exception):
+class DataError(SupportbotError):
     """Unusable training or evaluation data; the message is one line naming file, row and problem."""
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from bot.classifier import Prediction
+from bot.errors import SupportbotError
 
 from .metrics import Metrics
 
@@ -34,11 +35,11 @@ PredictFn = Callable[[list[str]], tuple[Any, list[Prediction]]]
 FinishFn = Callable[[Any, list[Prediction]], T]
 
 
-class QueueFull(Exception):
+class QueueFull(SupportbotError):
     """More texts are waiting than `max_queue`: the caller should answer 503 and retry later."""
 
 
-class BatcherStopped(Exception):
+class BatcherStopped(SupportbotError):
     """The batcher is shutting down and takes no more work."""
 
 
@@ -84,10 +85,6 @@ class Batcher:
         self._queued_texts += len(job.texts)
         self._wakeup.set()
         return await job.future
-
-    async def run_in_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` on the model thread, between batches (warm-up uses this)."""
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -31,6 +31,8 @@ from typing import Any
 import httpcore
 import httpx
 
+from bot.errors import SupportbotError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -40,7 +42,7 @@ _ENTRY_HELP = "give host names like hooks.example.com or .example.com (subdomain
               "no scheme, port or path"
 
 
-class CallbackRefused(Exception):
+class CallbackRefused(SupportbotError):
     """A callback host that the policy forbids; the message names the host, never the URL."""
 
 

@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bot.errors import SupportbotError
+
 log = logging.getLogger("supportbot.serve")
 
 STATUS_CODES = {
@@ -39,7 +41,7 @@ STATUS_CODES = {
 _NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "model_type"}
 
 
-class ApiError(Exception):
+class ApiError(SupportbotError):
     """An error answered to the client: HTTP status, a stable machine code, a human message."""
 
     def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None):

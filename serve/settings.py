@@ -15,6 +15,8 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from bot.errors import SupportbotError
+
 from .callbacks import parse_host_entry
 
 DEFAULT_CONFIG = Path("configs/serve.yaml")
@@ -23,7 +25,7 @@ DEFAULT_CONFIG = Path("configs/serve.yaml")
 _yaml_file: ContextVar[Path | None] = ContextVar("supportbot_serve_yaml", default=None)
 
 
-class SettingsError(Exception):
+class SettingsError(SupportbotError):
     """Settings that cannot be used; the message is one line that names the file or variable."""
 
 

@@ -1,3 +1,5 @@
 """The `supportbot` command line; the parts live in bot/, finetune/ and serve/."""
 
-__version__ = "0.1.0"
+from bot import __version__
+
+__all__ = ["__version__"]

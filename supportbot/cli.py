@@ -1,7 +1,8 @@
 """`supportbot`: train, evaluate, serve, chat, predict (docs/design.md).
 
 Each command imports only what it needs, so `supportbot predict` does not load the web stack.
-Errors a user can fix (bad data, a damaged bundle, a bad option) print one line and exit 2.
+Errors a user can fix (bad data, a damaged bundle or sessions file, a bad option) are `SupportbotError`s
+(bot/errors.py): main() catches that one base, prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from bot import __version__
 
 EPILOG_SPEC = """\
 data SPEC: a CSV / JSONL / JSON / YAML file; a folder with train.* and test.* (or train/ dev/ test/
@@ -32,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A customer-service chatbot on a frozen pretrained encoder: train, evaluate, serve.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser(
@@ -180,6 +184,11 @@ def set_serving_openmp() -> None:
         os.environ.setdefault(name, value)
 
 
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (a message that spans lines is joined, never cut)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve, "chat": cmd_chat}
 
 
@@ -188,14 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         set_serving_openmp()
 
-    from bot.bundle import BundleError
-    from finetune.config import ConfigError
-    from finetune.data import DataError
+    from bot.errors import SupportbotError
 
     try:
         return COMMANDS[args.command](args)
-    except (DataError, BundleError, ConfigError) as exc:
-        print(f"supportbot {args.command}: error: {exc}", file=sys.stderr)
+    except SupportbotError as exc:  # every error a user can fix: one line, exit 2 (bot/errors.py)
+        print(f"supportbot {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"supportbot {args.command}: interrupted", file=sys.stderr)

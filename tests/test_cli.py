@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -60,3 +62,48 @@ def test_user_errors_are_one_line_exit_2(args, message):
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import version
+
+    run = supportbot("--version")
+    assert run.returncode == 0
+    assert run.stdout.strip() == f"supportbot {version('supportbot')}"
+
+
+def test_chat_on_a_damaged_sessions_file_is_one_line_exit_2(tmp_path, banking_head_bundle):
+    (tmp_path / "sessions.sqlite3").write_bytes(b"this is not an SQLite database, it was damaged" * 100)
+    run = subprocess.run(
+        [sys.executable, "-m", "supportbot.cli", "chat", "--model", str(banking_head_bundle)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, input="",
+        env={**os.environ, "SUPPORTBOT_DATA_DIR": str(tmp_path)},
+    )
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()]
+    assert run.stderr.startswith("supportbot chat: error: ") and "sessions.sqlite3" in run.stderr
+
+
+def test_a_recipe_that_is_not_yaml_is_one_line_exit_2(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("strategy: [head\n  epochs: : 3\n")
+    run = supportbot("train", "--config", str(recipe))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == f"supportbot train: error: {recipe}: not valid YAML"
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_damaged_bundle_is_one_line_exit_2(tmp_path, banking_head_bundle, banking_slice, command):
+    damaged = tmp_path / "bundle"
+    shutil.copytree(banking_head_bundle, damaged)
+    with open(damaged / "head.safetensors", "r+b") as handle:
+        handle.seek(-4, os.SEEK_END)
+        handle.write(b"\0\0\0\0")
+    args = ["predict", "--model", str(damaged), "hi"] if command == "predict" else [
+        "evaluate", "--model", str(damaged), "--data", str(banking_slice["test"]), "--output", str(tmp_path / "eval")]
+    run = supportbot(*args)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == (
+        f"supportbot {command}: error: bundle {damaged}: file head.safetensors is damaged (sha256 does not match bundle.json)"
+    )

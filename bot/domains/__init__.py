@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 PACKS_DIR = Path(__file__).resolve().parent
-DEFAULT_PACK = "shop"
 
 
 def pack_path(name: str) -> Path:
