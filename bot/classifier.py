@@ -17,6 +17,7 @@ from .bundle import Bundle, BundleError
 from .encoder import Encoder, base_weights_sha256, resolve_base
 from .heads import IntentHead
 from .precision import apply_precision
+from .strategies import serving_strategy
 
 
 @dataclass(frozen=True)
@@ -42,19 +43,6 @@ class Prediction:
             "out_of_scope": self.out_of_scope,
             "ranking": [{"name": name, "confidence": p} for name, p in self.ranking],
         }
-
-
-def lora_config(settings: dict[str, Any]) -> Any:
-    """The peft LoraConfig for `settings` (r, alpha, dropout, target_modules); training and loading share it."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=int(settings["r"]),
-        lora_alpha=int(settings["alpha"]),
-        lora_dropout=float(settings["dropout"]),
-        target_modules=list(settings["target_modules"]),
-        bias="none",
-    )
 
 
 def configure_threads(num_threads: int | None = None) -> None:
@@ -89,7 +77,7 @@ class IntentClassifier:
         meta = bundle.meta
         encoder = Encoder.load(meta["base"]["id"], max_length=int(meta["encoder"]["max_length"]))
         _check_base(bundle)
-        _attach_body_weights(bundle, encoder)
+        serving_strategy(bundle).attach(bundle, encoder)  # lora adapter, full weights, ... (bot/strategies.py)
         encoder.model = apply_precision(encoder.model, meta["encoder"].get("precision", "fp32"))
         head_cfg = meta["head"]
         head = IntentHead(
@@ -136,19 +124,3 @@ def _check_base(bundle: Bundle) -> None:
             f"bundle {bundle.path} was trained on {base['id']} with weights sha256 {base['sha256'][:12]}..., "
             f"but the base found here has {installed[:12]}...; retrain or install the matching base"
         )
-
-
-def _attach_body_weights(bundle: Bundle, encoder: Encoder) -> None:
-    """Put a lora adapter (merged, so inference costs nothing extra) or full weights on the base."""
-    if bundle.strategy == "lora":
-        from peft import get_peft_model, set_peft_model_state_dict
-
-        peft_model = get_peft_model(encoder.model, lora_config(bundle.meta["lora"]))
-        set_peft_model_state_dict(peft_model, load_file(str(bundle.path / "adapter.safetensors")))
-        encoder.model = peft_model.merge_and_unload().eval()
-    elif bundle.strategy == "full":
-        missing, unexpected = encoder.model.load_state_dict(load_file(str(bundle.path / "encoder.safetensors")), strict=False)
-        if unexpected or [m for m in missing if "position_ids" not in m]:
-            raise BundleError(f"bundle {bundle.path}: encoder.safetensors does not fit the base ({missing or unexpected})")
-    elif bundle.strategy != "head":
-        raise BundleError(f"bundle {bundle.path}: unknown strategy {bundle.strategy!r}")

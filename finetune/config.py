@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bot.encoder import DEFAULT_BASE
 from bot.errors import SupportbotError
 from bot.precision import Precision
 
-Strategy = Literal["head", "lora", "full"]
+from . import strategies
 
 
 class ConfigError(SupportbotError):
@@ -44,21 +44,13 @@ class CalibrationConfig(_Strict):
     max_gap: float = Field(0.3, ge=0, le=1)
 
 
-# Per-strategy defaults for the fields left unset (None) in TrainConfig.
-STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "head": {"epochs": 300, "batch_size": 256, "lr": 3e-3, "weight_decay": 1e-3, "patience": 20},
-    "lora": {"epochs": 6, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "patience": 2},
-    "full": {"epochs": 4, "batch_size": 32, "lr": 5e-5, "weight_decay": 0.01, "patience": 2},
-}
-
-
 class TrainConfig(_Strict):
     """Everything that decides a training run; stored in the bundle as it was used."""
 
     base: str = DEFAULT_BASE
     data: str = "pack:shop"
     eval_data: str | None = None
-    strategy: Strategy = "head"
+    strategy: str = Field("head", description="a registered training strategy (finetune/strategies.py): head, lora, full, ...")
     output: str = "models/default"
     seed: int = 42
     max_length: int = Field(64, ge=8, le=512)
@@ -82,12 +74,19 @@ class TrainConfig(_Strict):
     lora: LoraConfig = LoraConfig()
     calibration: CalibrationConfig = CalibrationConfig()
 
+    @field_validator("strategy")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in strategies.names():
+            raise ValueError(f"unknown strategy {name!r}; registered: {', '.join(strategies.names())}")
+        return name
+
     def resolved(self) -> TrainConfig:
         """A copy with the strategy's defaults filled into the unset fields."""
-        filled = {k: v for k, v in STRATEGY_DEFAULTS[self.strategy].items() if getattr(self, k) is None}
-        out = self.model_copy(update=filled)
+        strategy = strategies.training_strategy(self.strategy)
+        out = self.model_copy(update={k: v for k, v in strategy.defaults.items() if getattr(self, k) is None})
         if out.head_lr is None:
-            out = out.model_copy(update={"head_lr": out.lr if out.strategy == "head" else min(out.lr * 10, 1e-2)})
+            out = out.model_copy(update={"head_lr": strategy.head_lr(out)})
         return out
 
 

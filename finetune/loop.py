@@ -1,0 +1,211 @@
+"""The supervised training loop every built-in strategy shares, and the state of one run.
+
+A strategy (finetune/strategies.py) decides what trains and what it reads; this module owns how:
+shuffled (or length-grouped) batches, cross-entropy on in-scope examples, AdamW with the
+strategy's parameter groups and schedule, early stopping on validation loss with the best
+epoch's trainable weights restored. It runs on `accelerate`, so the same code runs on one CPU,
+one GPU, or under `accelerate launch`.
+
+`Run` is what a strategy may read while it trains (recipe, data, base encoder, head); `Inputs`
+is what it hands back (how to batch each split); `Fitted` is what the loop returns. A strategy
+that trains differently (e.g. a contrastive phase first) overrides `TrainingStrategy.fit` and
+may still call `fit_supervised` for its classification phase.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+
+from bot.encoder import Encoder, length_sorted_batches
+from bot.heads import IntentHead
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .strategies import TrainingStrategy
+
+Batch = Any  # a tensor of vectors, or a dict of token tensors
+
+
+@dataclass
+class Prepared:
+    """The texts a run trains and calibrates on, with label ids (-1 marks out of scope)."""
+
+    labels: list[str]
+    train: Dataset
+    val: Dataset
+    test: Dataset | None
+    y_train: torch.Tensor = field(init=False)
+    y_val: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        index = {label: i for i, label in enumerate(self.labels)}
+        self.y_train = torch.tensor([index.get(label, -1) for label in self.train["label"]])
+        self.y_val = torch.tensor([index.get(label, -1) for label in self.val["label"]])
+
+    def in_scope(self, split: str) -> list[int]:
+        y = self.y_train if split == "train" else self.y_val
+        return (y >= 0).nonzero().flatten().tolist()
+
+    def out_of_scope(self, split: str) -> list[int]:
+        y = self.y_train if split == "train" else self.y_val
+        return (y < 0).nonzero().flatten().tolist()
+
+
+@dataclass
+class Run:
+    """One training run as a strategy sees it: the resolved recipe, the data, the base and a fresh head."""
+
+    cfg: TrainConfig
+    prepared: Prepared
+    encoder: Encoder  # the base as loaded (fp32); strategies derive their bodies from it
+    base_sha256: str
+    head: IntentHead
+    accelerator: Accelerator
+    progress: bool = True
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Inputs:
+    """How a strategy's model is fed: `batch(split, indices)` builds one batch of "train" or "val".
+
+    `lengths` holds each split's token counts when inputs are token ids, so training batches
+    group similar lengths and evaluation runs in length order (less padding); None for vectors.
+    `eval_rows` is how many rows one evaluation forward pass takes.
+    """
+
+    batch: Callable[[str, list[int]], Batch]
+    lengths: Mapping[str, list[int]] | None = None
+    eval_rows: int = 64
+
+    def length_order(self, split: str, indices: list[int]) -> list[int]:
+        """`indices` in ascending token length (unchanged for vectors): the order calibration reads them in."""
+        if self.lengths is None:
+            return indices
+        lengths = self.lengths[split]
+        return sorted(indices, key=lambda i: lengths[i])
+
+
+@dataclass
+class Fitted:
+    """What fitting returns: the trained model (unwrapped, best epoch restored) and its history."""
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_loss: float
+    trainable_parameters: int
+    total_parameters: int
+
+
+def logits(run: Run, net: nn.Module, inputs: Inputs, split: str, indices: list[int]) -> torch.Tensor:
+    """Eval-mode logits of `net` for `indices` of `split`, rows in the order of `indices`."""
+    was_training = net.training
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(indices), inputs.eval_rows):
+            chunk = indices[start : start + inputs.eval_rows]
+            out.append(net(to_device(inputs.batch(split, chunk), run.accelerator.device)).float().cpu())
+    net.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, len(run.prepared.labels))
+
+
+def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, inputs: Inputs) -> Fitted:
+    """Cross-entropy on the in-scope training examples; early stopping on in-scope validation loss."""
+    cfg, prepared, accelerator = run.cfg, run.prepared, run.accelerator
+    in_scope = prepared.in_scope("train")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(strategy.param_groups(run, model), weight_decay=cfg.weight_decay)
+    scheduler = strategy.schedule(run, optimizer, steps_per_epoch=math.ceil(len(in_scope) / cfg.batch_size))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rng = random.Random(cfg.seed)
+    val_in = inputs.length_order("val", prepared.in_scope("val"))
+    y_val = prepared.y_val[val_in]
+    train_lengths = inputs.lengths["train"] if inputs.lengths is not None else None
+    best: dict[str, Any] = {"loss": math.inf, "epoch": 0, "state": None}
+    history: list[dict[str, float]] = []
+    epochs_bar = tqdm(range(1, cfg.epochs + 1), desc=f"train {cfg.strategy}", unit="epoch", disable=None if run.progress else True)
+    for epoch in epochs_bar:
+        model.train()
+        # every process draws the same shuffled batches (same seed) and takes its share of them
+        batches = epoch_batches(in_scope, train_lengths, cfg.batch_size, rng)
+        batches = batches[accelerator.process_index :: accelerator.num_processes]
+        steps = tqdm(batches, desc=f"epoch {epoch}", unit="step", leave=False,
+                     disable=None if run.progress and train_lengths is not None else True)
+        running = 0.0
+        for indices in steps:
+            batch = to_device(inputs.batch("train", indices), accelerator.device)
+            loss = F.cross_entropy(model(batch), prepared.y_train[indices].to(accelerator.device), label_smoothing=cfg.label_smoothing)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += loss.item() * len(indices)
+            steps.set_postfix(loss=f"{loss.item():.3f}")
+        val_logits = logits(run, model, inputs, "val", val_in)
+        val_loss = F.cross_entropy(val_logits, y_val).item() if len(val_in) else 0.0
+        val_acc = (val_logits.argmax(-1) == y_val).float().mean().item() if len(val_in) else 0.0
+        history.append({"epoch": epoch, "train_loss": running / max(len(in_scope), 1), "val_loss": val_loss, "val_accuracy": val_acc})
+        epochs_bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
+        if val_loss < best["loss"] - 1e-5:
+            best = {"loss": val_loss, "epoch": epoch, "state": trainable_state(model)}
+        elif epoch - best["epoch"] >= cfg.patience:
+            break
+    epochs_bar.close()
+    if best["state"] is not None:
+        accelerator.unwrap_model(model).load_state_dict(best["state"], strict=False)
+    return Fitted(accelerator.unwrap_model(model), history, best["epoch"], best["loss"], trainable, total)
+
+
+def warmup_then_decay(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Any:
+    """Linear warm-up over `cfg.warmup` of the steps, then linear decay to zero."""
+    total = max(1, steps_per_epoch * cfg.epochs)
+    warm = max(1, int(total * cfg.warmup))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+    )
+
+
+def constant(optimizer: torch.optim.Optimizer) -> Any:
+    """A constant learning rate (early stopping decides the length)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, dict) or hasattr(batch, "items"):
+        return {k: v.to(device) for k, v in batch.items()}
+    return batch.to(device)
+
+
+def epoch_batches(indices: list[int], lengths: list[int] | None, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches; with token lengths, grouped by length within shuffled windows (less padding)."""
+    order = indices[:]
+    rng.shuffle(order)
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        for group in length_sorted_batches([lengths[i] for i in chunk], batch_size):
+            batches.append([chunk[j] for j in group])
+    rng.shuffle(batches)
+    return batches
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
