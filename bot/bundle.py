@@ -4,6 +4,11 @@ A directory holding `bundle.json` and safetensors weights (a head; a peft adapte
 head; or a full encoder plus a head), optionally the domain pack's `responses.yaml`.
 `bundle.json` lists every file with its sha256; `load()` refuses a bundle whose format
 version is foreign or whose files are missing or damaged, naming the bad file.
+
+bundle.json has a schema, `Manifest` (pydantic): the writer (finetune/train.py) builds it and every
+reader (bot/classifier.py, finetune/evaluate.py, ...) reads typed fields, so a default such as
+"a bundle without `encoder.precision` serves fp32" is written once, here. The JSON on disk is
+unchanged by the schema (format 1); sections the schema does not name pass through untouched.
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from .errors import SupportbotError
+from .fileio import sha256_file
+from .precision import Precision
 
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
@@ -29,18 +38,97 @@ class BundleError(SupportbotError):
     """A bundle that cannot be used: missing, damaged, foreign, or built on other base weights."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# ---- the manifest (bundle.json) as a schema -------------------------------------------------------
 
 
-def _version_id(files: dict[str, str], meta: dict[str, Any]) -> str:
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow")  # a newer writer may add a field; this reader keeps it
+
+
+class BaseWeights(_Section):
+    """The pretrained base the bundle was trained on, and the sha256 of its weight files."""
+
+    id: str
+    sha256: str
+
+
+class EncoderSettings(_Section):
+    pooling: str = "mean"
+    normalize: bool = True
+    max_length: int = Field(ge=1)
+    precision: Precision = "fp32"  # bundles from before int8 have no precision: they serve fp32
+
+
+class HeadSettings(_Section):
+    hidden: int = Field(default=0, ge=0)
+    dropout: float = 0.1
+    scale: float = 10.0
+
+
+class Calibration(_Section):
+    """Fitted on validation data: data of a model version, never constants in code."""
+
+    temperature: float = Field(gt=0)
+    confidence_floor: float = Field(ge=0, le=1)
+    ambiguity_gap: float = Field(ge=0, le=1)
+    method: str = ""
+    objective: float | None = None
+
+
+class TrainingRecord(_Section):
+    """How the bundle was made: the recipe as used (finetune's TrainConfig, stored as JSON) and the run's counts."""
+
+    config: dict[str, Any] | None = None
+    data_fingerprint: str | None = None
+    n_train: int | None = None
+    n_validation: int | None = None
+    n_train_out_of_scope: int | None = None
+    epochs_run: int | None = None
+    history: list[dict[str, float]] = []
+    trainable_parameters: int | None = None
+    total_parameters: int | None = None
+    seconds: float | None = None
+
+
+class ManifestBody(_Section):
+    """What a trainer writes into bundle.json; `write` adds the stamp fields of `Manifest`.
+
+    Sections no model here names (a feature's own, e.g. knowledge passages) pass through as
+    they are: `extra="allow"` keeps them on read and on write.
+    """
+
+    base: BaseWeights
+    strategy: str
+    labels: list[str] = Field(min_length=1)
+    out_of_scope_label: str = "oos"
+    encoder: EncoderSettings
+    head: HeadSettings = HeadSettings()
+    lora: dict[str, Any] | None = None  # the strategy's settings (lora: r, alpha, dropout, target_modules)
+    calibration: Calibration
+    metrics: dict[str, Any] = {}
+    training: TrainingRecord = TrainingRecord()
+
+
+class Manifest(ManifestBody):
+    """bundle.json: the body plus format, version id, creation time and every file's sha256."""
+
+    format_version: int
+    version: str
+    created: str = ""
+    files: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        """As written to disk: stamp fields first, then the body in schema order, `files` last."""
+        data = self.model_dump(mode="json")
+        stamp = {key: data.pop(key) for key in ("format_version", "version", "created")}
+        files = data.pop("files")
+        return {**stamp, **data, "files": files}
+
+
+def _version_id(files: dict[str, str], body: ManifestBody) -> str:
     """Content hash over the files and what decides behaviour (labels, calibration)."""
     payload = json.dumps(
-        {"files": files, "labels": meta.get("labels"), "calibration": meta.get("calibration")}, sort_keys=True
+        {"files": files, "labels": body.labels, "calibration": body.calibration.model_dump(mode="json")}, sort_keys=True
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -50,35 +138,47 @@ class Bundle:
     """A loaded, verified bundle directory."""
 
     path: Path
-    meta: dict[str, Any] = field(repr=False)
+    manifest: Manifest
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The manifest as JSON (what bundle.json holds), for sections the schema leaves untyped."""
+        return self.manifest.to_json()
 
     @property
     def version(self) -> str:
-        return str(self.meta["version"])
+        return self.manifest.version
 
     @property
     def labels(self) -> list[str]:
-        return list(self.meta["labels"])
+        return list(self.manifest.labels)
 
     @property
     def strategy(self) -> str:
-        return str(self.meta["strategy"])
+        return self.manifest.strategy
 
     @property
-    def calibration(self) -> dict[str, Any]:
-        return dict(self.meta["calibration"])
+    def calibration(self) -> Calibration:
+        return self.manifest.calibration
 
     def file(self, name: str) -> Path | None:
         """Path of a listed file, or None when the bundle has no such file."""
-        return self.path / name if name in self.meta["files"] else None
+        return self.path / name if name in self.manifest.files else None
 
 
-def write(out_dir: str | Path, meta: dict[str, Any], writers: dict[str, Callable[[Path], None]]) -> Bundle:
+def write(
+    out_dir: str | Path, body: ManifestBody | Mapping[str, Any], writers: Mapping[str, Callable[[Path], None]]
+) -> Bundle:
     """Write a bundle atomically: files go to a temporary sibling, which replaces `out_dir`.
 
-    `writers` maps a relative file name to a function that writes that file. `meta` gets
-    the format version, created time, file checksums and version id added.
+    `writers` maps a relative file name to a function that writes that file. `body` (validated
+    against `ManifestBody` when given as a mapping) gets the format version, created time, file
+    checksums and version id added.
     """
+    body = body if isinstance(body, ManifestBody) else ManifestBody.model_validate(dict(body))
+    body_json = body.model_dump(mode="json")
+    for stamp in ("format_version", "version", "created", "files"):  # a copied manifest's stamps are replaced
+        body_json.pop(stamp, None)
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -87,15 +187,15 @@ def write(out_dir: str | Path, meta: dict[str, Any], writers: dict[str, Callable
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
             write_file(target)
-        files = {name: _sha256(tmp / name) for name in sorted(writers)}
-        manifest = {
+        files = {name: sha256_file(tmp / name) for name in sorted(writers)}
+        manifest = Manifest.model_validate({
+            **body_json,
             "format_version": FORMAT_VERSION,
-            "version": _version_id(files, meta),
+            "version": _version_id(files, body),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            **meta,
             "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        })
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -106,7 +206,7 @@ def write(out_dir: str | Path, meta: dict[str, Any], writers: dict[str, Callable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Bundle(path=out, meta=manifest)
+    return Bundle(path=out, manifest=manifest)
 
 
 def load(path: str | Path) -> Bundle:
@@ -127,13 +227,23 @@ def load(path: str | Path) -> Bundle:
         raise BundleError(
             f"{folder}: bundle format {meta['format_version']!r} is not supported (this supportbot reads {FORMAT_VERSION})"
         )
-    for key in ("version", "labels", "strategy", "calibration", "files", "base"):
-        if key not in meta:
-            raise BundleError(f"{manifest_path} lacks the field {key!r}")
-    for name, expected in meta["files"].items():
+    manifest = parse_manifest(meta, manifest_path)
+    for name, expected in manifest.files.items():
         file = folder / name
         if not file.is_file():
             raise BundleError(f"bundle {folder}: file {name} is missing")
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise BundleError(f"bundle {folder}: file {name} is damaged (sha256 does not match {MANIFEST})")
-    return Bundle(path=folder.resolve(), meta=meta)
+    return Bundle(path=folder.resolve(), manifest=manifest)
+
+
+def parse_manifest(meta: dict[str, Any], where: Path | str = MANIFEST) -> Manifest:
+    """bundle.json's content as a `Manifest`; one line naming the first bad field otherwise."""
+    try:
+        return Manifest.model_validate(meta)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "missing":
+            raise BundleError(f"{where} lacks the field {field!r}") from None
+        raise BundleError(f"{where}: {field}: {first['msg']}") from None

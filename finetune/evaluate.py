@@ -328,20 +328,20 @@ def evaluate_bundle(
 
 
 def model_info(bundle: Bundle) -> dict[str, Any]:
-    calibration_ = bundle.calibration
+    manifest = bundle.manifest
     return {
-        "path": str(bundle.path), "strategy": bundle.strategy, "base": bundle.meta["base"]["id"],
-        "precision": bundle.meta["encoder"].get("precision", "fp32"),
-        "intents": len(bundle.labels), "temperature": calibration_["temperature"],
-        "confidence_floor": calibration_["confidence_floor"], "ambiguity_gap": calibration_["ambiguity_gap"],
+        "path": str(bundle.path), "strategy": manifest.strategy, "base": manifest.base.id,
+        "precision": manifest.encoder.precision,
+        "intents": len(manifest.labels), "temperature": manifest.calibration.temperature,
+        "confidence_floor": manifest.calibration.confidence_floor, "ambiguity_gap": manifest.calibration.ambiguity_gap,
         "handoff_intent": load_domain(bundle).handoff_intent,
     }
 
 
 def recipe_of(bundle: Bundle) -> TrainConfig:
     """The training recipe stored in a bundle, which cross-validation retrains."""
-    raw = (bundle.meta.get("training") or {}).get("config")
-    if not isinstance(raw, dict):
+    raw = bundle.manifest.training.config
+    if raw is None:
         raise BundleError(f"bundle {bundle.path} has no training recipe (training.config) to cross-validate")
     try:
         return TrainConfig.model_validate(raw)

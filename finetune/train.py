@@ -26,7 +26,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from bot import bundle as bundle_mod
-from bot.bundle import Bundle
+from bot.bundle import BaseWeights, Bundle, Calibration, EncoderSettings, HeadSettings, ManifestBody, TrainingRecord
 from bot.classifier import configure_threads
 from bot.encoder import Encoder, base_weights_sha256, resolve_base
 from bot.heads import IntentHead
@@ -96,13 +96,15 @@ def train(
     # calibrate the model as it will serve
     trained = calibrate(run, fitted, strategy.serving_model(run, fitted), inputs)
 
-    # write: under `accelerate launch`, one process writes the bundle
-    meta = manifest(trained, strategy, train_seconds)
+    # write: under `accelerate launch`, one process writes the bundle and the others read it
+    if run.accelerator.is_main_process:
+        parts = bundle_parts(trained, strategy)
+        body = ManifestBody.model_validate({**manifest(trained, strategy, train_seconds).model_dump(), **parts.meta})
+        bundle_mod.write(cfg.output, body, parts.files)
     run.accelerator.wait_for_everyone()
+    written = bundle_mod.load(cfg.output)
     if not run.accelerator.is_main_process:
-        return TrainResult(bundle_mod.Bundle(Path(cfg.output), meta), {}, fitted.model)
-    parts = bundle_parts(trained, strategy)
-    written = bundle_mod.write(cfg.output, {**meta, **parts.meta}, parts.files)
+        return TrainResult(written, {}, fitted.model)
     summary = training_summary(trained, written, time.perf_counter() - started)
     if run.prepared.test is not None:
         summary.update({f"test_{k}": v for k, v in score_bundle(written.path, run.prepared.test, run.prepared.labels).items()})
@@ -133,33 +135,33 @@ def calibrate(run: Run, fitted: Fitted, serving: nn.Module, inputs: Inputs) -> T
     return Trained(run, fitted, serving, inputs, temperature, thresholds, metrics)
 
 
-def manifest(trained: Trained, strategy: TrainingStrategy, train_seconds: float) -> dict[str, Any]:
-    """bundle.json's content (bot/bundle.py adds the format, version, creation time and file checksums)."""
+def manifest(trained: Trained, strategy: TrainingStrategy, train_seconds: float) -> ManifestBody:
+    """bundle.json's body (bot/bundle.py `write` adds the format, version, creation time and file checksums)."""
     run, fitted, cfg = trained.run, trained.fitted, trained.run.cfg
     n_in_scope = len(run.prepared.in_scope("train"))
-    return {
-        "base": {"id": cfg.base, "sha256": run.base_sha256},
-        "strategy": strategy.name,
-        "labels": run.prepared.labels,
-        "out_of_scope_label": data.OOS_LABEL,
-        "encoder": {"pooling": "mean", "normalize": True, "max_length": cfg.max_length, "precision": cfg.precision},
-        "head": cfg.head.model_dump(),
-        "lora": None,
-        "calibration": {"temperature": trained.temperature, **trained.thresholds.as_dict()},
-        "metrics": {"validation": {**trained.metrics, "best_epoch": fitted.best_epoch, "val_loss": fitted.best_loss}},
-        "training": {
-            "config": cfg.model_dump(),
-            "data_fingerprint": data.fingerprint(run.prepared.train, run.prepared.val),
-            "n_train": n_in_scope,
-            "n_validation": len(run.prepared.val),
-            "n_train_out_of_scope": len(run.prepared.train) - n_in_scope,
-            "epochs_run": len(fitted.history),
-            "history": fitted.history,
-            "trainable_parameters": fitted.trainable_parameters,
-            "total_parameters": fitted.total_parameters,
-            "seconds": round(train_seconds, 2),
-        },
-    }
+    return ManifestBody(
+        base=BaseWeights(id=cfg.base, sha256=run.base_sha256),
+        strategy=strategy.name,
+        labels=run.prepared.labels,
+        out_of_scope_label=data.OOS_LABEL,
+        encoder=EncoderSettings(pooling="mean", normalize=True, max_length=cfg.max_length, precision=cfg.precision),
+        head=HeadSettings(**cfg.head.model_dump()),
+        lora=None,
+        calibration=Calibration(temperature=trained.temperature, **trained.thresholds.as_dict()),
+        metrics={"validation": {**trained.metrics, "best_epoch": fitted.best_epoch, "val_loss": fitted.best_loss}},
+        training=TrainingRecord(
+            config=cfg.model_dump(),
+            data_fingerprint=data.fingerprint(run.prepared.train, run.prepared.val),
+            n_train=n_in_scope,
+            n_validation=len(run.prepared.val),
+            n_train_out_of_scope=len(run.prepared.train) - n_in_scope,
+            epochs_run=len(fitted.history),
+            history=fitted.history,
+            trainable_parameters=fitted.trainable_parameters,
+            total_parameters=fitted.total_parameters,
+            seconds=round(train_seconds, 2),
+        ),
+    )
 
 
 def bundle_parts(trained: Trained, strategy: TrainingStrategy) -> BundleParts:

@@ -1,0 +1,51 @@
+"""Reading files the one way: a file's sha256, and a YAML file as data.
+
+Why here: bot is the bottom layer (serve -> bot <- finetune), so bundles, domain packs,
+training recipes and serving settings can all use these two functions; before, each of the
+four YAML readers had its own wording for the same three failures, and two modules hashed
+files with their own loops.
+
+`read_yaml` raises the caller's error class (a `SupportbotError` subclass: `ConfigError`,
+`DataError`, `ResponsesError`, `SettingsError`), so each caller keeps its own error type while
+the message has one shape: `<file>: cannot read: <reason>`, `<file>: not UTF-8 text`,
+`<file>: line N: not valid YAML`, `<file>: larger than N MiB`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SupportbotError
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_yaml(path: str | Path, *, error: type[SupportbotError], max_bytes: int | None = None) -> Any:
+    """The data in a YAML file (None for an empty file); unreadable or invalid YAML raises `error`."""
+    path = Path(path)
+    try:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise error(f"{path}: larger than {max_bytes / (1 << 20):g} MiB")
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise error(f"{path}: {f'line {mark.line + 1}: ' if mark else ''}not valid YAML") from None
