@@ -21,6 +21,11 @@ from .metrics import Metrics
 access_log = logging.getLogger("supportbot.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
+# The methods counted under their own name; anything else is "other", so invented methods
+# cannot grow /metrics without bound.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+# nginx's "client closed request": the client went away before any answer was sent.
+CLIENT_CLOSED = 499
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
 
@@ -72,7 +77,7 @@ class AccessLogMiddleware:
             return
         started = time.perf_counter()
         request_id = _request_id(scope)
-        status = 500
+        status: int | None = None
 
         async def send_with_status(message: Message) -> None:
             nonlocal status
@@ -87,14 +92,17 @@ class AccessLogMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = _route_template(scope)
-            self.metrics.requests.labels(method=scope["method"], route=route, status=str(status)).inc()
+            # No answer at all: the client disconnected first (errors are answered by LastResortMiddleware).
+            answered = CLIENT_CLOSED if status is None else status
+            self.metrics.requests.labels(method=method_label(scope["method"]), route=route,
+                                         status=str(answered)).inc()
             self.metrics.request_latency.labels(route=route).observe(elapsed)
             if self.enabled:
-                self._log(scope, route, status, elapsed, request_id)
+                self._log(scope, route, answered, elapsed, request_id)
 
     def _log(self, scope: Scope, route: str, status: int, elapsed: float, request_id: str) -> None:
         fields: dict[str, Any] = {
-            "method": scope["method"],
+            "method": scope["method"][:16],
             "path": scope["path"],
             "route": route,
             "status": status,
@@ -107,6 +115,11 @@ class AccessLogMiddleware:
             extra.pop("message_text", None)
         fields.update(extra)
         access_log.info("%s %s %d", scope["method"], scope["path"], status, extra=fields)
+
+
+def method_label(method: str) -> str:
+    """The metrics label of an HTTP method: the method when it is a standard one, else "other"."""
+    return method if method in KNOWN_METHODS else "other"
 
 
 def _route_template(scope: Scope) -> str:

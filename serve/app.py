@@ -1,12 +1,9 @@
-"""The FastAPI application (`create_app`) and the `supportbot serve` entry point (`run`)."""
+"""The FastAPI application (`create_app`); `supportbot serve` runs it through serve.server.run."""
 
 from __future__ import annotations
 
-import logging.config
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -15,12 +12,13 @@ from fastapi.staticfiles import StaticFiles
 
 from bot import __version__
 
-from .access_log import AccessLogMiddleware, logging_config
+from .access_log import AccessLogMiddleware
 from .errors import LastResortMiddleware, install_error_handlers
 from .protection import BodyLimitMiddleware
-from .routes import STATIC_DIR, build_page_router, build_router
+from .ratelimit import RateLimitMiddleware
+from .routes import STATIC_DIR, build_page_router, build_router, build_web_session_router
 from .runtime import Runtime
-from .settings import Settings, SettingsError, load_settings
+from .settings import Settings
 from .webhooks import install_webhooks
 
 
@@ -45,6 +43,9 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         description="Customer-service chatbot API: chat, intent classification, transcripts, operations.",
         lifespan=lifespan,
+        # No "/path/" -> "/path" redirects: Starlette builds their Location from the Host header,
+        # so a request with a forged Host would get a redirect to another site. A wrong path is a 404.
+        redirect_slashes=False,
     )
     app.state.runtime = runtime
     install_error_handlers(app)
@@ -53,13 +54,15 @@ def create_app(settings: Settings) -> FastAPI:
     # Webhooks (serve/webhooks.py): their routes, and their outbox worker as runtime start/stop hooks.
     install_webhooks(app, runtime)
     if settings.web_page:
+        app.include_router(build_web_session_router())
         app.include_router(build_page_router())
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    # Middleware, innermost first: a last-resort 500, the body limit, CORS, then the access log
+    # Middleware, innermost first: a last-resort 500, the body limit, the rate limit, CORS, then the access log
     # and request metrics outermost so they see every answer, refusals included.
     app.add_middleware(LastResortMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=runtime.metrics)
+    app.add_middleware(RateLimitMiddleware, settings=settings, metrics=runtime.metrics)  # before any body is read
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
@@ -87,29 +90,3 @@ def _openapi_with_limits(app: FastAPI, settings: Settings) -> dict[str, Any]:
             texts.setdefault("items", {})["maxLength"] = settings.max_message_chars
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-def run(model: Path | str | None = None, host: str | None = None, port: int | None = None,
-        config: str | None = None) -> int:
-    """`supportbot serve`: settings, a verified bundle, then uvicorn until interrupted."""
-    import uvicorn
-
-    from bot import bundle as bundle_mod
-
-    try:
-        settings = load_settings(config, model=model, host=host, port=port)
-    except SettingsError as exc:
-        print(f"supportbot serve: error: {exc}", file=sys.stderr)
-        return 2
-    if settings.model is None:
-        print("supportbot serve: error: no model: pass --model or set SUPPORTBOT_MODEL", file=sys.stderr)
-        return 2
-    bundle_mod.load(settings.model)  # a damaged bundle stops here with a one-line BundleError
-    log_config = logging_config(settings.log_level)
-    logging.config.dictConfig(log_config)
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_config=log_config, access_log=False,
-        proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips, server_header=False,
-        timeout_graceful_shutdown=15,
-    )
-    return 0

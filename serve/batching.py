@@ -1,5 +1,11 @@
 """Request batching: concurrent requests share one forward pass, which runs off the event loop.
 
+Two queues, so a customer is never stuck behind a bulk job: chat and webhook messages
+(interactive) go before `/v1/classify` texts (bulk) into every forward pass, and a bulk request
+arrives here already cut into small chunks (`split_bulk`), so a chat message waits at most for
+the one chunk whose pass is running, not for a whole 256-text request. `ClientBudget` bounds the
+text one client may have waiting at once.
+
 Requests queue `Job`s (one or more texts each). One worker task takes the first job, waits up
 to `max_wait_ms` for more (or until `max_size` texts are gathered), then runs the model once on
 all texts in the model thread. While that pass runs, the next batch gathers, so under load
@@ -15,8 +21,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -48,6 +55,7 @@ class Job(Generic[T]):
     texts: list[str]
     finish: FinishFn
     future: asyncio.Future
+    bulk: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -60,7 +68,8 @@ class Batcher:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._metrics = metrics
-        self._jobs: deque[Job] = deque()
+        self._jobs: deque[Job] = deque()  # interactive: chat and webhook messages
+        self._bulk: deque[Job] = deque()  # bulk: chunks of classify requests, after every interactive job
         self._queued_texts = 0
         self._wakeup = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="supportbot-model")
@@ -74,14 +83,15 @@ class Batcher:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="supportbot-batcher")
 
-    async def submit(self, texts: Sequence[str], finish: FinishFn[T]) -> T:
-        """Queue `texts`; returns `finish(model, predictions)` once their batch has run."""
+    async def submit(self, texts: Sequence[str], finish: FinishFn[T], *, bulk: bool = False) -> T:
+        """Queue `texts`; returns `finish(model, predictions)` once their batch has run.
+        `bulk` jobs wait until no interactive job is queued."""
         if self._stopping or self._worker is None:
             raise BatcherStopped("the server is shutting down")
         if self._queued_texts + len(texts) > self.max_queue:
             raise QueueFull(f"{self._queued_texts} texts are waiting for the model")
-        job: Job[T] = Job(list(texts), finish, asyncio.get_running_loop().create_future())
-        self._jobs.append(job)
+        job: Job[T] = Job(list(texts), finish, asyncio.get_running_loop().create_future(), bulk)
+        (self._bulk if bulk else self._jobs).append(job)
         self._queued_texts += len(job.texts)
         self._wakeup.set()
         return await job.future
@@ -111,15 +121,20 @@ class Batcher:
             self._inflight = []
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[Job]:
-        """Wait for a first job, then for more until the batch is full or `max_wait` has passed."""
-        while not self._jobs:
+        """Wait for a first job, then for more until the batch is full or `max_wait` has passed.
+        Interactive jobs are taken first, together; a bulk chunk runs alone, so the next
+        interactive job waits for one chunk at most."""
+        while not (self._jobs or self._bulk):
             self._wakeup.clear()
             await self._wakeup.wait()
         batch = [self._take()]
+        if batch[0].bulk:
+            return batch
         size = len(batch[0].texts)
         deadline = loop.time() + self.max_wait
         while size < self.max_size:
-            if not self._jobs:
+            queue = self._jobs
+            if not queue:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -129,7 +144,7 @@ class Batcher:
                 except TimeoutError:
                     break
                 continue
-            if size + len(self._jobs[0].texts) > self.max_size:
+            if size + len(queue[0].texts) > self.max_size:
                 break
             job = self._take()
             batch.append(job)
@@ -137,7 +152,7 @@ class Batcher:
         return batch
 
     def _take(self) -> Job:
-        job = self._jobs.popleft()
+        job = self._jobs.popleft() if self._jobs else self._bulk.popleft()  # interactive first
         self._queued_texts -= len(job.texts)
         return job
 
@@ -155,7 +170,7 @@ class Batcher:
         """Finish queued work (up to `timeout` seconds), then stop the worker and both threads."""
         self._stopping = True
         deadline = time.monotonic() + timeout
-        while (self._jobs or self._inflight or self._finishing) and time.monotonic() < deadline:
+        while (self._jobs or self._bulk or self._inflight or self._finishing) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._worker is not None:
             self._worker.cancel()
@@ -163,10 +178,11 @@ class Batcher:
                 await self._worker
             except asyncio.CancelledError:
                 pass
-        for job in [*self._inflight, *self._jobs]:  # only left over when the drain timed out
+        for job in [*self._inflight, *self._jobs, *self._bulk]:  # only left over when the drain timed out
             if not job.future.done():
                 job.future.set_exception(BatcherStopped("the server is shutting down"))
         self._jobs.clear()
+        self._bulk.clear()
         self._model_thread.shutdown(wait=True)
         self._finish_thread.shutdown(wait=True)
 
@@ -183,3 +199,50 @@ def _finish_all(batch: list[Job], model: Any, predictions: list[Prediction]) -> 
         except Exception as exc:
             results.append((False, exc))
     return results
+
+
+def split_bulk(texts: Sequence[str], *, max_texts: int, max_chars: int) -> list[list[str]]:
+    """`texts` cut, in order, into chunks of at most `max_texts` texts and (a single longer text
+    aside) `max_chars` characters: the unit a bulk request waits in line with."""
+    chunks: list[list[str]] = []
+    chunk: list[str] = []
+    chars = 0
+    for text in texts:
+        if chunk and (len(chunk) >= max_texts or chars + len(text) > max_chars):
+            chunks.append(chunk)
+            chunk, chars = [], 0
+        chunk.append(text)
+        chars += len(text)
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+class ClientBusy(Exception):
+    """The client already has as much text waiting for the model as it may."""
+
+
+class ClientBudget:
+    """Characters each client has waiting for (or in) the model, at most `max_chars` each.
+
+    `hold(client, chars)` reserves them for the duration of a `with` block, or raises ClientBusy.
+    Clients without text in flight take no memory."""
+
+    def __init__(self, max_chars: int):
+        self.max_chars = max_chars
+        self._held: dict[str, int] = {}
+
+    @contextmanager
+    def hold(self, client: str, chars: int) -> Iterator[None]:
+        held = self._held.get(client, 0)
+        if held and held + chars > self.max_chars:
+            raise ClientBusy(f"{held:,} characters of this client are already waiting for the model")
+        self._held[client] = held + chars
+        try:
+            yield
+        finally:
+            left = self._held[client] - chars
+            if left:
+                self._held[client] = left
+            else:
+                del self._held[client]

@@ -1,4 +1,4 @@
-"""What keeps the public API safe: body size limit, API key, admin and metrics tokens, per-client rate limit.
+"""What keeps the public API safe: body size limit, API key, admin and metrics tokens (rate limits: serve.ratelimit).
 
 Keys are compared with `hmac.compare_digest` (constant time) and never logged.
 """
@@ -14,7 +14,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, error_body
 from .metrics import Metrics
-from .ratelimit import RateLimiter
 
 _BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
@@ -120,19 +119,6 @@ def key_matches(presented: str | None, expected: SecretStr) -> bool:
     return hmac.compare_digest(presented.encode("utf-8"), expected.get_secret_value().encode("utf-8"))
 
 
-def check_api_key(request: Request, expected: SecretStr | None, metrics: Metrics) -> None:
-    """No key configured: open. Else the request must present it."""
-    if expected is None:
-        return
-    presented = presented_key(request)
-    if not key_matches(presented, expected):
-        metrics.rejected.labels(reason="api_key").inc()
-        message = "this API needs a key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
-        if presented is not None:
-            message = "the API key is not valid"
-        raise ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
-
-
 def bearer_matches(request: Request, expected: SecretStr) -> bool:
     """`Authorization: Bearer TOKEN` with the expected token (bearer only: tokens are not API keys)."""
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
@@ -156,17 +142,3 @@ def check_metrics_token(request: Request, expected: SecretStr | None, metrics: M
         metrics.rejected.labels(reason="metrics_token").inc()
         raise ApiError(401, "unauthorized", "send the metrics token as `Authorization: Bearer TOKEN`",
                        {"WWW-Authenticate": "Bearer"})
-
-
-def check_rate_limit(request: Request, limiter: RateLimiter, metrics: Metrics) -> None:
-    wait = limiter.check(client_key(request))
-    if wait > 0:
-        metrics.rejected.labels(reason="rate_limit").inc()
-        retry = RateLimiter.retry_after_header(wait)
-        raise ApiError(429, "rate_limited", f"too many requests from this client; retry in {retry} s",
-                       {"Retry-After": retry})
-
-
-def client_key(request: Request) -> str:
-    """The client address (uvicorn puts the forwarded one here for trusted proxies)."""
-    return request.client.host if request.client else "unknown"

@@ -13,8 +13,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from bot.chatbot import Reply
 
+from .access import Caller, chat_session, check_classify, check_transcript, identify
+from .batching import ClientBusy
 from .errors import ApiError
-from .protection import check_admin_token, check_api_key, check_metrics_token, check_rate_limit
+from .protection import check_admin_token, check_metrics_token
 from .runtime import Runtime, get_runtime
 from .schemas import (
     SESSION_ID_PATTERN,
@@ -31,6 +33,7 @@ from .schemas import (
     ReloadResponse,
     TranscriptResponse,
     Turn,
+    WebSessionResponse,
 )
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -42,17 +45,31 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
-async def protected(request: Request, runtime: RuntimeDep) -> None:
-    """Chat, classify and sessions: the per-client rate limit, then the API key when one is set.
+_REFUSAL_REASONS = {"unauthorized": "api_key", "session_expired": "session_token"}
+
+
+def refused(runtime: Runtime, error: ApiError) -> ApiError:
+    """Count a refusal of serve.access in the rejected-requests metric (bounded reasons), and return it."""
+    runtime.metrics.rejected.labels(reason=_REFUSAL_REASONS.get(error.code, "forbidden")).inc()
+    return error
+
+
+async def caller(request: Request, runtime: RuntimeDep) -> Caller:
+    """Chat, classify, sessions, web session tokens: who is calling (serve.access: API key, admin
+    token, a web session token, or no one). The rate limit came first (serve.ratelimit).
 
     Dependencies are `async def` on purpose: FastAPI runs a plain `def` one in its thread pool,
     a thread hop per request for a few microseconds of work."""
-    check_rate_limit(request, runtime.limiter, runtime.metrics)
-    check_api_key(request, runtime.settings.api_key, runtime.metrics)
+    try:
+        return identify(request, runtime.settings, runtime.tokens)
+    except ApiError as exc:
+        raise refused(runtime, exc) from None
+
+
+CallerDep = Annotated[Caller, Depends(caller)]
 
 
 async def admin(request: Request, runtime: RuntimeDep) -> None:
-    check_rate_limit(request, runtime.limiter, runtime.metrics)
     check_admin_token(request, runtime.settings.admin_token, runtime.metrics)
 
 
@@ -73,9 +90,29 @@ def check_text(text: str, limit: int, name: str) -> None:
         raise ApiError(422, "invalid_request", f"{name} is not valid Unicode text (lone surrogate)") from None
 
 
+MAX_METADATA_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a JSON value (iterative: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth > MAX_METADATA_DEPTH:
+                break
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def check_metadata(metadata: dict[str, Any] | None) -> None:
+    """Metadata the session store and every later transcript can take: valid Unicode, not nested
+    deeper than MAX_METADATA_DEPTH (a deeper one stored would make its transcript unreadable)."""
     if metadata is None:
         return
+    if _depth(metadata) > MAX_METADATA_DEPTH:
+        raise ApiError(422, "invalid_request", f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep")
     try:
         json.dumps(metadata, ensure_ascii=False).encode("utf-8")
     except (UnicodeEncodeError, ValueError):
@@ -106,28 +143,48 @@ def chat_response(reply: Reply) -> ChatResponse:
 def build_router() -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/chat", response_model=ChatResponse, tags=["chat"], dependencies=[Depends(protected)],
-                 responses=_errors(400, 401, 413, 422, 429, 503))
-    async def chat(body: ChatRequest, request: Request, runtime: RuntimeDep) -> ChatResponse:
-        """The bot's reply to one customer message. Omit `session_id` to start a conversation."""
+    @router.post("/v1/chat", response_model=ChatResponse, tags=["chat"],
+                 responses=_errors(400, 401, 403, 413, 422, 429, 503))
+    async def chat(body: ChatRequest, request: Request, runtime: RuntimeDep, who: CallerDep) -> ChatResponse:
+        """The bot's reply to one customer message. Omit `session_id` to start a conversation.
+
+        With the API key: any session id except the channels' (`chatwoot:`, `generic:`, `web:`).
+        With a web session token: that token's session only."""
+        try:
+            chosen = chat_session(who, runtime.settings, body.session_id)
+        except ApiError as exc:
+            raise refused(runtime, exc) from None
         check_text(body.message, runtime.settings.max_message_chars, "message")
         check_metadata(body.metadata)
-        session_id = body.session_id or uuid.uuid4().hex
+        session_id = chosen or uuid.uuid4().hex
         log_fields(request, session_id=session_id, message_text=body.message)
         reply = await runtime.respond(session_id, body.message, body.metadata)
         log_fields(request, intent=reply.intent, action=reply.action, model_version=reply.model_version)
         return chat_response(reply)
 
-    @router.post("/v1/classify", response_model=ClassifyResponse, tags=["chat"], dependencies=[Depends(protected)],
-                 responses=_errors(400, 401, 413, 422, 429, 503))
-    async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep) -> ClassifyResponse:
-        """Intent predictions for a batch of texts (no conversation state)."""
+    @router.post("/v1/classify", response_model=ClassifyResponse, tags=["chat"],
+                 responses=_errors(400, 401, 403, 413, 422, 429, 503))
+    async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep, who: CallerDep) -> ClassifyResponse:
+        """Intent predictions for a batch of texts (no conversation state). Needs the API key when one is set."""
+        try:
+            check_classify(who, runtime.settings)
+        except ApiError as exc:
+            raise refused(runtime, exc) from None
         limit = runtime.settings.max_classify_texts
         if len(body.texts) > limit:
             raise ApiError(422, "too_many_texts", f"{len(body.texts):,} texts sent; the limit is {limit:,} per request")
         for i, text in enumerate(body.texts):
             check_text(text, runtime.settings.max_message_chars, f"texts[{i}]")
-        version, predictions = await runtime.classify(body.texts)
+        chars, most = sum(len(text) for text in body.texts), runtime.settings.max_request_chars
+        if chars > most:
+            raise ApiError(422, "too_much_text", f"the texts hold {chars:,} characters; the limit is {most:,} per request")
+        client = getattr(request.state, "client_key", None) or (request.client.host if request.client else "unknown")
+        try:
+            with runtime.text_budget.hold(client, chars):
+                version, predictions = await runtime.classify(body.texts)
+        except ClientBusy as exc:
+            runtime.metrics.rejected.labels(reason="client_busy").inc()
+            raise ApiError(429, "client_busy", f"{exc}; retry when they are answered", {"Retry-After": "1"}) from None
         log_fields(request, texts=len(body.texts), model_version=version)
         return ClassifyResponse(
             model_version=version,
@@ -141,11 +198,17 @@ def build_router() -> APIRouter:
         )
 
     @router.get("/v1/sessions/{session_id}", response_model=TranscriptResponse, tags=["chat"],
-                dependencies=[Depends(protected)], responses=_errors(401, 404, 422, 429, 503))
+                responses=_errors(401, 403, 404, 422, 429, 503))
     async def session(
-        session_id: Annotated[str, PathParam(pattern=SESSION_ID_PATTERN)], request: Request, runtime: RuntimeDep
+        session_id: Annotated[str, PathParam(pattern=SESSION_ID_PATTERN)], request: Request, runtime: RuntimeDep,
+        who: CallerDep,
     ) -> TranscriptResponse:
-        """The transcript of a conversation, oldest turn first."""
+        """The transcript of a conversation, oldest turn first. Never public: it needs the API key (its
+        namespace), the admin token (any conversation, webhooks' included) or the session's own token."""
+        try:
+            check_transcript(who, session_id)
+        except ApiError as exc:
+            raise refused(runtime, exc) from None
         log_fields(request, session_id=session_id)
         turns = await runtime.transcript(session_id)
         if not turns:
@@ -157,6 +220,10 @@ def build_router() -> APIRouter:
         """Liveness: the process answers (the model may still be loading)."""
         return HealthResponse()
 
+    # HEAD on the operations routes (load balancers and uptime checks use it); hidden from the
+    # schema, which would otherwise list every operation twice under one operation id.
+    router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+
     @router.get("/readyz", response_model=ReadyResponse, tags=["operations"], responses={503: {"model": ReadyResponse}})
     async def readyz(runtime: RuntimeDep) -> JSONResponse:
         """Readiness: 200 once a model is loaded and warmed, 503 before (or when loading failed)."""
@@ -165,6 +232,8 @@ def build_router() -> APIRouter:
             detail=None if runtime.ready else (runtime.load_error or "the model is loading"),
         )
         return JSONResponse(body.model_dump(), status_code=200 if runtime.ready else 503)
+
+    router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
 
     @router.get("/metrics", tags=["operations"], response_class=Response, dependencies=[Depends(metrics_reader)],
                 responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
@@ -184,10 +253,26 @@ def build_router() -> APIRouter:
     return router
 
 
+def build_web_session_router() -> APIRouter:
+    """`POST /v1/web/session`, served with the web page: the page's session token (serve.access)."""
+    router = APIRouter()
+
+    @router.post("/v1/web/session", response_model=WebSessionResponse, tags=["chat"], responses=_errors(401, 429))
+    async def web_session(runtime: RuntimeDep, who: CallerDep) -> WebSessionResponse:
+        """A session token for the web chat page: a new conversation with a server-chosen id, or, when a
+        valid token is sent as `Authorization: Bearer TOKEN`, the same conversation with a later expiry.
+        The token may chat in its session and read its transcript, and nothing else."""
+        token, session_id, expires = runtime.tokens.mint(who.session_id if who.kind == "session" else None)
+        return WebSessionResponse(session_id=session_id, token=token, expires_at=expires,
+                                  expires_in=int(runtime.tokens.ttl_s))
+
+    return router
+
+
 def build_page_router() -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
-    @router.get("/")
+    @router.api_route("/", methods=["GET", "HEAD"])
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 

@@ -23,10 +23,10 @@ from bot.chatbot import Chatbot, InvalidMessage, Reply
 from bot.classifier import Prediction, configure_threads
 from bot.sessions import InvalidSessionId, SessionConflict, SQLiteSessionStore
 
-from .batching import Batcher, BatcherStopped, QueueFull
+from .access import SessionTokens
+from .batching import Batcher, BatcherStopped, ClientBudget, QueueFull, split_bulk
 from .errors import ApiError
 from .metrics import Metrics
-from .ratelimit import RateLimiter
 from .schemas import ReloadResponse
 from .settings import Settings
 
@@ -56,7 +56,8 @@ class Runtime:
         self.metrics = metrics or Metrics()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SQLiteSessionStore(settings.sessions_path)
-        self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+        self.tokens = SessionTokens.from_settings(settings)  # the web page's session tokens (serve.access)
+        self.text_budget = ClientBudget(settings.max_client_chars)  # classify text in flight per client
         self.batcher = Batcher(
             self._predict, max_size=settings.batch_max_size, max_wait_ms=settings.batch_max_wait_ms,
             max_queue=settings.max_queue, metrics=self.metrics,
@@ -188,19 +189,30 @@ class Runtime:
         return reply
 
     async def classify(self, texts: Sequence[str]) -> tuple[str, list[Prediction]]:
-        """(model version, predictions) for texts, batched with the chat traffic."""
+        """(model version, predictions) for texts: bulk work, in chunks that chat messages go between
+        (serve.batching). Chunks that ran on a model a reload has since replaced run again, so one
+        answer comes from one model."""
         self._require_model()
 
         def finish(chatbot: Chatbot, predictions: list[Prediction]) -> tuple[str, list[Prediction]]:
             return chatbot.version, predictions
 
-        result = await self._submit(list(texts), finish)
+        chunks = split_bulk(texts, max_texts=self.settings.batch_max_size, max_chars=self.settings.bulk_chunk_chars)
+        results = await asyncio.gather(*[self._submit(chunk, finish, bulk=True) for chunk in chunks])
+        for _ in range(3):
+            stale = [i for i, (version, _) in enumerate(results) if version != results[-1][0]]
+            if not stale:
+                break
+            redone = await asyncio.gather(*[self._submit(chunks[i], finish, bulk=True) for i in stale])
+            for i, result in zip(stale, redone, strict=True):
+                results[i] = result
         self.metrics.classified.inc(len(texts))
-        return result
+        return results[-1][0], [prediction for _, predictions in results for prediction in predictions]
 
-    async def _submit(self, texts: list[str], finish: Callable[[Chatbot, list[Prediction]], Any]) -> Any:
+    async def _submit(self, texts: list[str], finish: Callable[[Chatbot, list[Prediction]], Any], *,
+                      bulk: bool = False) -> Any:
         try:
-            return await self.batcher.submit(texts, finish)
+            return await self.batcher.submit(texts, finish, bulk=bulk)
         except QueueFull:
             self.metrics.rejected.labels(reason="overloaded").inc()
             raise ApiError(503, "overloaded", "the server is busy; retry in a moment", {"Retry-After": "1"}) from None

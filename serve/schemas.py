@@ -7,11 +7,14 @@ into these schemas (serve.app), so the published schema states the limits in for
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
+# What the schema says of a customer text: at least one character that is not white space (the
+# server refuses blank texts with 422). Checked in the routes (serve.routes.check_text), stated here.
+NOT_BLANK = {"pattern": r"\S"}
 
 Action = Literal["answer", "clarify", "fallback", "handoff"]
 
@@ -26,7 +29,8 @@ class ChatRequest(_Request):
         description="the conversation; omit it to start a new one (the reply carries the new id)",
         examples=["c0ffee42"],
     )
-    message: str = Field(..., min_length=1, description="the customer's message", examples=["where is my order #48213"])
+    message: str = Field(..., min_length=1, description="the customer's message (not blank)",
+                         examples=["where is my order #48213"], json_schema_extra=NOT_BLANK)
     metadata: dict[str, Any] | None = Field(None, description="free-form context stored with the turn (channel, locale, ...)")
 
 
@@ -48,7 +52,8 @@ class ChatResponse(BaseModel):
 
 
 class ClassifyRequest(_Request):
-    texts: list[str] = Field(..., min_length=1, description="texts to classify (each non-empty)")
+    texts: list[Annotated[str, Field(min_length=1, json_schema_extra=NOT_BLANK)]] = Field(
+        ..., min_length=1, description="texts to classify (each not blank)")
     top_k: int = Field(5, ge=1, le=5, description="intents ranked per text")
 
 
@@ -101,6 +106,13 @@ class ReloadResponse(BaseModel):
     previous_version: str | None
     model: str
     seconds: float = Field(..., description="time to load and warm the new bundle")
+
+
+class WebSessionResponse(BaseModel):
+    session_id: str = Field(..., description="the conversation this token is bound to (chosen by the server)")
+    token: str = Field(..., description="send as `Authorization: Bearer TOKEN` to /v1/chat and /v1/sessions/{id}")
+    expires_at: int = Field(..., description="when the token stops working (Unix seconds)")
+    expires_in: int = Field(..., description="seconds the token is valid from now")
 
 
 class ErrorDetail(BaseModel):

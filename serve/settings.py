@@ -48,6 +48,13 @@ class Settings(BaseSettings):
         description="hosts the generic webhook may send callbacks to: exact (hooks.example.com, 10.0.0.7) or "
                     "subdomains (.example.com); empty: any host with public addresses",
     )
+    session_secret: SecretStr | None = Field(
+        None, description="signs the web page's session tokens; unset: one is generated at start (tokens then end "
+                          "at a restart, and replicas need one shared secret)",
+    )
+    session_token_ttl_s: float = Field(
+        86400.0, ge=60, le=30 * 86400, description="how long a web session token is valid (renewable while valid)"
+    )
     metrics_token: SecretStr | None = Field(
         None, description="when set, GET /metrics needs `Authorization: Bearer TOKEN`; unset: /metrics is open"
     )
@@ -65,9 +72,19 @@ class Settings(BaseSettings):
     # Network.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    forwarded_allow_ips: str = Field(
-        "127.0.0.1", description="proxies whose X-Forwarded-For is trusted for the client address (rate limit, logs)"
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="addresses of reverse proxies whose X-Forwarded-For names the client (rate limit, logs); "
+                    "empty: the header is ignored and the connection's address is the client",
     )
+    max_connections: int = Field(
+        1000, ge=1, description="open connections plus requests in progress; beyond it new requests get 503"
+    )
+    backlog: int = Field(2048, ge=1, description="connections the kernel queues before the server accepts them")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a connection whose request headers are not complete by then is closed"
+    )
+    keep_alive_timeout_s: int = Field(5, ge=1, le=300, description="an idle keep-alive connection is closed after it")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="origins allowed to call the API from a browser; empty: no CORS headers"
     )
@@ -82,8 +99,21 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(2000, ge=1, description="longest chat message or classify text")
     max_classify_texts: int = Field(256, ge=1, description="most texts in one /v1/classify request")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body")
-    rate_limit_per_minute: float = Field(120.0, ge=0, description="sustained requests per client per minute; 0: off")
+    max_request_chars: int = Field(100_000, ge=1, description="most characters of text in one /v1/classify request")
+    max_client_chars: int = Field(
+        200_000, ge=1, description="most characters of classify text one client may have waiting for the model")
+    bulk_chunk_chars: int = Field(
+        4000, ge=1, description="classify texts go to the model in chunks of about this many characters; chat "
+                                "and webhook messages go before every chunk")
+    rate_limit_per_minute: float = Field(
+        120.0, ge=0, description="sustained requests per client address per minute (no API key); 0: off")
     rate_limit_burst: int = Field(30, ge=1, description="requests a client may send at once before the rate applies")
+    api_key_rate_limit_per_minute: float = Field(
+        6000.0, ge=0, description="sustained requests per minute with the API key (its own bucket); 0: off")
+    api_key_rate_limit_burst: int = Field(300, ge=1, description="requests the API key may send at once")
+    webhook_rate_limit_per_minute: float = Field(
+        1200.0, ge=0, description="sustained deliveries per minute per webhook and sender address; 0: off")
+    webhook_rate_limit_burst: int = Field(200, ge=1, description="deliveries a sender may make at once")
 
     # Logging.
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -92,7 +122,7 @@ class Settings(BaseSettings):
 
     web_page: bool = Field(True, description="serve the web chat page at /")
 
-    @field_validator("cors_origins", "callback_hosts", mode="before")
+    @field_validator("cors_origins", "callback_hosts", "trusted_proxies", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         """Accept a YAML list, or a comma-separated string from the environment."""
@@ -106,7 +136,7 @@ class Settings(BaseSettings):
         """Entries as the callback guard compares them; a scheme, port or path is refused, not ignored."""
         return [parse_host_entry(host) for host in value]
 
-    @field_validator("metrics_token", mode="before")
+    @field_validator("metrics_token", "session_secret", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         """An empty SUPPORTBOT_METRICS_TOKEN (a compose file's `${TOKEN:-}`) means unset, not "no one gets in"."""

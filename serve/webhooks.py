@@ -39,7 +39,7 @@ from .callbacks import CallbackPolicy, CallbackRefused, callback_client
 from .chatwoot import ChatwootClient, ConversationChange, Ignored, Invalid, MessageEvent
 from .errors import ApiError
 from .outbox import Action, Duplicate, NewAction, Outbox, OutboxMetrics, OutboxStore, RetryPolicy, Sender
-from .routes import check_text, log_fields
+from .routes import check_metadata, check_text, log_fields
 from .runtime import Runtime
 from .settings import Settings
 
@@ -196,11 +196,22 @@ def _verify(webhooks: Webhooks, route: str, secret: str, request: Request, raw: 
         raise ApiError(401, error.code, error.message)
 
 
+def _require_json(request: Request) -> None:
+    """415 unless the body is declared as JSON. A browser may post `text/plain` to any site without
+    asking first (no CORS preflight); a JSON content type it may not, so this also shuts out
+    cross-site form posts."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not (media_type.startswith("application/") and media_type.endswith("+json")):
+        raise ApiError(415, "unsupported_media_type", "send the body as JSON with `Content-Type: application/json`")
+
+
 def _json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." nested deeper than the parser's stack
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON: nested too deeply") from None
 
 
 def _delivery_id(request: Request, scheme: signing.Scheme, *, required: bool) -> str | None:
@@ -247,6 +258,7 @@ def _reply_json(reply: Reply) -> dict[str, Any]:
 
 async def handle_chatwoot(request: Request) -> JSONResponse:
     webhooks = _webhooks(request)
+    _require_json(request)
     raw = await request.body()
     secret = _secret(webhooks.settings.chatwoot_secret)
     if secret is not None:
@@ -386,6 +398,7 @@ async def handle_generic(request: Request) -> JSONResponse:
         webhooks.count("generic", "unconfigured")
         raise ApiError(503, "webhook_not_configured",
                        "the generic webhook is off: set SUPPORTBOT_WEBHOOK_SECRET to turn it on")
+    _require_json(request)
     raw = await request.body()
     _verify(webhooks, "generic", secret, request, raw, signing.SUPPORTBOT)
     delivery = _delivery_id(request, signing.SUPPORTBOT, required=True)
@@ -394,6 +407,7 @@ async def handle_generic(request: Request) -> JSONResponse:
     except ValidationError as exc:
         webhooks.count("generic", "invalid")
         raise ApiError(422, "invalid_request", _describe(exc)) from None
+    check_metadata(body.metadata)
     session = f"generic:{body.conversation_id}"
     log_fields(request, webhook="generic", event=body.event, delivery_id=delivery, session_id=session)
     if body.callback_url is not None:
@@ -487,7 +501,8 @@ def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
 
 _ERRORS = {status: {"description": text} for status, text in [
     (400, "not JSON, or a bad delivery id"), (401, "missing, bad or stale signature"),
-    (413, "body too large"), (422, "a field is missing or invalid"),
+    (413, "body too large"), (415, "the body is not declared as application/json"),
+    (422, "a field is missing or invalid"),
     (429, "try again after Retry-After (model loading, overload, shutdown)"),
     (503, "this webhook is not configured"),
 ]}

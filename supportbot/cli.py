@@ -130,7 +130,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serve.app import run
+    from serve.server import run  # binds the port before torch is imported (serve/server.py)
 
     return run(model=ensure_default_model(args.model), host=args.host, port=args.port, config=args.config)
 

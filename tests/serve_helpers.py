@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from serve.app import create_app
+from serve.server import server_config
 from serve.settings import Settings, load_settings
 
 
@@ -36,11 +37,8 @@ class LiveServer:
         self._sock.bind(("127.0.0.1", 0))  # the port is ours from here on: no race for it
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        settings = app.state.runtime.settings
-        config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
-            proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
-        )
+        # The server `supportbot serve` runs (limits, header timeout, trusted proxies), on this socket.
+        config = server_config(app, app.state.runtime.settings, log_config=None, timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 

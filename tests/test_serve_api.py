@@ -19,10 +19,13 @@ from serve.app import create_app
 from serve.batching import Batcher, QueueFull
 from serve.metrics import Metrics
 
+ADMIN_TOKEN = "serve-api-admin-0b7e"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # transcripts are never public, even on an open server
+
 
 @pytest.fixture(scope="module")
 def server(shop_bundle, tmp_path_factory):
-    with live_server(make_settings(shop_bundle, tmp_path_factory.mktemp("serve-api"))) as live:
+    with live_server(make_settings(shop_bundle, tmp_path_factory.mktemp("serve-api"), admin_token=ADMIN_TOKEN)) as live:
         yield live
 
 
@@ -74,7 +77,8 @@ def test_chat_answers_and_continues_the_session(http, server):
     assert second.json()["session_id"] == session_id
     assert second.json()["action"] == "handoff" and second.json()["handed_off"] is True
 
-    transcript = http.get(f"/v1/sessions/{session_id}")
+    assert http.get(f"/v1/sessions/{session_id}").status_code == 401
+    transcript = http.get(f"/v1/sessions/{session_id}", headers=ADMIN)
     assert transcript.status_code == 200
     turns = transcript.json()["turns"]
     assert [t["role"] for t in turns] == ["user", "bot", "user", "bot"]
@@ -86,14 +90,14 @@ def test_chat_answers_and_continues_the_session(http, server):
 def test_chat_with_a_chosen_session_id(http):
     reply = http.post("/v1/chat", json={"session_id": "customer-42:web", "message": "hello"})
     assert reply.status_code == 200 and reply.json()["session_id"] == "customer-42:web"
-    assert http.get("/v1/sessions/customer-42:web").json()["turns"][0]["text"] == "hello"
+    assert http.get("/v1/sessions/customer-42:web", headers=ADMIN).json()["turns"][0]["text"] == "hello"
 
 
 def test_unknown_and_malformed_session_ids(http):
-    missing = http.get("/v1/sessions/never-seen-before")
+    missing = http.get("/v1/sessions/never-seen-before", headers=ADMIN)
     assert missing.status_code == 404
     assert missing.json() == {"error": {"code": "session_not_found", "message": "no conversation has this session id"}}
-    bad = http.get("/v1/sessions/" + "x" * 200)
+    bad = http.get("/v1/sessions/" + "x" * 200, headers=ADMIN)
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from itertools import count
 
 import httpx
@@ -34,6 +35,7 @@ def server(shop_bundle, tmp_path_factory):
         shop_bundle, tmp_path_factory.mktemp("serve-protection"), api_key=API_KEY, admin_token=ADMIN_TOKEN,
         metrics_token=METRICS_TOKEN,
         rate_limit_per_minute=60, rate_limit_burst=5, cors_origins=[ORIGIN], max_queue=1,
+        trusted_proxies=["127.0.0.1"],  # X-Forwarded-For from loopback names the client (new_client)
     )
     with live_server(settings) as live:
         yield live
@@ -158,17 +160,81 @@ def test_reload_is_off_without_an_admin_token(shop_bundle, tmp_path):
 
 def test_rate_limit_per_client(http):
     client = new_client()
-    headers = {**client, "X-API-Key": API_KEY}
-    statuses = [http.post("/v1/classify", json={"texts": ["hi"]}, headers=headers).status_code for _ in range(5)]
-    assert statuses == [200] * 5  # the burst
-    limited = http.post("/v1/classify", json={"texts": ["hi"]}, headers=headers)
+    statuses = [http.post("/v1/classify", json={"texts": ["hi"]}, headers=client).status_code for _ in range(5)]
+    assert statuses == [401] * 5  # the burst (refused for want of a key, but counted)
+    limited = http.post("/v1/classify", json={"texts": ["hi"]}, headers=client)
     assert limited.status_code == 429
     assert limited.headers["retry-after"] == "1"  # 60/minute: one token a second
     assert limited.json()["error"]["code"] == "rate_limited"
     assert "retry in 1 s" in limited.json()["error"]["message"]
-    other = http.post("/v1/classify", json={"texts": ["hi"]}, headers={**new_client(), "X-API-Key": API_KEY})
-    assert other.status_code == 200  # another client is not affected
+    other = http.post("/v1/classify", json={"texts": ["hi"]}, headers=new_client())
+    assert other.status_code == 401  # another client is not affected
+    with_key = http.post("/v1/classify", json={"texts": ["hi"]}, headers={**client, "X-API-Key": API_KEY})
+    assert with_key.status_code == 200  # the API key has a bucket of its own
     assert http.get("/healthz", headers=client).status_code == 200  # operations are not limited
+
+
+@pytest.fixture()
+def limited_server(tmp_path):
+    """A server with small limits, on no model (refusals come before the model; nothing waits for one)."""
+
+    def start(**overrides):
+        settings = make_settings(
+            tmp_path / "no-such-bundle", tmp_path / f"data-{len(servers)}", api_key=API_KEY,
+            rate_limit_per_minute=60, rate_limit_burst=3, api_key_rate_limit_per_minute=60,
+            api_key_rate_limit_burst=10, webhook_rate_limit_per_minute=60, webhook_rate_limit_burst=4,
+            **overrides,
+        )
+        context = live_server(settings, wait_ready=False)
+        servers.append(context)
+        return context.__enter__()
+
+    servers: list = []
+    yield start
+    for context in servers:
+        context.__exit__(None, None, None)
+
+
+def test_an_api_key_has_a_limit_of_its_own_not_its_address(limited_server):
+    with httpx.Client(base_url=limited_server().url, timeout=30) as http:
+        keyed = [http.post("/v1/classify", json={"texts": ["hi"]}, headers={"X-API-Key": API_KEY}) for _ in range(11)]
+        assert [r.status_code for r in keyed[:10]].count(429) == 0  # far past the address's burst of 3
+        assert keyed[10].status_code == 429 and "with this API key" in keyed[10].json()["error"]["message"]
+        anonymous = [http.post("/v1/classify", json={"texts": ["hi"]}).status_code for _ in range(4)]
+        assert anonymous == [401, 401, 401, 429]  # the address has its own bucket, untouched by the key
+
+
+def test_x_forwarded_for_is_trusted_only_from_configured_proxies(limited_server):
+    def statuses(url: str) -> list[int]:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            return [http.post("/v1/chat", json={"message": "hi"}, headers=new_client()).status_code for _ in range(6)]
+
+    assert statuses(limited_server().url) == [401, 401, 401, 429, 429, 429]  # a spoofed address gets no fresh bucket
+    assert statuses(limited_server(trusted_proxies=["127.0.0.1"]).url) == [401] * 6  # behind a trusted proxy
+
+
+def test_the_rate_limit_applies_before_the_body_is_read(limited_server):
+    live = limited_server()
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        assert [http.post("/v1/chat", json={"message": "hi"}).status_code for _ in range(3)] == [401] * 3
+    with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+        # Headers announcing a large body, and no body: the answer cannot wait for it.
+        sock.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: probe\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500000\r\n\r\n")
+        answer = b""
+        while b'"rate_limited"' not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 429 ") and b'"rate_limited"' in answer
+
+
+def test_webhooks_have_a_limit_of_their_own(limited_server):
+    with httpx.Client(base_url=limited_server().url, timeout=30) as http:
+        assert [http.post("/v1/chat", json={"message": "hi"}).status_code for _ in range(4)][-1] == 429
+        json_body = {"headers": {"Content-Type": "application/json"}, "content": b"{}"}
+        deliveries = [http.post("/v1/webhooks/generic", **json_body) for _ in range(5)]
+        assert [r.status_code for r in deliveries[:4]] == [503] * 4  # not limited by the chat bucket
+        assert deliveries[4].status_code == 429 and "to this webhook" in deliveries[4].json()["error"]["message"]
+        assert http.post("/v1/webhooks/chatwoot", **json_body).status_code != 429  # each webhook has its bucket
 
 
 def test_rate_limiter_refills_and_forgets():

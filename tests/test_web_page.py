@@ -1,5 +1,6 @@
-"""The web chat page in a real headless Chromium against a live server with the real shop model:
-send a message, see the reply, click a clarify quick reply, see the handoff state, reload."""
+"""The web chat page in a real headless Chromium against a live server with the real shop model and
+SUPPORTBOT_API_KEY set: send a message, see the reply, click a clarify quick reply, see the handoff
+state, reload; the page works on its own session token and the API key never reaches the browser."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 SHOP_TEST = Path(__file__).resolve().parents[1] / "bot" / "domains" / "shop" / "test.yaml"
+API_KEY = "web-page-api-key-5f3a91"
 AMBIGUOUS = ["blah", "ta", "ok", "hmm", "what should I call you", "yes", "help", "order", "card", "bye then"]
 
 
@@ -35,7 +37,8 @@ def cautious_bundle(shop_bundle, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(cautious_bundle, tmp_path_factory):
-    with live_server(make_settings(cautious_bundle, tmp_path_factory.mktemp("web-page"))) as live:
+    settings = make_settings(cautious_bundle, tmp_path_factory.mktemp("web-page"), api_key=API_KEY)
+    with live_server(settings) as live:
         yield live
 
 
@@ -56,7 +59,7 @@ def clarify_message(url: str) -> tuple[str, list[str]]:
     pack = yaml.safe_load(SHOP_TEST.read_text())
     candidates = AMBIGUOUS + [t for spec in pack["intents"].values() for t in spec["examples"]]
     candidates += list(pack.get("out_of_scope") or [])
-    with httpx.Client(base_url=url, timeout=30) as http:
+    with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
         for i, text in enumerate(candidates):
             reply = http.post("/v1/chat", json={"session_id": f"probe-{i}", "message": text}).json()
             if reply["action"] == "clarify" and reply["quick_replies"]:
@@ -64,9 +67,16 @@ def clarify_message(url: str) -> tuple[str, list[str]]:
     pytest.fail("no message of the shop test set gets a clarify reply from this model")
 
 
+def stored_session(page) -> dict | None:
+    return page.evaluate("JSON.parse(localStorage.getItem('supportbot.web_session'))")
+
+
 def test_chat_page_conversation(server, browser):
     clarify_text, options = clarify_message(server.url)
+    assert httpx.post(f"{server.url}/v1/chat", json={"message": "hi"}).status_code == 401  # the key is required
     page = browser.new_page()
+    sent: list[dict[str, str]] = []
+    page.on("request", lambda request: sent.append({"url": request.url, **request.headers}))
     page.goto(server.url + "/")
 
     log = page.get_by_role("log", name="Conversation")
@@ -82,8 +92,9 @@ def test_chat_page_conversation(server, browser):
     assert "48213" in bot.first.inner_text()
     assert log.locator("li.message.user").first.inner_text().endswith("where is my order #48213")
     assert box.input_value() == ""
-    session_id = page.evaluate("localStorage.getItem('supportbot.session_id')")
-    assert session_id
+    stored = stored_session(page)
+    session_id, token = stored["session_id"], stored["token"]
+    assert session_id.startswith("web:") and token.startswith("sbt1.")
 
     # A clarify question shows its options as buttons; clicking one sends it.
     box.fill(clarify_text)
@@ -109,15 +120,24 @@ def test_chat_page_conversation(server, browser):
     # A reload keeps the session: same id, transcript back, still handed off.
     page.reload()
     page.wait_for_function(f"document.querySelectorAll('li.message').length === {turns}")
-    assert page.evaluate("localStorage.getItem('supportbot.session_id')") == session_id
+    assert stored_session(page)["session_id"] == session_id
     assert page.get_by_role("status").filter(has_text="A person will take over").is_visible()
-    transcript = httpx.get(f"{server.url}/v1/sessions/{session_id}").json()["turns"]
-    assert len(transcript) == turns and transcript[0]["text"] == "where is my order #48213"
+    transcript = httpx.get(f"{server.url}/v1/sessions/{session_id}", headers={"Authorization": f"Bearer {token}"})
+    assert len(transcript.json()["turns"]) == turns and transcript.json()["turns"][0]["text"] == "where is my order #48213"
+    # The page's token reads its own conversation and nothing else; no transcript is public.
+    assert httpx.get(f"{server.url}/v1/sessions/{session_id}").status_code == 401
+    other = httpx.get(f"{server.url}/v1/sessions/probe-0", headers={"Authorization": f"Bearer {token}"})
+    assert other.status_code == 403
+
+    # The API key never reached the browser: not in a request, the page, or its storage.
+    assert sent and all(API_KEY not in value for headers in sent for value in headers.values())
+    assert any(h.get("authorization") == f"Bearer {token}" for h in sent if h["url"].endswith("/v1/chat"))
+    assert API_KEY not in page.content() and API_KEY not in page.evaluate("JSON.stringify(localStorage)")
 
     # A new conversation forgets the session.
     page.get_by_role("button", name="New conversation").click()
     assert log.locator("li.message").count() == 0
-    assert page.evaluate("localStorage.getItem('supportbot.session_id')") is None
+    assert stored_session(page) is None
     assert not page.get_by_role("status").filter(has_text="A person will take over").is_visible()
     page.close()
 

@@ -18,6 +18,7 @@ from serve.app import create_app
 
 SECRET = "cw-agent-bot-secret"
 TOKEN = "cw-agent-bot-token"
+ADMIN_TOKEN = "cw-admin-token-6d0c"  # reads transcripts of webhook sessions (the chat API may not)
 FAST_OUTBOX = {"outbox_backoff_base_s": 0.05, "outbox_backoff_cap_s": 0.2, "outbox_max_attempts": 6,
                "outbox_send_timeout_s": 3.0}
 # Clear, in-scope questions (no slots to fill, no handoff): each gets an answer.
@@ -42,7 +43,7 @@ def chatwoot():
 @pytest.fixture(scope="module")
 def server(shop_bundle, tmp_path_factory, chatwoot):
     settings = make_settings(shop_bundle, tmp_path_factory.mktemp("chatwoot-webhook"), chatwoot_url=chatwoot.url,
-                             chatwoot_token=TOKEN, chatwoot_secret=SECRET, **FAST_OUTBOX)
+                             chatwoot_token=TOKEN, chatwoot_secret=SECRET, admin_token=ADMIN_TOKEN, **FAST_OUTBOX)
     with live_server(settings) as live:
         chatwoot.bot_url = f"{live.url}/v1/webhooks/chatwoot"
         yield live
@@ -54,7 +55,8 @@ def hook(server):
 
 
 def transcript_replies(server, conversation_id: int, account_id: int = 1) -> list[str]:
-    turns = httpx.get(f"{server.url}/v1/sessions/chatwoot:{account_id}:{conversation_id}", timeout=10).json()["turns"]
+    turns = httpx.get(f"{server.url}/v1/sessions/chatwoot:{account_id}:{conversation_id}", timeout=10,
+                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["turns"]
     return [t["text"] for t in turns if t["role"] == "bot" and t["text"]]
 
 
@@ -110,7 +112,8 @@ def test_messages_the_bot_must_not_answer(server, chatwoot, hook, variant):
     assert response.json()["status"] == "ignored"
     settle(0.3)
     assert chatwoot.replies(1, conversation) == []
-    assert httpx.get(f"{server.url}/v1/sessions/chatwoot:1:{conversation}").status_code == 404
+    assert httpx.get(f"{server.url}/v1/sessions/chatwoot:1:{conversation}",
+                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).status_code == 404
 
 
 def test_unknown_events_and_fields_are_ignored(server, chatwoot, hook):
@@ -128,7 +131,8 @@ def test_unknown_events_and_fields_are_ignored(server, chatwoot, hook):
 def test_malformed_deliveries_get_clear_4xx(server, chatwoot, hook):
     raw, headers = signed_body({"event": "message_created"}, secret=SECRET)
     bad_json = b'{"event": "message_created",'
-    response = httpx.post(hook, content=bad_json, headers=signing.sign(SECRET, bad_json, signing.CHATWOOT))
+    response = httpx.post(hook, content=bad_json, headers={**signing.sign(SECRET, bad_json, signing.CHATWOOT),
+                                                            "Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
     response = httpx.post(hook, content=raw, headers=headers)
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_event"
@@ -365,7 +369,7 @@ def test_actions_pending_at_shutdown_are_sent_once_after_restart(shop_bundle, tm
     with MockChatwoot(token=TOKEN, secret=SECRET) as chatwoot:
         settings = make_settings(shop_bundle, tmp_path, chatwoot_url=chatwoot.url, chatwoot_token=TOKEN,
                                  chatwoot_secret=SECRET, outbox_backoff_base_s=0.05, outbox_backoff_cap_s=0.1,
-                                 outbox_max_attempts=100)
+                                 outbox_max_attempts=100, admin_token=ADMIN_TOKEN)
         conversation = new_id()
         first = message_event("what are your opening hours", message_id=new_id(), conversation_id=conversation)
         second = message_event("thank you", message_id=new_id(), conversation_id=conversation)

@@ -19,6 +19,8 @@ from serve.app import create_app
 from serve.callbacks import CallbackPolicy, CallbackRefused, system_resolver
 
 SECRET = "generic-webhook-secret"
+ADMIN_TOKEN = "generic-admin-token-41e2"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # reads webhook transcripts (the chat API may not)
 
 _ids = iter(range(1, 1_000_000))
 
@@ -42,7 +44,7 @@ FAST_OUTBOX = {"outbox_backoff_base_s": 0.05, "outbox_backoff_cap_s": 0.2, "outb
 def server(shop_bundle, tmp_path_factory):
     """Callbacks allowed to the loopback receiver only, by an exact allow-list entry."""
     settings = make_settings(shop_bundle, tmp_path_factory.mktemp("generic-webhook"), webhook_secret=SECRET,
-                             callback_hosts=["127.0.0.1"], **FAST_OUTBOX)
+                             callback_hosts=["127.0.0.1"], admin_token=ADMIN_TOKEN, **FAST_OUTBOX)
     with live_server(settings) as live:
         yield live
 
@@ -51,7 +53,7 @@ def server(shop_bundle, tmp_path_factory):
 def open_server(shop_bundle, tmp_path_factory):
     """No callback allow-list: any host with public addresses, nothing internal."""
     settings = make_settings(shop_bundle, tmp_path_factory.mktemp("generic-webhook-open"), webhook_secret=SECRET,
-                             **FAST_OUTBOX)
+                             admin_token=ADMIN_TOKEN, **FAST_OUTBOX)
     with live_server(settings) as live:
         yield live
 
@@ -84,7 +86,7 @@ def test_without_a_callback_the_reply_is_in_the_response(server, hook):
     reply = body["reply"]
     assert reply["action"] == "answer" and reply["text"] and reply["intent"] == "contact_hours"
     assert reply["model_version"] == server.runtime.model_version
-    turns = httpx.get(f"{server.url}/v1/sessions/generic:{conversation}").json()["turns"]
+    turns = httpx.get(f"{server.url}/v1/sessions/generic:{conversation}", headers=ADMIN).json()["turns"]
     assert [t["text"] for t in turns] == ["what are your opening hours", reply["text"]]
 
 
@@ -95,7 +97,7 @@ def test_a_repeated_message_returns_the_first_reply_without_asking_the_bot_again
     again = post(hook, body, delivery_id="g-1").json()
     other_delivery = post(hook, body, delivery_id="g-2").json()
     assert again == other_delivery == {**first, "status": "duplicate"}
-    assert len(httpx.get(f"{server.url}/v1/sessions/generic:{conversation}").json()["turns"]) == 2
+    assert len(httpx.get(f"{server.url}/v1/sessions/generic:{conversation}", headers=ADMIN).json()["turns"]) == 2
 
 
 def test_with_a_callback_the_reply_arrives_signed_once(server, hook, receiver):
@@ -123,7 +125,7 @@ def test_with_a_callback_the_reply_arrives_signed_once(server, hook, receiver):
     payload = delivered.json
     assert payload["event"] == "reply" and payload["conversation_id"] == conversation
     assert payload["in_reply_to"] == "m1" and payload["reply"]["text"]
-    turns = httpx.get(f"{server.url}/v1/sessions/generic:{conversation}").json()["turns"]
+    turns = httpx.get(f"{server.url}/v1/sessions/generic:{conversation}", headers=ADMIN).json()["turns"]
     assert turns[-1]["text"] == payload["reply"]["text"]
 
 
@@ -193,7 +195,7 @@ def test_refusals(server, hook):
     too_long = post(hook, {**body, "text": "x" * 5000})
     assert too_long.status_code == 422 and too_long.json()["error"]["code"] == "message_too_long"
     raw = b"{not json"
-    headers = signing.sign(SECRET, raw, signing.SUPPORTBOT)
+    headers = {**signing.sign(SECRET, raw, signing.SUPPORTBOT), "Content-Type": "application/json"}
     response = httpx.post(hook, content=raw, headers=headers)
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
     # Nothing refused was recorded: the valid delivery of the same message is answered now.
@@ -258,7 +260,7 @@ def test_a_callback_host_off_the_allow_list_is_refused_and_nothing_is_queued(ser
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "'hooks.evil.example' is not in the callback allow-list" in logged and "s3cret-token" not in logged
     # Nothing was recorded, asked of the bot or sent; the same message with an allowed URL is new.
-    assert httpx.get(f"{server.url}/v1/sessions/generic:{conversation}").status_code == 404
+    assert httpx.get(f"{server.url}/v1/sessions/generic:{conversation}", headers=ADMIN).status_code == 404
     assert callback_actions(server, conversation) == [] and sent_to(receiver, conversation) == []
     accepted = post(hook, {**body, "callback_url": f"{receiver.url}/hooks/{conversation}"})
     assert accepted.status_code == 202 and accepted.json()["status"] == "accepted"
@@ -291,7 +293,7 @@ def test_without_an_allow_list_internal_addresses_are_refused(open_server, recei
         assert error["message"].startswith(f"callback_url: host {host!r} is not a public address ({kind})"), url
     response = post(hook, {**body, "callback_url": f"http://LocalHost.:{port}/hooks/{conversation}"})
     assert response.status_code == 422 and "host 'localhost' is this machine" in response.json()["error"]["message"]
-    assert httpx.get(f"{open_server.url}/v1/sessions/generic:{conversation}").status_code == 404
+    assert httpx.get(f"{open_server.url}/v1/sessions/generic:{conversation}", headers=ADMIN).status_code == 404
     assert callback_actions(open_server, conversation) == [] and sent_to(receiver, conversation) == []
 
 

@@ -1,9 +1,13 @@
 // The web chat page: talks to POST /v1/chat and GET /v1/sessions/{id} of the same server.
 // No build step and no dependencies. Text is always inserted as text (never as HTML).
+// It never holds the API key: POST /v1/web/session gives it a session token, signed by the
+// server and bound to one server-chosen session, sent as `Authorization: Bearer TOKEN`
+// (docs/security.md). The token is renewed while valid; an expired one starts a new chat.
 "use strict";
 
 (function () {
-  const STORAGE_KEY = "supportbot.session_id";
+  const STORAGE_KEY = "supportbot.web_session";
+  const RENEW_BEFORE_S = 3600; // renew a token that has less than an hour left
   const els = {
     messages: document.getElementById("messages"),
     form: document.getElementById("composer"),
@@ -15,19 +19,43 @@
     typing: document.getElementById("typing"),
     newChat: document.getElementById("new-chat"),
   };
-  let sessionId = readSession();
+  // {session_id, token, expires_at}: the conversation and the token that may use it.
+  let session = readSession();
   let busy = false;
 
+  function now() { return Date.now() / 1000; }
+
   function readSession() {
-    try { return window.localStorage.getItem(STORAGE_KEY); } catch (_) { return null; }
+    try {
+      const stored = JSON.parse(window.localStorage.getItem(STORAGE_KEY) || "null");
+      if (stored && stored.token && stored.session_id && stored.expires_at > now()) return stored;
+    } catch (_) { /* unreadable: start afresh */ }
+    return null;
   }
 
-  function saveSession(id) {
-    sessionId = id;
+  function saveSession(value) {
+    session = value;
     try {
-      if (id) window.localStorage.setItem(STORAGE_KEY, id);
+      if (value) window.localStorage.setItem(STORAGE_KEY, JSON.stringify(value));
       else window.localStorage.removeItem(STORAGE_KEY);
     } catch (_) { /* private mode: the session lasts as long as the page */ }
+  }
+
+  // A valid session token: the stored one, renewed when it is close to expiry, or a new one.
+  async function ensureSession() {
+    if (session && session.expires_at - now() > RENEW_BEFORE_S) return session;
+    const headers = { "Accept": "application/json" };
+    if (session && session.expires_at > now()) headers["Authorization"] = "Bearer " + session.token;
+    const response = await fetch("/v1/web/session", { method: "POST", headers: headers });
+    if (!response.ok) {
+      const body = await response.json().catch(() => null);
+      const error = new Error("session");
+      error.status = response.status; error.body = body; error.headers = response.headers;
+      throw error;
+    }
+    const body = await response.json();
+    saveSession({ session_id: body.session_id, token: body.token, expires_at: body.expires_at });
+    return session;
   }
 
   function addMessage(role, text) {
@@ -78,7 +106,7 @@
       const wait = headers.get("Retry-After");
       return "You are sending messages too quickly." + (wait ? " Please wait " + wait + " s and try again." : "");
     }
-    if (status === 401) return "This chat needs an API key, so it cannot be used from this page.";
+    if (status === 401) return "Your chat session has expired. Please send your message again to start a new chat.";
     if (status === 503) return "The assistant is not available right now. Please try again in a moment.";
     return message || "Something went wrong (HTTP " + status + "). Please try again.";
   }
@@ -90,23 +118,32 @@
     showQuickReplies([]);
     const bubble = addMessage("user", message);
     setBusy(true);
-    const payload = { message: message };
-    if (sessionId) payload.session_id = sessionId;
+    function failed(status, body, headers) {
+      bubble.classList.add("failed");
+      bubble.setAttribute("aria-label", "Not sent: " + message);
+      if (!els.input.value) els.input.value = message; // keep what the customer wrote
+      showError(describeError(status, body, headers));
+    }
     try {
+      let current;
+      try { current = await ensureSession(); } catch (error) {
+        if (error.status) { failed(error.status, error.body, error.headers); return; }
+        throw error;
+      }
       const response = await fetch("/v1/chat", {
         method: "POST",
-        headers: { "Content-Type": "application/json", "Accept": "application/json" },
-        body: JSON.stringify(payload),
+        headers: {
+          "Content-Type": "application/json", "Accept": "application/json",
+          "Authorization": "Bearer " + current.token,
+        },
+        body: JSON.stringify({ message: message, session_id: current.session_id }),
       });
       const body = await response.json().catch(() => null);
       if (!response.ok || !body) {
-        bubble.classList.add("failed");
-        bubble.setAttribute("aria-label", "Not sent: " + message);
-        if (!els.input.value) els.input.value = message; // keep what the customer wrote
-        showError(describeError(response.status, body, response.headers));
+        if (response.status === 401) saveSession(null); // the token no longer works: the next send starts anew
+        failed(response.status, body, response.headers);
         return;
       }
-      saveSession(body.session_id);
       if (!body.silent && body.reply) addMessage("bot", body.reply);
       showQuickReplies(body.quick_replies);
       showHandoff(body.handed_off);
@@ -120,12 +157,13 @@
   }
 
   async function restore() {
-    if (!sessionId) return;
+    if (!session) return;
     try {
-      const response = await fetch("/v1/sessions/" + encodeURIComponent(sessionId), {
-        headers: { "Accept": "application/json" },
+      const response = await fetch("/v1/sessions/" + encodeURIComponent(session.session_id), {
+        headers: { "Accept": "application/json", "Authorization": "Bearer " + session.token },
       });
-      if (response.status === 404) { saveSession(null); return; }
+      if (response.status === 401) { saveSession(null); return; }
+      if (response.status === 404) return; // no message yet: the token and its session stay
       if (!response.ok) return;
       const body = await response.json();
       let lastBot = null;
