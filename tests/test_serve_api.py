@@ -93,6 +93,15 @@ def test_chat_with_a_chosen_session_id(http):
     assert http.get("/v1/sessions/customer-42:web", headers=ADMIN).json()["turns"][0]["text"] == "hello"
 
 
+def test_webhook_conversations_are_reachable_only_through_their_webhook(http):
+    """On a server without an API key, nobody may write into or read a channel's conversation."""
+    for session_id in ("chatwoot:1:2001", "generic:order-77", "web:abc"):
+        written = http.post("/v1/chat", json={"session_id": session_id, "message": "I want to talk to a human"})
+        assert written.status_code == 403 and written.json()["error"]["code"] == "session_forbidden", session_id
+        assert http.get(f"/v1/sessions/{session_id}").status_code == 401
+    assert http.get("/v1/sessions/chatwoot:1:2001", headers=ADMIN).status_code == 404  # the admin may look
+
+
 def test_unknown_and_malformed_session_ids(http):
     missing = http.get("/v1/sessions/never-seen-before", headers=ADMIN)
     assert missing.status_code == 404

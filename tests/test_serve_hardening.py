@@ -66,6 +66,72 @@ def raw_exchange(server, request: bytes, *, wait: float = 10.0) -> tuple[bytes, 
     return answer, time.monotonic() - started
 
 
+# ---------------------------------------------------------------------------- channels and session tokens
+
+
+def test_with_the_api_key_channel_conversations_stay_with_their_channel(http):
+    conversation = f"channel-{time.time_ns()}"
+    answered = generic(http, json.dumps({"conversation_id": conversation, "message_id": "m1",
+                                         "text": "where is my order"}).encode())
+    assert answered.status_code == 200
+    for session_id in (f"generic:{conversation}", "chatwoot:1:2001", "web:guessed"):
+        written = http.post("/v1/chat", json={"session_id": session_id, "message": "I want to talk to a human"})
+        assert written.status_code == 403 and written.json()["error"]["code"] == "session_forbidden"
+        assert http.get(f"/v1/sessions/{session_id}").status_code == 403
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    turns = http.get(f"/v1/sessions/generic:{conversation}", headers=admin).json()["turns"]
+    assert [t["role"] for t in turns] == ["user", "bot"]  # the customer's conversation was not touched
+    assert http.post("/v1/chat", json={"message": "hi"}, headers=admin).status_code == 403  # the admin only reads
+    # The key's own namespace: any other id, chat and transcript.
+    assert http.post("/v1/chat", json={"session_id": "crm-user-17", "message": "hi"}).status_code == 200
+    assert http.get("/v1/sessions/crm-user-17").status_code == 200
+
+
+def test_a_web_session_token_opens_its_own_conversation_and_nothing_else(server):
+    with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+        minted = anonymous.post("/v1/web/session")  # no key needed: the page's public door
+        assert minted.status_code == 200
+        body = minted.json()
+        session_id, token = body["session_id"], body["token"]
+        assert session_id.startswith("web:") and body["expires_in"] == 86400 and body["expires_at"] > time.time()
+        bearer = {"Authorization": f"Bearer {token}"}
+        chat = anonymous.post("/v1/chat", json={"message": "where is my order #48213"}, headers=bearer)
+        assert chat.status_code == 200 and chat.json()["session_id"] == session_id
+        assert anonymous.post("/v1/chat", json={"session_id": session_id, "message": "thanks"},
+                              headers=bearer).status_code == 200
+        assert len(anonymous.get(f"/v1/sessions/{session_id}", headers=bearer).json()["turns"]) == 4
+        # Nothing else: another session, the key's namespace, classify.
+        other = anonymous.post("/v1/chat", json={"session_id": "crm-user-17", "message": "hi"}, headers=bearer)
+        assert other.status_code == 403 and other.json()["error"]["code"] == "session_forbidden"
+        assert anonymous.get("/v1/sessions/crm-user-17", headers=bearer).status_code == 403
+        assert anonymous.post("/v1/classify", json={"texts": ["hi"]}, headers=bearer).status_code == 403
+        # No credential, a forged or tampered token: refused.
+        assert anonymous.post("/v1/chat", json={"message": "hi"}).status_code == 401
+        assert anonymous.get(f"/v1/sessions/{session_id}").status_code == 401
+        forged = token.rsplit(".", 1)[0] + ".AAAA"
+        moved = token.replace(session_id, "web:someone-else")
+        for bad in (forged, moved, token + "x", "sbt1.web:x.99999999999.sig"):
+            refused = anonymous.post("/v1/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {bad}"})
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "session_expired"
+        # Renewed while valid: the same conversation.
+        renewed = anonymous.post("/v1/web/session", headers=bearer).json()
+        assert renewed["session_id"] == session_id
+
+
+def test_session_tokens_expire_and_are_bound_to_their_secret():
+    from serve.access import SessionTokens
+
+    now = [1_000_000.0]
+    tokens = SessionTokens(b"k" * 32, 60, clock=lambda: now[0])
+    token, session_id, expires = tokens.mint()
+    assert tokens.verify(token) == session_id and expires == 1_000_060
+    assert SessionTokens(b"j" * 32, 60, clock=lambda: now[0]).verify(token) is None  # another secret
+    now[0] += 61
+    assert tokens.verify(token) is None  # expired
+    assert tokens.verify(tokens.mint("web:kept")[0]) == "web:kept"
+    assert tokens.verify(tokens.mint("crm-user-17")[0]) is None  # a token is only ever for a web: session
+
+
 # ---------------------------------------------------------------------------- bad input never 500s
 
 DEEP = b"[" * 1000 + b"]" * 1000
