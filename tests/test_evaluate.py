@@ -140,7 +140,7 @@ def assert_confusions_match(report: dict, gold: list[str], predicted: list[str])
 def assert_records_follow_the_bot(records: list[dict], bundle_dir: Path, *, open_set: bool) -> None:
     """Each record's action is the policy's decision at the bundle's thresholds; `oos` iff below the floor."""
     calibration = bundle_mod.load(bundle_dir).calibration
-    floor, gap = calibration["confidence_floor"], calibration["ambiguity_gap"]
+    floor, gap = calibration.confidence_floor, calibration.ambiguity_gap
     for r in records:
         assert r["confidence"] == r["top3"][0][1] and len(r["top3"]) == 3
         assert r["action"] == decide(r["top3"][0][1], r["top3"][1][1], floor, gap)  # no handoff intent in these models
@@ -258,7 +258,7 @@ def test_shop_pack_action_mix_follows_the_dialogue_policy(tmp_path, shop_bundle)
     social = {special["greeting"], special["goodbye"], special["thanks"]}
     for r in records:  # the policy's documented rules, re-derived for a first message
         (top, p1), (second, p2) = r["top3"][0], r["top3"][1]
-        action = decide(p1, p2, calibration["confidence_floor"], calibration["ambiguity_gap"])
+        action = decide(p1, p2, calibration.confidence_floor, calibration.ambiguity_gap)
         if action == "clarify" and social & {top, second}:  # no "hello or refund?" question: answer the real one
             action, top = "answer", next((o for o in (top, second) if o not in social), top)
         if action == "answer" and top == special["handoff"]:
