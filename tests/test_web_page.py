@@ -154,3 +154,22 @@ def test_errors_show_and_the_text_is_kept(server, browser):
     assert "limit is 2,000" in alert.inner_text()
     assert box.input_value() == "z" * 2500  # nothing the customer wrote is lost
     page.close()
+
+
+def test_a_token_the_server_no_longer_accepts_starts_a_new_conversation(server, browser):
+    """After a restart with a new session secret (or an expiry) the stored token is refused: the page
+    forgets it and the next message starts a new conversation, with no error for the customer."""
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    stale = {"session_id": "web:from-before", "token": "sbt1.web:from-before.9999999999.not-signed-here",
+             "expires_at": 9999999999}
+    page.evaluate("value => localStorage.setItem('supportbot.web_session', JSON.stringify(value))", stale)
+    page.reload()
+    page.wait_for_function("localStorage.getItem('supportbot.web_session') === null")
+    box = page.get_by_label("Your message")
+    box.fill("where is my order #48213")
+    box.press("Enter")
+    page.locator("li.message.bot").first.wait_for()
+    assert not page.get_by_role("alert").is_visible()
+    assert stored_session(page)["session_id"] not in ("web:from-before", None)
+    page.close()
