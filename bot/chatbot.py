@@ -19,19 +19,15 @@ from typing import Any
 
 from .bundle import Bundle, BundleError
 from .classifier import IntentClassifier, Prediction
-from .errors import SupportbotError
 from .policy import ANSWER, CLARIFY, FALLBACK, HANDOFF, REASON_HANDOFF_INTENT, Decision, DialoguePolicy
 from .responses import Domain, ResponsesError, choose, join_choices
-from .sessions import SessionConflict, SessionState, SessionStore, Turn, check_session_id
+from .sessions import SessionConflict, SessionState, SessionStore, Turn
+from .validation import MAX_MESSAGE_CHARS, InvalidMessage, check_message, check_session_id
+
+__all__ = ["Chatbot", "InvalidMessage", "Reply", "load_domain"]
 
 RESPONSES_FILE = "responses.yaml"
-DEFAULT_MAX_MESSAGE_CHARS = 4000
 COMMIT_ATTEMPTS = 5
-
-
-class InvalidMessage(SupportbotError, ValueError):
-    """A message that is not text, is empty, or is too long."""
-
 
 @dataclass
 class Reply:
@@ -76,7 +72,7 @@ class Chatbot:
         store: SessionStore,
         domain: Domain | None = None,
         *,
-        max_message_chars: int = DEFAULT_MAX_MESSAGE_CHARS,
+        max_message_chars: int = MAX_MESSAGE_CHARS,
         suggestions: int = 3,
     ):
         self.classifier = classifier
@@ -143,14 +139,8 @@ class Chatbot:
     # ---- internals -------------------------------------------------------------------------
 
     def _check_text(self, text: object) -> str:
-        if not isinstance(text, str):
-            raise InvalidMessage("message must be text")
-        cleaned = " ".join(text.split())
-        if not cleaned:
-            raise InvalidMessage("message is empty")
-        if len(cleaned) > self.max_message_chars:
-            raise InvalidMessage(f"message is {len(cleaned)} characters; the limit is {self.max_message_chars}")
-        return cleaned
+        """The message by the one rule (bot.validation), its whitespace runs made single spaces."""
+        return " ".join(check_message(text, limit=self.max_message_chars).split())
 
     def _lock(self, session_id: str) -> threading.Lock:
         with self._locks_guard:

@@ -2,8 +2,8 @@
 
 `SessionStore` is what the Chatbot needs: load a session's state, commit a new state together
 with the turns that produced it (one transaction, refused when another writer got there first),
-and read a transcript back. `SQLiteSessionStore` is the default: one file in
-$SUPPORTBOT_DATA_DIR, WAL mode, a connection per thread, safe with concurrent writers in
+and read a transcript back. `SQLiteSessionStore` is the default: one file in the data folder
+(bot.paths), WAL mode, a connection per thread, safe with concurrent writers in
 threads and processes, and durable across restarts. A store for many replicas (Redis) fits the
 same interface: `commit` is a compare-and-set on the state's revision plus an append.
 """
@@ -11,7 +11,6 @@ same interface: `commit` is a compare-and-set on the state's revision plus an ap
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field
@@ -19,15 +18,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from . import paths
 from .errors import SupportbotError
+from .validation import MAX_SESSION_ID_CHARS, InvalidSessionId, check_session_id
 
-MAX_SESSION_ID_CHARS = 128
-SESSIONS_FILE = "sessions.sqlite3"
+__all__ = [
+    "MAX_SESSION_ID_CHARS", "InvalidSessionId", "SQLiteSessionStore", "SessionConflict", "SessionState",
+    "SessionStore", "SessionStoreError", "Turn", "check_session_id", "default_sessions_path",
+]
+
 SCHEMA_VERSION = 1
-
-
-class InvalidSessionId(SupportbotError, ValueError):
-    """A session id that is empty, too long or holds control characters."""
 
 
 class SessionConflict(SupportbotError, RuntimeError):
@@ -36,17 +36,6 @@ class SessionConflict(SupportbotError, RuntimeError):
 
 class SessionStoreError(SupportbotError, RuntimeError):
     """The store cannot be opened or read (damaged file, foreign schema)."""
-
-
-def check_session_id(session_id: object) -> str:
-    """A session id is any non-empty string of at most 128 characters without control characters."""
-    if not isinstance(session_id, str) or not session_id.strip():
-        raise InvalidSessionId("session_id must be a non-empty string")
-    if len(session_id) > MAX_SESSION_ID_CHARS:
-        raise InvalidSessionId(f"session_id is {len(session_id)} characters; the limit is {MAX_SESSION_ID_CHARS}")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in session_id):
-        raise InvalidSessionId("session_id must not contain control characters")
-    return session_id
 
 
 @dataclass
@@ -125,8 +114,8 @@ class SessionStore(Protocol):
 
 
 def default_sessions_path() -> Path:
-    """$SUPPORTBOT_DATA_DIR/sessions.sqlite3 (./.supportbot when the variable is unset)."""
-    return Path(os.environ.get("SUPPORTBOT_DATA_DIR") or ".supportbot") / SESSIONS_FILE
+    """sessions.sqlite3 in the data folder (bot.paths: $SUPPORTBOT_DATA_DIR, else ./.supportbot)."""
+    return paths.sessions_path()
 
 
 _SCHEMA = """

@@ -7,7 +7,6 @@ vectors back instead of running the encoder.
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bot import paths
 from bot.encoder import Encoder
 from bot.precision import REVISIONS
 
 
 def default_cache_dir() -> Path:
-    data_dir = os.environ.get("SUPPORTBOT_DATA_DIR")
-    if data_dir:
-        return Path(data_dir) / "cache"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "supportbot"
+    """The embedding cache folder (bot.paths)."""
+    return paths.cache_dir()
 
 
 class EmbeddingCache:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bot.encoder import DEFAULT_BASE
 from bot.errors import SupportbotError
 from bot.precision import Precision
+from bot.validation import describe_validation_errors
 
 from . import strategies
 
@@ -111,9 +112,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path or 'config'}: {where}: {first['msg']}") from None
+        raise ConfigError(f"{path or 'config'}: {describe_validation_errors(exc)}") from None
 
 
 def _assign(tree: dict[str, Any], keys: list[str], value: Any) -> None:

@@ -24,6 +24,7 @@ import yaml
 from datasets import Dataset, DatasetDict
 
 from bot.errors import SupportbotError
+from bot.validation import MAX_MESSAGE_CHARS
 
 OOS_LABEL = "oos"
 TEXT_COLUMNS = ("text", "utterance", "instruction", "query")
@@ -34,7 +35,7 @@ SPLIT_NAMES = {
     "test": "test",
 }
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".yaml", ".yml")
-MAX_TEXT_CHARS = 10_000
+MAX_TEXT_CHARS = MAX_MESSAGE_CHARS  # a training text may be as long as a customer message, no longer
 
 csv.field_size_limit(1 << 24)
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from bot.validation import describe_validation_errors
+
 from .outbox import Action, Sender
 
 KIND_MESSAGE = "chatwoot.message"
@@ -154,7 +156,7 @@ def parse_event(body: Any) -> MessageEvent | ConversationChange | Ignored | Inva
         if event in CONVERSATION_EVENTS:
             return _conversation_change(ConversationEvent.model_validate(body))
     except ValidationError as exc:
-        return Invalid(f"{event}: " + _describe(exc))
+        return Invalid(f"{event}: " + describe_validation_errors(exc))
     return Ignored(f"event {event!r} is not handled")
 
 
@@ -178,13 +180,6 @@ def _command_for(event: ConversationEvent) -> ConversationCommand | None:
         current = change[1] if change else event.status
         return {"open": "handoff", "pending": "release", "resolved": "reset"}.get(current or "")
     return None  # conversation_updated: assignments, labels, ...; status changes come as their own events
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors(include_input=False, include_url=False)[:5]:
-        parts.append(".".join(str(p) for p in error["loc"]) + ": " + error["msg"])
-    return "; ".join(parts)
 
 
 def session_id(account_id: int, conversation_id: int) -> str:

@@ -1,8 +1,12 @@
 """One error shape for every route: `{"error": {"code": ..., "message": ...}}`.
 
-Routes raise `ApiError`; `install_error_handlers` renders it, FastAPI's validation errors,
-Starlette's 404/405; `LastResortMiddleware` answers any unexpected exception in that shape.
-Bad input is always a 4xx: a 500 means a bug, and its log line never carries message text.
+Domain errors (a bad message, a bad session id, no model loaded, overload, ...) are raised
+where they happen, in bot/ and the serving runtime, and know nothing of HTTP. `ERRORS` below
+is the one table that turns each of them into a status and a stable code; nothing else maps
+them. Routes raise `ApiError` only for what is HTTP's own (a bad signature, a missing header).
+`install_error_handlers` renders both, FastAPI's validation errors and Starlette's 404/405;
+`LastResortMiddleware` answers any unexpected exception in that shape. Bad input is always a
+4xx: a 500 means a bug, and its log line never carries message text.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from bot.errors import SupportbotError
+from bot.validation import (
+    InvalidMessage,
+    InvalidSessionId,
+    MessageTooLong,
+    UnprintableMessage,
+    describe_validation_errors,
+)
 
 log = logging.getLogger("supportbot.serve")
 
@@ -53,6 +65,41 @@ class ApiError(SupportbotError):
         self.headers = dict(headers or {})
 
 
+@dataclass(frozen=True)
+class ErrorRule:
+    """How one domain error is answered over HTTP."""
+
+    status: int
+    code: str
+
+
+# The one table from domain errors to HTTP. A subclass not listed answers like its nearest listed
+# base (the lookup walks the class's MRO), so list a subclass before nothing: order is irrelevant.
+ERRORS: dict[type[Exception], ErrorRule] = {
+    InvalidMessage: ErrorRule(422, "invalid_request"),
+    MessageTooLong: ErrorRule(422, "message_too_long"),
+    UnprintableMessage: ErrorRule(422, "invalid_message"),
+    InvalidSessionId: ErrorRule(422, "invalid_request"),
+}
+
+
+def rule_for(exc: BaseException) -> ErrorRule | None:
+    """The table's rule for `exc`: its own class's, else its nearest listed base class's."""
+    for cls in type(exc).__mro__:
+        rule = ERRORS.get(cls)
+        if rule is not None:
+            return rule
+    return None
+
+
+def as_api_error(exc: Exception) -> ApiError:
+    """The domain error `exc` as the ApiError the table says (a 500 for one not in the table)."""
+    rule = rule_for(exc)
+    if rule is None:
+        return ApiError(500, "internal_error", "the server failed to handle this request; it has been logged")
+    return ApiError(rule.status, rule.code, str(exc))
+
+
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
@@ -61,20 +108,14 @@ def error_response(status: int, code: str, message: str, headers: Mapping[str, s
     return JSONResponse(error_body(code, message), status_code=status, headers=dict(headers or {}))
 
 
-def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
-    """(status, code, message) for pydantic errors; never echoes the rejected input."""
+def request_error(errors: list[dict[str, Any]]) -> tuple[int, str, str]:
+    """(status, code, message) for a request FastAPI could not validate; never echoes the rejected input."""
     if any(error.get("type") == "json_invalid" for error in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
         return 400, "invalid_json", f"the request body is not valid JSON{': ' + str(detail) if detail else ''}"
     if any(tuple(error.get("loc", ())) == ("body",) and error.get("type") in _NOT_AN_OBJECT for error in errors):
         return 422, "invalid_request", "the request body must be a JSON object (Content-Type: application/json)"
-    parts = []
-    for error in errors[:10]:
-        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
-        where = ".".join(loc) or "body"
-        parts.append(f"{where}: {error.get('msg', 'invalid value')}")
-    more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
-    return 422, "invalid_request", "; ".join(parts) + more
+    return 422, "invalid_request", describe_validation_errors(errors)
 
 
 async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -82,9 +123,13 @@ async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    return await _api_error(request, as_api_error(exc))
+
+
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    status, code, message = describe_validation_errors(list(exc.errors()))
+    status, code, message = request_error(list(exc.errors()))
     return error_response(status, code, message)
 
 
@@ -103,6 +148,8 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    for domain_error in ERRORS:
+        app.add_exception_handler(domain_error, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 

@@ -12,6 +12,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from bot.chatbot import Reply
+from bot.validation import check_message
 
 from .access import Caller, chat_session, check_classify, check_transcript, identify
 from .batching import ClientBusy
@@ -78,18 +79,6 @@ async def metrics_reader(request: Request, runtime: RuntimeDep) -> None:
     check_metrics_token(request, runtime.settings.metrics_token, runtime.metrics)
 
 
-def check_text(text: str, limit: int, name: str) -> None:
-    """A customer text the model and the session store can take: not blank, not too long, valid Unicode."""
-    if len(text) > limit:
-        raise ApiError(422, "message_too_long", f"{name} is {len(text):,} characters long; the limit is {limit:,}")
-    if not text.strip():
-        raise ApiError(422, "invalid_request", f"{name} is empty")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(422, "invalid_request", f"{name} is not valid Unicode text (lone surrogate)") from None
-
-
 MAX_METADATA_DEPTH = 32
 
 
@@ -154,7 +143,7 @@ def build_router() -> APIRouter:
             chosen = chat_session(who, runtime.settings, body.session_id)
         except ApiError as exc:
             raise refused(runtime, exc) from None
-        check_text(body.message, runtime.settings.max_message_chars, "message")
+        check_message(body.message, limit=runtime.settings.max_message_chars)
         check_metadata(body.metadata)
         session_id = chosen or uuid.uuid4().hex
         log_fields(request, session_id=session_id, message_text=body.message)
@@ -174,7 +163,7 @@ def build_router() -> APIRouter:
         if len(body.texts) > limit:
             raise ApiError(422, "too_many_texts", f"{len(body.texts):,} texts sent; the limit is {limit:,} per request")
         for i, text in enumerate(body.texts):
-            check_text(text, runtime.settings.max_message_chars, f"texts[{i}]")
+            check_message(text, limit=runtime.settings.max_message_chars, name=f"texts[{i}]")
         chars, most = sum(len(text) for text in body.texts), runtime.settings.max_request_chars
         if chars > most:
             raise ApiError(422, "too_much_text", f"the texts hold {chars:,} characters; the limit is {most:,} per request")

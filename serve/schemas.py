@@ -11,9 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
+from bot.validation import SESSION_ID_PATTERN
+
 # What the schema says of a customer text: at least one character that is not white space (the
-# server refuses blank texts with 422). Checked in the routes (serve.routes.check_text), stated here.
+# server refuses blank texts with 422). Checked by bot.validation.check_message, stated here.
 NOT_BLANK = {"pattern": r"\S"}
 
 Action = Literal["answer", "clarify", "fallback", "handoff"]

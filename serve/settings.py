@@ -15,7 +15,9 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from bot import paths
 from bot.errors import SupportbotError
+from bot.validation import MAX_MESSAGE_CHARS, describe_validation_errors
 
 from .callbacks import parse_host_entry
 
@@ -36,7 +38,7 @@ class Settings(BaseSettings):
 
     # The names docs/design.md fixes (Settings).
     model: Path | None = Field(None, description="bundle directory to serve")
-    data_dir: Path = Field(Path(".supportbot"), description="sessions, outbox and caches")
+    data_dir: Path = Field(paths.DEFAULT_DATA_DIR, description="sessions, outbox and caches")
     api_key: SecretStr | None = Field(None, description="when set, /v1/chat, /v1/classify and /v1/sessions need it")
     admin_token: SecretStr | None = Field(None, description="bearer token of POST /v1/admin/reload; unset: reload is off")
     chatwoot_url: str | None = None
@@ -96,7 +98,9 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: every core)")
 
     # Protection.
-    max_message_chars: int = Field(2000, ge=1, description="longest chat message or classify text")
+    max_message_chars: int = Field(
+        MAX_MESSAGE_CHARS, ge=1, description="longest chat message, classify text or webhook message (bot.validation)"
+    )
     max_classify_texts: int = Field(256, ge=1, description="most texts in one /v1/classify request")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body")
     max_request_chars: int = Field(100_000, ge=1, description="most characters of text in one /v1/classify request")
@@ -144,7 +148,7 @@ class Settings(BaseSettings):
 
     @property
     def sessions_path(self) -> Path:
-        return self.data_dir / "sessions.sqlite3"
+        return paths.sessions_path(self.data_dir)
 
     @classmethod
     def settings_customise_sources(
@@ -207,9 +211,4 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
 
 def _describe(exc: ValidationError, path: Path | None) -> str:
     where = f" (settings file {path} or SUPPORTBOT_* environment)" if path else " (SUPPORTBOT_* environment)"
-    parts = []
-    for error in exc.errors(include_input=False, include_url=False):
-        name = ".".join(str(p) for p in error["loc"]) or "settings"
-        message = "unknown setting" if error["type"] == "extra_forbidden" else error["msg"]
-        parts.append(f"{name}: {message}")
-    return "invalid settings" + where + ": " + "; ".join(parts)
+    return "invalid settings" + where + ": " + describe_validation_errors(exc, renamed={"extra_forbidden": "unknown setting"})

@@ -33,13 +33,14 @@ from prometheus_client import Counter
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from bot.chatbot import Reply
+from bot.validation import check_message, describe_validation_errors, identifier_pattern
 
 from . import chatwoot, signing
 from .callbacks import CallbackPolicy, CallbackRefused, callback_client
 from .chatwoot import ChatwootClient, ConversationChange, Ignored, Invalid, MessageEvent
 from .errors import ApiError
 from .outbox import Action, Duplicate, NewAction, Outbox, OutboxMetrics, OutboxStore, RetryPolicy, Sender
-from .routes import check_metadata, check_text, log_fields
+from .routes import check_metadata, log_fields
 from .runtime import Runtime
 from .settings import Settings
 
@@ -48,7 +49,7 @@ log = logging.getLogger("supportbot.webhooks")
 OUTBOX_FILE = "outbox.sqlite3"
 KIND_CALLBACK = "generic.callback"
 TRANSIENT = {"not_ready", "overloaded", "session_busy", "shutting_down"}
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,99}$"
+ID_PATTERN = identifier_pattern(100)  # a platform id; prefixed ("generic:"), it is a session id
 MAX_DELIVERY_ID = 200
 
 
@@ -291,7 +292,7 @@ async def _chatwoot_message(request: Request, webhooks: Webhooks, event: Message
     session = chatwoot.session_id(account, conversation)
     keys = [*delivery_keys, f"chatwoot:message:{account}:{event.id}"]
     text = event.content or ""
-    check_text(text, webhooks.settings.max_message_chars, "content")
+    check_message(text, limit=webhooks.settings.max_message_chars, name="content")
     outbox = webhooks.require_outbox()
     log_fields(request, session_id=session, message_text=text)
     async with webhooks.locks(session):
@@ -406,7 +407,7 @@ async def handle_generic(request: Request) -> JSONResponse:
         body = GenericDelivery.model_validate(_json(raw))
     except ValidationError as exc:
         webhooks.count("generic", "invalid")
-        raise ApiError(422, "invalid_request", _describe(exc)) from None
+        raise ApiError(422, "invalid_request", describe_validation_errors(exc)) from None
     check_metadata(body.metadata)
     session = f"generic:{body.conversation_id}"
     log_fields(request, webhook="generic", event=body.event, delivery_id=delivery, session_id=session)
@@ -447,7 +448,7 @@ async def _generic_message(request: Request, webhooks: Webhooks, body: GenericDe
     if body.message_id is None or body.text is None:
         webhooks.count("generic", "invalid")
         raise ApiError(422, "invalid_request", "a message needs message_id and text")
-    check_text(body.text, webhooks.settings.max_message_chars, "text")
+    check_message(body.text, limit=webhooks.settings.max_message_chars, name="text")
     outbox = webhooks.require_outbox()
     keys = [f"generic:delivery:{delivery}", f"generic:message:{body.conversation_id}:{body.message_id}"]
     log_fields(request, message_text=body.text)
@@ -481,14 +482,6 @@ def _generic_outcome(body: GenericDelivery, reply: Reply) -> tuple[dict[str, Any
     action = NewAction(f"generic:{body.conversation_id}", KIND_CALLBACK,
                        {"url": body.callback_url, "delivery_id": callback_delivery, "body": message})
     return {"status": "accepted", "callback_delivery_id": callback_delivery}, [action]
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors(include_input=False, include_url=False)[:5]:
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- router

@@ -25,8 +25,10 @@ instruction, query; label columns: label, intent, category. The label `oos` mean
 
 
 def default_model_dir() -> Path:
-    """Where the default model lives: $SUPPORTBOT_MODEL, else models/default (configs/default.yaml's output)."""
-    return Path(os.environ.get("SUPPORTBOT_MODEL") or "models/default")
+    """Where the default model lives: $SUPPORTBOT_MODEL, else models/default (bot.paths)."""
+    from bot import paths
+
+    return paths.model_dir()
 
 
 def build_parser() -> argparse.ArgumentParser:
