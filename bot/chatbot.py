@@ -19,7 +19,8 @@ from typing import Any
 
 from .bundle import Bundle, BundleError
 from .classifier import IntentClassifier, Prediction
-from .policy import ANSWER, CLARIFY, FALLBACK, HANDOFF, REASON_HANDOFF_INTENT, Decision, DialoguePolicy
+from .dialogue import DialogueConfig
+from .policy import Action, Decision, DialoguePolicy, Reason
 from .responses import Domain, ResponsesError, choose, join_choices
 from .sessions import SessionConflict, SessionState, SessionStore, Turn
 from .validation import MAX_MESSAGE_CHARS, InvalidMessage, check_message, check_session_id
@@ -27,7 +28,6 @@ from .validation import MAX_MESSAGE_CHARS, InvalidMessage, check_message, check_
 __all__ = ["Chatbot", "InvalidMessage", "Reply", "load_domain"]
 
 RESPONSES_FILE = "responses.yaml"
-COMMIT_ATTEMPTS = 5
 
 @dataclass
 class Reply:
@@ -35,7 +35,7 @@ class Reply:
 
     session_id: str
     text: str  # "" when silent
-    action: str  # answer | clarify | fallback | handoff (bot.policy constants)
+    action: Action  # answer | clarify | fallback | handoff
     intent: str | None  # the intent the reply is about (None when nothing was classified)
     confidence: float  # calibrated top probability (0.0 when nothing was classified)
     ranking: list[tuple[str, float]]  # top intents of this message, calibrated probabilities
@@ -43,7 +43,7 @@ class Reply:
     model_version: str
     handed_off: bool  # a human has the conversation (true on the handoff reply itself and after)
     silent: bool  # the bot must say nothing
-    reason: str = field(default="", compare=False)  # why the policy chose the action (bot.policy.REASON_*)
+    reason: Reason | None = field(default=None, compare=False)  # why the policy chose the action
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the ranking as [{"name", "confidence"}], like Prediction.to_dict()."""
@@ -73,13 +73,14 @@ class Chatbot:
         domain: Domain | None = None,
         *,
         max_message_chars: int = MAX_MESSAGE_CHARS,
-        suggestions: int = 3,
+        dialogue: DialogueConfig | None = None,
     ):
         self.classifier = classifier
         self.store = store
         self.domain = domain if domain is not None else Domain.generic(classifier.labels)
+        self.dialogue = dialogue if dialogue is not None else self.domain.dialogue
         self.policy = DialoguePolicy(
-            self.domain, floor=classifier.confidence_floor, gap=classifier.ambiguity_gap, suggestions=suggestions
+            self.domain, floor=classifier.confidence_floor, gap=classifier.ambiguity_gap, dialogue=self.dialogue
         )
         self.max_message_chars = max_message_chars
         self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
@@ -106,7 +107,7 @@ class Chatbot:
         if prediction is None and not self.store.load(session_id).handed_off:
             prediction = self.classifier.predict([text])[0]
         with self._lock(session_id):
-            for attempt in range(COMMIT_ATTEMPTS):
+            for attempt in range(self.dialogue.commit_attempts):
                 state = self.store.load(session_id)
                 if prediction is None and not state.handed_off:  # released since we looked
                     prediction = self.classifier.predict([text])[0]
@@ -116,7 +117,7 @@ class Chatbot:
                     self.store.commit(session_id, new_state, self._turns(text, reply, decision, prediction, metadata))
                     return reply
                 except SessionConflict:
-                    if attempt == COMMIT_ATTEMPTS - 1:
+                    if attempt == self.dialogue.commit_attempts - 1:
                         raise
         raise AssertionError("unreachable")
 
@@ -153,12 +154,12 @@ class Chatbot:
     def _update(self, session_id: str, change: Callable[[SessionState], SessionState]) -> None:
         check_session_id(session_id)
         with self._lock(session_id):
-            for attempt in range(COMMIT_ATTEMPTS):
+            for attempt in range(self.dialogue.commit_attempts):
                 try:
                     self.store.commit(session_id, change(self.store.load(session_id)), [])
                     return
                 except SessionConflict:
-                    if attempt == COMMIT_ATTEMPTS - 1:
+                    if attempt == self.dialogue.commit_attempts - 1:
                         raise
 
     def _reply(self, session_id: str, decision: Decision, state: SessionState, prediction: Prediction | None) -> Reply:
@@ -180,18 +181,18 @@ class Chatbot:
     def _words(self, session_id: str, decision: Decision, state: SessionState) -> tuple[str, list[str]]:
         """The reply text and quick replies for a decision; variations picked by session and turn."""
         domain, key = self.domain, (session_id, state.turns, decision.action)
-        if decision.action == ANSWER:
+        if decision.action == Action.ANSWER:
             responses = domain.intent(decision.intent or "")
             if decision.slot is not None:
                 return domain.render(choose(responses.slot_prompts[decision.slot], *key), {}), []
             return domain.render(choose(responses.texts, *key), state.slots), list(responses.quick_replies)
-        if decision.action == CLARIFY:
+        if decision.action == Action.CLARIFY:
             titles = [domain.title(o) for o in decision.options]
             return domain.render(choose(domain.clarify, *key), {"options": join_choices(titles)}), titles
-        if decision.action == FALLBACK:
+        if decision.action == Action.FALLBACK:
             return self._fallback_words(decision, key)
-        if decision.action == HANDOFF:
-            own = domain.intent(decision.intent or "") if decision.reason == REASON_HANDOFF_INTENT else None
+        if decision.action == Action.HANDOFF:
+            own = domain.intent(decision.intent or "") if decision.reason == Reason.HANDOFF_INTENT else None
             texts = own.texts if own is not None and not own.generic else domain.handoff
             return domain.render(choose(texts, *key), state.slots), []
         raise ValueError(f"unknown action {decision.action!r}")

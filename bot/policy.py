@@ -11,20 +11,32 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .dialogue import DialogueConfig
 from .responses import SOCIAL_ROLES
-from .sessions import SessionState
+from .sessions import PendingChoice, PendingSlot, SessionState
 from .slots import extract as extract_slots
 
 if TYPE_CHECKING:
     from .classifier import Prediction
     from .responses import Domain
 
-ANSWER, CLARIFY, FALLBACK, HANDOFF = "answer", "clarify", "fallback", "handoff"
-ACTIONS = (ANSWER, CLARIFY, FALLBACK, HANDOFF)
+
+
+class Action(StrEnum):
+    """What the bot does with a message. A StrEnum: it is its value in JSON, SQLite and metrics."""
+
+    ANSWER = "answer"
+    CLARIFY = "clarify"
+    FALLBACK = "fallback"
+    HANDOFF = "handoff"
+
+
+ACTIONS = tuple(Action)
 
 
 def decide(top1: Any, top2: Any, floor: float, gap: float) -> Any:
@@ -34,7 +46,7 @@ def decide(top1: Any, top2: Any, floor: float, gap: float) -> Any:
     Works on floats or numpy arrays (then returns an array of action names).
     """
     clarify, answer = decision_masks(top1, top2, floor, gap)
-    out = np.where(clarify, CLARIFY, np.where(answer, ANSWER, FALLBACK))
+    out = np.where(clarify, Action.CLARIFY.value, np.where(answer, Action.ANSWER.value, Action.FALLBACK.value))
     return str(out) if out.ndim == 0 else out
 
 
@@ -55,19 +67,23 @@ def decision_masks(top1: Any, top2: Any, floor: Any, gap: Any) -> tuple[np.ndarr
 # fills it. The policy changes only a copy of the session state and says nothing itself: the
 # Chatbot turns a Decision into words.
 
-# Why a decision was taken (Decision.reason); useful in transcripts and metrics.
-REASON_CONFIDENT = "confident"
-REASON_CHOSEN = "chosen"  # a pending choice was resolved
-REASON_SLOT_FILLED = "slot_filled"
-REASON_AMBIGUOUS = "ambiguous"
-REASON_LOW_CONFIDENCE = "low_confidence"
-REASON_OUT_OF_SCOPE = "out_of_scope"
-REASON_NONE_OF_THESE = "none_of_these"
-REASON_SLOT_MISSING = "slot_missing"
-REASON_HANDOFF_INTENT = "handoff_intent"
-REASON_REPEATED_FALLBACK = "repeated_fallback"
-REASON_SILENT = "silent"
-REASON_SOCIAL_MIX = "social_mix"  # clarify zone, but one option is a greeting/thanks/goodbye: answer the other
+
+
+class Reason(StrEnum):
+    """Why a decision was taken (Decision.reason); stored with the bot's turn in the transcript."""
+
+    CONFIDENT = "confident"
+    CHOSEN = "chosen"  # a pending choice was resolved
+    SLOT_FILLED = "slot_filled"
+    AMBIGUOUS = "ambiguous"
+    LOW_CONFIDENCE = "low_confidence"
+    OUT_OF_SCOPE = "out_of_scope"
+    NONE_OF_THESE = "none_of_these"
+    SLOT_MISSING = "slot_missing"
+    HANDOFF_INTENT = "handoff_intent"
+    REPEATED_FALLBACK = "repeated_fallback"
+    SILENT = "silent"
+    SOCIAL_MIX = "social_mix"  # clarify zone, but one option is a greeting/thanks/goodbye: answer the other
 
 
 @dataclass(frozen=True)
@@ -75,10 +91,10 @@ class Decision:
     """What to do with one message. `intent` is what the reply is about (for an answer, the intent
     answered, which after a resolved choice or a filled slot is not this message's top intent)."""
 
-    action: str
+    action: Action
     intent: str | None
     confidence: float
-    reason: str
+    reason: Reason
     options: tuple[str, ...] = ()  # clarify: the intents asked about; fallback: the intents suggested
     slot: str | None = None  # answer: the slot to ask for; fallback: the slot asked for again
     out_of_scope: bool = False
@@ -86,109 +102,112 @@ class Decision:
 
 
 class DialoguePolicy:
-    """The bot's stateful rules; thresholds come from the model bundle, texts and roles from the Domain."""
+    """The bot's stateful rules; thresholds come from the model bundle, texts and roles from the
+    Domain, the knobs (suggestions, handoff after fallbacks) from a DialogueConfig (default: the Domain's)."""
 
-    def __init__(self, domain: Domain, *, floor: float, gap: float, suggestions: int = 3):
+    def __init__(self, domain: Domain, *, floor: float, gap: float, dialogue: DialogueConfig | None = None):
         self.domain = domain
         self.floor = float(floor)
         self.gap = float(gap)
-        self.suggestions = suggestions
+        self.dialogue = dialogue if dialogue is not None else domain.dialogue
 
     def step(self, state: SessionState, text: str, prediction: Prediction | None) -> tuple[Decision, SessionState]:
         """Decide what to do with `text` (classified as `prediction`) and return the session's next state."""
-        state = replace(state, slots=dict(state.slots), pending=dict(state.pending) if state.pending else None)
+        state = replace(state, slots=dict(state.slots))
         state.turns += 1
         if state.handed_off:
-            return Decision(HANDOFF, None, 0.0, REASON_SILENT, silent=True), state
+            return Decision(Action.HANDOFF, None, 0.0, Reason.SILENT, silent=True), state
         if prediction is None:
             raise ValueError("a message needs a prediction unless the session is handed off")
         pending, state.pending = state.pending, None
-        expecting = pending.get("slot") if pending and pending.get("kind") == "slot" else None
+        expecting = pending.slot if isinstance(pending, PendingSlot) else None
         found = extract_slots(text, expecting=expecting)
         state.slots.update(found)
         action = self.base_action(prediction)
 
-        if pending and pending.get("kind") == "choice":
-            options = [o for o in pending.get("options", []) if isinstance(o, str)]
-            chosen = resolve_choice(text, options, [self.domain.title(o) for o in options])
+        if isinstance(pending, PendingChoice):
+            options, titles = pending.options, [self.domain.title(o) for o in pending.options]
+            chosen = resolve_choice(text, options, titles)
             if chosen is NONE_OF_THESE:
-                return self._fallback(state, prediction, REASON_NONE_OF_THESE)
-            if chosen is None and action != ANSWER:
-                chosen = choice_by_words(text, options, [self.domain.title(o) for o in options])
+                return self._fallback(state, prediction, Reason.NONE_OF_THESE)
+            if chosen is None and action != Action.ANSWER:
+                chosen = choice_by_words(text, options, titles)
             if isinstance(chosen, str):
-                return self._answer(state, chosen, float(pending.get("confidence", prediction.confidence)), REASON_CHOSEN)
-        if expecting:
-            if expecting in found and pending is not None:
-                return self._answer(state, pending["intent"], float(pending.get("confidence", 0.0)), REASON_SLOT_FILLED)
-            if action != ANSWER:
-                return self._fallback(state, prediction, REASON_SLOT_MISSING, retry=pending)
+                confidence = pending.confidence if pending.confidence is not None else prediction.confidence
+                return self._answer(state, chosen, confidence, Reason.CHOSEN)
+        if isinstance(pending, PendingSlot):
+            if pending.slot in found:
+                return self._answer(state, pending.intent, pending.confidence, Reason.SLOT_FILLED)
+            if action != Action.ANSWER:
+                return self._fallback(state, prediction, Reason.SLOT_MISSING, retry=pending)
         return self._route(state, prediction, action)
 
-    def base_action(self, prediction: Prediction) -> str:
+    def base_action(self, prediction: Prediction) -> Action:
         """answer / clarify / fallback for one prediction, by the shared rule `decide()`."""
         ranking = prediction.ranking or [(prediction.label, prediction.confidence)]
         top1 = ranking[0][1]
         top2 = ranking[1][1] if len(ranking) > 1 else 0.0
-        return str(decide(top1, top2, self.floor, self.gap))
+        return Action(str(decide(top1, top2, self.floor, self.gap)))
 
     # ---- outcomes --------------------------------------------------------------------------
 
-    def _route(self, state: SessionState, prediction: Prediction, action: str) -> tuple[Decision, SessionState]:
-        if action == ANSWER:
-            return self._answer(state, prediction.label, prediction.confidence, REASON_CONFIDENT)
-        if action == CLARIFY:
+    def _route(self, state: SessionState, prediction: Prediction, action: Action) -> tuple[Decision, SessionState]:
+        if action == Action.ANSWER:
+            return self._answer(state, prediction.label, prediction.confidence, Reason.CONFIDENT)
+        if action == Action.CLARIFY:
             options = tuple(name for name, _ in prediction.ranking[:2])
             social = [o for o in options if self.domain.role(o) in SOCIAL_ROLES]
             if social:  # "hi, where is my order": asking "Say hello or Track an order?" helps nobody
                 chosen = next((o for o in options if o not in social), options[0])
-                return self._answer(state, chosen, dict(prediction.ranking).get(chosen, 0.0), REASON_SOCIAL_MIX)
+                return self._answer(state, chosen, dict(prediction.ranking).get(chosen, 0.0), Reason.SOCIAL_MIX)
             state.fallbacks = 0
-            state.pending = {"kind": "choice", "options": list(options), "confidence": prediction.confidence}
-            return Decision(CLARIFY, prediction.label, prediction.confidence, REASON_AMBIGUOUS, options=options), state
-        return self._fallback(state, prediction, REASON_LOW_CONFIDENCE)
+            state.pending = PendingChoice(options, prediction.confidence)
+            return Decision(Action.CLARIFY, prediction.label, prediction.confidence, Reason.AMBIGUOUS, options=options), state
+        return self._fallback(state, prediction, Reason.LOW_CONFIDENCE)
 
-    def _answer(self, state: SessionState, intent: str, confidence: float, reason: str) -> tuple[Decision, SessionState]:
+    def _answer(self, state: SessionState, intent: str, confidence: float, reason: Reason) -> tuple[Decision, SessionState]:
         if self.domain.role(intent) == "handoff":
-            return self._handoff(state, intent, confidence, REASON_HANDOFF_INTENT)
+            return self._handoff(state, intent, confidence, Reason.HANDOFF_INTENT)
         state.fallbacks = 0
         missing = next((slot for slot in self.domain.intent(intent).slots if slot not in state.slots), None)
         if missing is not None:
-            state.pending = {"kind": "slot", "intent": intent, "slot": missing, "confidence": confidence}
-        return Decision(ANSWER, intent, confidence, reason, slot=missing), state
+            state.pending = PendingSlot(intent, missing, confidence)
+        return Decision(Action.ANSWER, intent, confidence, reason, slot=missing), state
 
     def _fallback(
-        self, state: SessionState, prediction: Prediction, reason: str, *, retry: dict[str, Any] | None = None
+        self, state: SessionState, prediction: Prediction, reason: Reason, *, retry: PendingSlot | None = None
     ) -> tuple[Decision, SessionState]:
         state.fallbacks += 1
-        if state.fallbacks >= self.domain.handoff_after_fallbacks:
-            return self._handoff(state, prediction.label, prediction.confidence, REASON_REPEATED_FALLBACK)
+        if state.fallbacks >= self.dialogue.handoff_after_fallbacks:
+            return self._handoff(state, prediction.label, prediction.confidence, Reason.REPEATED_FALLBACK)
         if retry is not None:
             state.pending = retry
-            return Decision(FALLBACK, prediction.label, prediction.confidence, reason, slot=retry["slot"]), state
-        if reason == REASON_NONE_OF_THESE:
-            return Decision(FALLBACK, prediction.label, prediction.confidence, reason), state
+            return Decision(Action.FALLBACK, prediction.label, prediction.confidence, reason, slot=retry.slot), state
+        if reason == Reason.NONE_OF_THESE:
+            return Decision(Action.FALLBACK, prediction.label, prediction.confidence, reason), state
         options = self.suggest(prediction)
         if prediction.out_of_scope and not options:
-            return Decision(FALLBACK, prediction.label, prediction.confidence, REASON_OUT_OF_SCOPE, out_of_scope=True), state
+            return Decision(Action.FALLBACK, prediction.label, prediction.confidence, Reason.OUT_OF_SCOPE,
+                            out_of_scope=True), state
         if options:
-            state.pending = {"kind": "choice", "options": list(options), "confidence": prediction.confidence}
-        return Decision(FALLBACK, prediction.label, prediction.confidence, reason, options=options), state
+            state.pending = PendingChoice(options, prediction.confidence)
+        return Decision(Action.FALLBACK, prediction.label, prediction.confidence, reason, options=options), state
 
-    def _handoff(self, state: SessionState, intent: str | None, confidence: float, reason: str) -> tuple[Decision, SessionState]:
+    def _handoff(self, state: SessionState, intent: str | None, confidence: float, reason: Reason) -> tuple[Decision, SessionState]:
         state.handed_off = True
         state.pending = None
         state.fallbacks = 0
-        return Decision(HANDOFF, intent, confidence, reason), state
+        return Decision(Action.HANDOFF, intent, confidence, reason), state
 
     def suggest(self, prediction: Prediction) -> tuple[str, ...]:
         """The intents worth offering after a fallback: the fewest top intents (at most
-        `suggestions`, never greeting/goodbye/thanks/handoff) that together hold at least the
+        `dialogue.suggestions`, never greeting/goodbye/thanks/handoff) that together hold at least the
         confidence floor, i.e. "probably one of these". None when no such set exists: then
         the message is treated as out of scope.
         """
         wanted = [(name, p) for name, p in prediction.ranking if self.domain.role(name) is None]
         total = 0.0
-        for count, (_, p) in enumerate(wanted[: self.suggestions], start=1):
+        for count, (_, p) in enumerate(wanted[: self.dialogue.suggestions], start=1):
             total += p
             if total >= self.floor:
                 return tuple(name for name, _ in wanted[:count])

@@ -20,15 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
+from .dialogue import DialogueConfig
 from .errors import SupportbotError
 from .slots import SLOT_TYPES
+from .validation import describe_validation_errors
 
 GENERIC_FILE = Path(__file__).resolve().parent / "generic_responses.yaml"
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 ROLES = ("greeting", "goodbye", "thanks", "handoff")
 SOCIAL_ROLES = ("greeting", "goodbye", "thanks")
-DEFAULT_HANDOFF_AFTER_FALLBACKS = 2
 MAX_RESPONSES_BYTES = 4 << 20
 
 
@@ -65,7 +67,7 @@ class Domain:
     answer: tuple[str, ...]  # generic answer texts with {title}, for intents without their own
     slot_retry: Mapping[str, tuple[str, ...]]  # when the reply to a slot prompt held no value
     special: Mapping[str, str]  # role (greeting, goodbye, thanks, handoff) -> intent name
-    handoff_after_fallbacks: int = DEFAULT_HANDOFF_AFTER_FALLBACKS
+    dialogue: DialogueConfig = field(default_factory=DialogueConfig)  # suggestions, handoff after fallbacks, commit attempts
     source: str = "generic"
 
     # ---- construction ----------------------------------------------------------------------
@@ -113,9 +115,7 @@ class Domain:
         for label in labels:
             if label not in intents:
                 intents[label] = _generic_intent(label, special, answer, handoff)
-        after = data.get("handoff_after_fallbacks", DEFAULT_HANDOFF_AFTER_FALLBACKS)
-        if not isinstance(after, int) or isinstance(after, bool) or after < 1:
-            raise ResponsesError(where("handoff_after_fallbacks", "must be a whole number >= 1"))
+        dialogue = _dialogue(data, where)
         return cls(
             shop_name=shop_name.strip(),
             intents=intents,
@@ -126,7 +126,7 @@ class Domain:
             answer=answer,
             slot_retry=_slot_retry(data.get("slot_retry"), generic["slot_retry"], where),
             special=special,
-            handoff_after_fallbacks=after,
+            dialogue=dialogue,
             source=source,
         )
 
@@ -191,6 +191,19 @@ class _Where:
 
     def __call__(self, place: str, problem: str) -> str:
         return f"{self.source}: {place}: {problem}"
+
+
+def _dialogue(data: dict[str, Any], where: _Where) -> DialogueConfig:
+    """The `dialogue:` section, with `handoff_after_fallbacks` also read at the top level (the older place)."""
+    section = data.get("dialogue") or {}
+    if not isinstance(section, dict):
+        raise ResponsesError(where("dialogue", "must be a mapping of setting: value"))
+    if "handoff_after_fallbacks" in data:
+        section = {**section, "handoff_after_fallbacks": data["handoff_after_fallbacks"]}
+    try:
+        return DialogueConfig.model_validate(section, strict=True)
+    except ValidationError as exc:
+        raise ResponsesError(where("dialogue", describe_validation_errors(exc))) from None
 
 
 @lru_cache(maxsize=1)

@@ -16,14 +16,15 @@ import threading
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from . import paths
 from .errors import SupportbotError
 from .validation import MAX_SESSION_ID_CHARS, InvalidSessionId, check_session_id
 
 __all__ = [
-    "MAX_SESSION_ID_CHARS", "InvalidSessionId", "SQLiteSessionStore", "SessionConflict", "SessionState",
+    "MAX_SESSION_ID_CHARS", "InvalidSessionId", "Pending", "PendingChoice", "PendingSlot", "SQLiteSessionStore",
+    "SessionConflict", "SessionState",
     "SessionStore", "SessionStoreError", "Turn", "check_session_id", "default_sessions_path",
 ]
 
@@ -38,25 +39,72 @@ class SessionStoreError(SupportbotError, RuntimeError):
     """The store cannot be opened or read (damaged file, foreign schema)."""
 
 
+@dataclass(frozen=True)
+class PendingChoice:
+    """The bot asked the customer to pick one of `options` (intent names): after a clarify
+    question, or fallback suggestions. `confidence` is the prediction's at the time."""
+
+    options: tuple[str, ...]
+    confidence: float | None = None
+    KIND: ClassVar[str] = "choice"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "options": list(self.options), "confidence": self.confidence}
+
+
+@dataclass(frozen=True)
+class PendingSlot:
+    """The bot asked for `slot` (e.g. order_id) to answer `intent`; `confidence` is the answer's."""
+
+    intent: str
+    slot: str
+    confidence: float = 0.0
+    KIND: ClassVar[str] = "slot"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "intent": self.intent, "slot": self.slot, "confidence": self.confidence}
+
+
+Pending = PendingChoice | PendingSlot
+
+
+def pending_from_dict(data: object) -> Pending | None:
+    """The pending state stored as JSON (`{"kind": "choice" | "slot", ...}`, the format since the
+    first release). Something unreadable is dropped (None): the bot then simply does not expect
+    an answer, which is safer than refusing the customer's conversation."""
+    if not isinstance(data, dict):
+        return None
+    confidence = data.get("confidence")
+    confidence = float(confidence) if isinstance(confidence, (int, float)) and not isinstance(confidence, bool) else None
+    if data.get("kind") == PendingChoice.KIND:
+        options = tuple(o for o in data.get("options") or [] if isinstance(o, str))
+        return PendingChoice(options, confidence) if options else None
+    if data.get("kind") == PendingSlot.KIND:
+        intent, slot = data.get("intent"), data.get("slot")
+        if isinstance(intent, str) and isinstance(slot, str):
+            return PendingSlot(intent, slot, confidence or 0.0)
+    return None
+
+
 @dataclass
 class SessionState:
     """What the dialogue remembers between messages.
 
-    `pending` is what the bot is waiting for: `{"kind": "choice", "options": [intents], ...}` after a
-    clarify question or fallback suggestions, `{"kind": "slot", "intent", "slot", ...}` after asking
-    for a detail. `rev` is the store's revision (0: never saved), used for compare-and-set.
+    `pending` is what the bot is waiting for: a PendingChoice after a clarify question or
+    fallback suggestions, a PendingSlot after asking for a detail. `rev` is the store's
+    revision (0: never saved), used for compare-and-set.
     """
 
     handed_off: bool = False
     fallbacks: int = 0  # consecutive fallbacks
-    pending: dict[str, Any] | None = None
+    pending: Pending | None = None
     slots: dict[str, str] = field(default_factory=dict)
     turns: int = 0  # user messages so far (picks response variations)
     rev: int = 0
 
     def to_json(self) -> str:
-        data = asdict(self)
-        data.pop("rev")
+        data = {"handed_off": self.handed_off, "fallbacks": self.fallbacks, "slots": self.slots, "turns": self.turns,
+                "pending": self.pending.to_dict() if self.pending is not None else None}
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -65,7 +113,7 @@ class SessionState:
         return cls(
             handed_off=bool(data.get("handed_off", False)),
             fallbacks=int(data.get("fallbacks", 0)),
-            pending=data.get("pending"),
+            pending=pending_from_dict(data.get("pending")),
             slots={str(k): str(v) for k, v in (data.get("slots") or {}).items()},
             turns=int(data.get("turns", 0)),
             rev=rev,

@@ -212,7 +212,7 @@ def out_of_scope(gold: list[str], predicted: list[str]) -> dict[str, Any] | None
 
 def answer_accuracy(records: list[Record]) -> float | None:
     """Of the messages the bot answers outright, the share whose top intent is the right one."""
-    answered = [r for r in records if r["action"] == policy.ANSWER]
+    answered = [r for r in records if r["action"] == policy.Action.ANSWER]
     return float(np.mean([r["top3"][0][0] == r["gold"] for r in answered])) if answered else None
 
 

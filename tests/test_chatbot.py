@@ -13,8 +13,10 @@ import pytest
 
 from bot.chatbot import Chatbot, InvalidMessage, Reply
 from bot.classifier import IntentClassifier, Prediction
-from bot.policy import ANSWER, CLARIFY, FALLBACK, HANDOFF, DialoguePolicy, decide
+from bot.policy import Action, DialoguePolicy, decide
 from bot.sessions import InvalidSessionId, SQLiteSessionStore
+
+ANSWER, CLARIFY, FALLBACK, HANDOFF = Action.ANSWER, Action.CLARIFY, Action.FALLBACK, Action.HANDOFF
 
 TURN_KEYS = {"role", "text", "intent", "confidence", "action", "model_version", "at"}
 
@@ -197,6 +199,19 @@ def test_bad_messages_are_refused_and_nothing_is_stored(bot, text):
 def test_bad_session_ids_are_refused(bot, session):
     with pytest.raises(InvalidSessionId):
         bot.respond(session, "hi")
+
+
+def test_a_session_stored_by_an_earlier_release_continues_where_it_was(bot, store):
+    import sqlite3
+
+    say(bot, "old-release", "hi")
+    old = ('{"fallbacks": 0, "handed_off": false, "pending": {"confidence": 0.91, "intent": "order_status", '
+           '"kind": "slot", "slot": "order_id"}, "slots": {}, "turns": 1}')  # as the dict-based policy wrote it
+    with sqlite3.connect(store.path) as raw:
+        raw.execute("UPDATE sessions SET state = ? WHERE id = 'old-release'", (old,))
+    filled = say(bot, "old-release", "48213")  # a bare number answers the pending question
+    assert (filled.action, filled.intent, filled.reason, filled.confidence) == (ANSWER, "order_status", "slot_filled", 0.91)
+    assert "#48213" in filled.text
 
 
 def test_reply_to_dict_is_json(bot):

@@ -10,29 +10,21 @@ import numpy as np
 import pytest
 
 from bot.classifier import Prediction
+from bot.dialogue import DialogueConfig
 from bot.domains import pack_path
 from bot.policy import (
-    ANSWER,
-    CLARIFY,
-    FALLBACK,
-    HANDOFF,
     NONE_OF_THESE,
-    REASON_CHOSEN,
-    REASON_HANDOFF_INTENT,
-    REASON_NONE_OF_THESE,
-    REASON_OUT_OF_SCOPE,
-    REASON_REPEATED_FALLBACK,
-    REASON_SILENT,
-    REASON_SLOT_FILLED,
-    REASON_SLOT_MISSING,
-    REASON_SOCIAL_MIX,
+    Action,
     DialoguePolicy,
+    Reason,
     decide,
     decision_masks,
     resolve_choice,
 )
 from bot.responses import Domain
-from bot.sessions import SessionState
+from bot.sessions import PendingChoice, PendingSlot, SessionState
+
+ANSWER, CLARIFY, FALLBACK, HANDOFF = Action.ANSWER, Action.CLARIFY, Action.FALLBACK, Action.HANDOFF
 
 FLOOR, GAP = 0.6, 0.1
 
@@ -109,7 +101,7 @@ def test_missing_slot_is_asked_for_and_the_next_message_fills_it(policy):
         ("12345", UNSURE),  # a bare number classifies as nothing in particular
     )
     assert (ask.action, ask.intent, ask.slot) == (ANSWER, "order_status", "order_id")
-    assert (filled.action, filled.intent, filled.slot, filled.reason) == (ANSWER, "order_status", None, REASON_SLOT_FILLED)
+    assert (filled.action, filled.intent, filled.slot, filled.reason) == (ANSWER, "order_status", None, Reason.SLOT_FILLED)
     assert filled.confidence == 0.95  # the confidence of the message that named the intent
     assert state.slots == {"order_id": "#12345"} and state.pending is None
 
@@ -136,7 +128,7 @@ def test_email_slot(policy):
         ("I forgot my password", SURE("reset_password")),
         ("it's jo@example.org", UNSURE),
     )
-    assert ask.slot == "email" and filled.reason == REASON_SLOT_FILLED and state.slots == {"email": "jo@example.org"}
+    assert ask.slot == "email" and filled.reason == Reason.SLOT_FILLED and state.slots == {"email": "jo@example.org"}
 
 
 def test_a_reply_without_the_slot_is_asked_again_and_counts_as_a_fallback(policy):
@@ -146,8 +138,8 @@ def test_a_reply_without_the_slot_is_asked_again_and_counts_as_a_fallback(policy
         ("I don't have it", UNSURE),
         ("no idea", UNSURE),
     )
-    assert (again.action, again.slot, again.reason) == (FALLBACK, "order_id", REASON_SLOT_MISSING)
-    assert (handoff.action, handoff.reason) == (HANDOFF, REASON_REPEATED_FALLBACK)
+    assert (again.action, again.slot, again.reason) == (FALLBACK, "order_id", Reason.SLOT_MISSING)
+    assert (handoff.action, handoff.reason) == (HANDOFF, Reason.REPEATED_FALLBACK)
     assert state.handed_off
 
 
@@ -167,7 +159,7 @@ def test_a_new_confident_intent_replaces_the_slot_question(policy):
 def test_ambiguous_message_asks_which_one(policy):
     (d,), state = run(policy, SessionState(fallbacks=1), ("about my money back for the shoes", AMBIGUOUS))
     assert (d.action, d.options) == (CLARIFY, ("refund_status", "return_item"))
-    assert state.pending["kind"] == "choice" and state.fallbacks == 0
+    assert isinstance(state.pending, PendingChoice) and state.fallbacks == 0
 
 
 @pytest.mark.parametrize(
@@ -181,15 +173,15 @@ def test_ambiguous_message_asks_which_one(policy):
 )
 def test_clarify_follow_up_resolves(policy, answer, chosen):
     (_, d), state = run(policy, SessionState(), ("money back", AMBIGUOUS), (answer, UNSURE))
-    assert (d.action, d.intent, d.reason) == (ANSWER, chosen, REASON_CHOSEN)
+    assert (d.action, d.intent, d.reason) == (ANSWER, chosen, Reason.CHOSEN)
     assert d.slot == "order_id"  # both options need the order number, asked for next
-    assert state.pending == {"kind": "slot", "intent": chosen, "slot": "order_id", "confidence": 0.46}
+    assert state.pending == PendingSlot(intent=chosen, slot="order_id", confidence=0.46)
 
 
 def test_no_clarify_between_small_talk_and_a_question(policy):
     hello_order = pred(("greet", 0.46), ("order_status", 0.44), ("delivery_late", 0.05))
     (d,), _state = run(policy, SessionState(), ("hi, where is order 12345", hello_order))
-    assert (d.action, d.intent, d.reason, d.confidence) == (ANSWER, "order_status", REASON_SOCIAL_MIX, 0.44)
+    assert (d.action, d.intent, d.reason, d.confidence) == (ANSWER, "order_status", Reason.SOCIAL_MIX, 0.44)
     thanks_bye = pred(("thanks", 0.50), ("goodbye", 0.48))
     (d,), _ = run(policy, SessionState(), ("thanks, bye", thanks_bye))
     assert (d.action, d.intent) == (ANSWER, "thanks")
@@ -197,7 +189,7 @@ def test_no_clarify_between_small_talk_and_a_question(policy):
 
 def test_clarify_neither_is_a_fallback(policy):
     (_, d), state = run(policy, SessionState(), ("money back", AMBIGUOUS), ("neither", UNSURE))
-    assert (d.action, d.reason, d.options) == (FALLBACK, REASON_NONE_OF_THESE, ())
+    assert (d.action, d.reason, d.options) == (FALLBACK, Reason.NONE_OF_THESE, ())
     assert state.fallbacks == 1 and state.pending is None
 
 
@@ -223,9 +215,9 @@ def test_unsure_fallback_suggests_the_top_intents(policy):
     (d,), state = run(policy, SessionState(), ("hmm my parcel thing", UNSURE))
     assert (d.action, d.out_of_scope) == (FALLBACK, False)
     assert d.options == ("order_status", "delivery_late", "refund_status")
-    assert state.fallbacks == 1 and state.pending["options"] == list(d.options)
+    assert state.fallbacks == 1 and state.pending == PendingChoice(d.options, UNSURE.confidence)
     (d2,), state = run(policy, state, ("Late delivery", UNSURE))  # the quick reply's text
-    assert (d2.action, d2.intent, d2.reason) == (ANSWER, "delivery_late", REASON_CHOSEN)
+    assert (d2.action, d2.intent, d2.reason) == (ANSWER, "delivery_late", Reason.CHOSEN)
     assert state.fallbacks == 0
 
 
@@ -240,14 +232,14 @@ def test_suggestions_are_the_fewest_intents_that_hold_the_floor(policy):
 
 def test_noise_is_out_of_scope(policy):
     (d,), state = run(policy, SessionState(), ("what's the weather", NOISE))
-    assert (d.action, d.reason, d.out_of_scope, d.options) == (FALLBACK, REASON_OUT_OF_SCOPE, True, ())
+    assert (d.action, d.reason, d.out_of_scope, d.options) == (FALLBACK, Reason.OUT_OF_SCOPE, True, ())
     assert "greet" not in d.options and state.fallbacks == 1
 
 
 def test_two_consecutive_fallbacks_hand_off(policy):
     (first, second), state = run(policy, SessionState(), ("weather?", NOISE), ("a joke?", NOISE))
     assert first.action == FALLBACK
-    assert (second.action, second.reason) == (HANDOFF, REASON_REPEATED_FALLBACK)
+    assert (second.action, second.reason) == (HANDOFF, Reason.REPEATED_FALLBACK)
     assert state.handed_off and state.fallbacks == 0
 
 
@@ -262,7 +254,7 @@ def test_an_answer_resets_the_fallback_counter(policy):
 def test_fallbacks_before_handoff_is_a_domain_setting(domain):
     from dataclasses import replace
 
-    patient = DialoguePolicy(replace(domain, handoff_after_fallbacks=3), floor=FLOOR, gap=GAP)
+    patient = DialoguePolicy(replace(domain, dialogue=DialogueConfig(handoff_after_fallbacks=3)), floor=FLOOR, gap=GAP)
     decisions, _ = run(patient, SessionState(), ("a", NOISE), ("b", NOISE), ("c", NOISE))
     assert [d.action for d in decisions] == [FALLBACK, FALLBACK, HANDOFF]
 
@@ -274,9 +266,9 @@ def test_handoff_intent_hands_off_and_the_bot_stays_silent(policy):
         ("hello?", SURE("greet")),
         ("where is order 12345", SURE("order_status")),
     )
-    assert (d.action, d.reason, d.silent) == (HANDOFF, REASON_HANDOFF_INTENT, False)
+    assert (d.action, d.reason, d.silent) == (HANDOFF, Reason.HANDOFF_INTENT, False)
     for s in (silent, still):
-        assert (s.action, s.silent, s.reason, s.intent) == (HANDOFF, True, REASON_SILENT, None)
+        assert (s.action, s.silent, s.reason, s.intent) == (HANDOFF, True, Reason.SILENT, None)
     assert state.handed_off and state.turns == 3
 
 

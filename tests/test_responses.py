@@ -57,7 +57,10 @@ def test_a_minimal_file_loads_with_generic_defaults(tmp_path):
         (lambda d: d.update(clarify=["Which one?"]), r"must use \{options\}"),
         (lambda d: d.update(special={"handoff": "nope"}), "not an intent"),
         (lambda d: d.update(special={"dance": "hello"}), "unknown role"),
-        (lambda d: d.update(handoff_after_fallbacks=0), ">= 1"),
+        (lambda d: d.update(handoff_after_fallbacks=0), "greater than or equal to 1"),
+        (lambda d: d.update(handoff_after_fallbacks=True), "handoff_after_fallbacks"),
+        (lambda d: d.update(dialogue={"suggestions": 0}), "suggestions: Input should be greater than or equal to 1"),
+        (lambda d: d.update(dialogue={"no_such_knob": 1}), "no_such_knob: Extra inputs are not permitted"),
         (lambda d: d.update(intents={}), "'intents' must map"),
     ],
 )

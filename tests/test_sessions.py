@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import sqlite3
 import threading
@@ -11,6 +12,8 @@ import pytest
 
 from bot.sessions import (
     InvalidSessionId,
+    PendingChoice,
+    PendingSlot,
     SessionConflict,
     SessionState,
     SessionStore,
@@ -37,14 +40,14 @@ def test_a_new_session_is_fresh(tmp_path):
 def test_state_and_transcript_survive_reopening(tmp_path):
     path = tmp_path / "s.sqlite3"
     with SQLiteSessionStore(path) as store:
-        state = SessionState(fallbacks=1, pending={"kind": "slot", "intent": "order_status", "slot": "order_id"},
+        state = SessionState(fallbacks=1, pending=PendingSlot("order_status", "order_id"),
                              slots={"email": "a@b.co"}, turns=1)
         assert store.commit("s1", state, [turn("where is my order"), turn("What is your order number?", "bot")]) == 1
     with SQLiteSessionStore(path) as store:
         loaded = store.load("s1")
         assert loaded.rev == 1
         assert (loaded.fallbacks, loaded.pending, loaded.slots, loaded.turns) == (
-            1, {"kind": "slot", "intent": "order_status", "slot": "order_id"}, {"email": "a@b.co"}, 1)
+            1, PendingSlot("order_status", "order_id"), {"email": "a@b.co"}, 1)
         lines = store.transcript("s1")
         assert [(t["role"], t["text"]) for t in lines] == [("user", "where is my order"), ("bot", "What is your order number?")]
         assert set(lines[0]) >= {"role", "text", "intent", "confidence", "action", "model_version", "at"}
@@ -151,3 +154,36 @@ def test_a_closed_store_says_so(tmp_path):
 
 def test_default_path_is_in_the_data_dir(_isolated_data_dir):
     assert default_sessions_path() == Path(_isolated_data_dir) / "sessions.sqlite3"
+
+
+# Sessions stored by earlier releases (pending as a plain dict), byte for byte as they wrote them.
+OLD_STATES = [
+    ('{"fallbacks": 0, "handed_off": false, "pending": {"confidence": 0.91, "intent": "order_status", '
+     '"kind": "slot", "slot": "order_id"}, "slots": {}, "turns": 1}', PendingSlot("order_status", "order_id", 0.91)),
+    ('{"fallbacks": 1, "handed_off": false, "pending": {"confidence": 0.3, "kind": "choice", '
+     '"options": ["order_status", "delivery_late"]}, "slots": {}, "turns": 2}',
+     PendingChoice(("order_status", "delivery_late"), 0.3)),
+    ('{"fallbacks": 0, "handed_off": true, "pending": null, "slots": {"email": "a@b.co"}, "turns": 3}', None),
+]
+
+
+@pytest.mark.parametrize("stored,pending", OLD_STATES)
+def test_old_pending_state_json_still_loads_and_is_written_back_the_same(tmp_path, stored, pending):
+    with SQLiteSessionStore(tmp_path / "s.sqlite3") as store:
+        store.commit("old", SessionState(), [])
+        with sqlite3.connect(store.path) as raw:
+            raw.execute("UPDATE sessions SET state = ? WHERE id = 'old'", (stored,))
+        state = store.load("old")
+        assert state.pending == pending
+        assert state.to_json() == stored  # the format did not change: older replicas can read it too
+
+
+@pytest.mark.parametrize("pending", [{"kind": "telepathy"}, {"kind": "slot", "intent": 3}, "choice", [],
+                                     {"kind": "choice", "options": []}])
+def test_an_unreadable_pending_state_is_dropped_not_fatal(tmp_path, pending):
+    with SQLiteSessionStore(tmp_path / "s.sqlite3") as store:
+        store.commit("odd", SessionState(), [])
+        with sqlite3.connect(store.path) as raw:
+            raw.execute("UPDATE sessions SET state = ? WHERE id = 'odd'", (json.dumps({"pending": pending, "turns": 4}),))
+        state = store.load("odd")
+        assert state.pending is None and state.turns == 4
