@@ -11,7 +11,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from bot.chatbot import Reply
 from bot.validation import check_message
 
 from .access import Caller, chat_session, check_classify, check_transcript, identify
@@ -115,20 +114,6 @@ def log_fields(request: Request, **fields: Any) -> None:
     request.state.log.update({k: v for k, v in fields.items() if v is not None})
 
 
-def chat_response(reply: Reply) -> ChatResponse:
-    return ChatResponse(
-        session_id=reply.session_id,
-        reply=reply.text,
-        action=reply.action,
-        intent=IntentScore(name=reply.intent, confidence=reply.confidence) if reply.intent else None,
-        ranking=[IntentScore(name=name, confidence=p) for name, p in reply.ranking],
-        quick_replies=list(reply.quick_replies),
-        handed_off=reply.handed_off,
-        silent=reply.silent,
-        model_version=reply.model_version,
-    )
-
-
 def build_router() -> APIRouter:
     router = APIRouter()
 
@@ -149,7 +134,7 @@ def build_router() -> APIRouter:
         log_fields(request, session_id=session_id, message_text=body.message)
         reply = await runtime.respond(session_id, body.message, body.metadata)
         log_fields(request, intent=reply.intent, action=reply.action, model_version=reply.model_version)
-        return chat_response(reply)
+        return ChatResponse.from_reply(reply)
 
     @router.post("/v1/classify", response_model=ClassifyResponse, tags=["chat"],
                  responses=_errors(400, 401, 403, 413, 422, 429, 503))

@@ -3,22 +3,28 @@
 Size limits that operators can change (message length, texts per classify request) are
 checked against the settings in the routes; `app.openapi()` writes the configured values
 into these schemas (serve.app), so the published schema states the limits in force.
+
+`ChatResponse` is the one reply schema: /v1/chat answers it, and the generic webhook carries
+it as its `reply` (inline and in callbacks). It is built from the bot's Reply in one place,
+`ChatResponse.from_reply`, so a new reply field is added here (field + one line there) and
+every channel has it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bot.policy import Action
 from bot.validation import SESSION_ID_PATTERN
 
 # What the schema says of a customer text: at least one character that is not white space (the
 # server refuses blank texts with 422). Checked by bot.validation.check_message, stated here.
 NOT_BLANK = {"pattern": r"\S"}
 
-Action = Literal["answer", "clarify", "fallback", "handoff"]
-
+if TYPE_CHECKING:
+    from bot.chatbot import Reply
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -41,6 +47,8 @@ class IntentScore(BaseModel):
 
 
 class ChatResponse(BaseModel):
+    """The bot's reply to one message, the same on every channel (see the module docstring)."""
+
     session_id: str
     reply: str = Field(..., description='what the bot says; "" when it stays silent (a person has taken over)')
     action: Action
@@ -50,6 +58,21 @@ class ChatResponse(BaseModel):
     handed_off: bool = Field(False, description="the conversation is now with a person")
     silent: bool = Field(False, description="the bot says nothing to this message")
     model_version: str
+
+    @classmethod
+    def from_reply(cls, reply: Reply) -> ChatResponse:
+        """The one translation from the bot's Reply to the wire."""
+        return cls(
+            session_id=reply.session_id,
+            reply=reply.text,
+            action=reply.action,
+            intent=IntentScore(name=reply.intent, confidence=reply.confidence) if reply.intent else None,
+            ranking=[IntentScore(name=name, confidence=p) for name, p in reply.ranking],
+            quick_replies=list(reply.quick_replies),
+            handed_off=reply.handed_off,
+            silent=reply.silent,
+            model_version=reply.model_version,
+        )
 
 
 class ClassifyRequest(_Request):

@@ -42,6 +42,7 @@ from .errors import ApiError
 from .outbox import Action, Duplicate, NewAction, Outbox, OutboxMetrics, OutboxStore, RetryPolicy, Sender
 from .routes import check_metadata, log_fields
 from .runtime import Runtime
+from .schemas import ChatResponse
 from .settings import Settings
 
 log = logging.getLogger("supportbot.webhooks")
@@ -244,14 +245,6 @@ async def _apply(runtime: Runtime, command: str, session_id: str) -> None:
     except ApiError as exc:
         raise ApiError(429, exc.code, exc.message, {"Retry-After": "3"}) from None
     await asyncio.to_thread(getattr(chatbot, command), session_id)
-
-
-def _reply_json(reply: Reply) -> dict[str, Any]:
-    return {
-        "text": reply.text, "action": reply.action, "intent": reply.intent, "confidence": reply.confidence,
-        "quick_replies": list(reply.quick_replies), "handed_off": reply.handed_off, "silent": reply.silent,
-        "model_version": reply.model_version,
-    }
 
 
 # ----------------------------------------------------------------------------- Chatwoot
@@ -473,7 +466,7 @@ async def _generic_message(request: Request, webhooks: Webhooks, body: GenericDe
 def _generic_outcome(body: GenericDelivery, reply: Reply) -> tuple[dict[str, Any], list[NewAction]]:
     """(the response body, the outbox actions): the reply inline, or a signed callback to send."""
     message = {"event": "reply", "conversation_id": body.conversation_id, "in_reply_to": body.message_id,
-               "reply": _reply_json(reply)}
+               "reply": ChatResponse.from_reply(reply).model_dump(mode="json")}
     if body.callback_url is None:
         return {"status": "answered", **message}, []
     if reply.silent:

@@ -84,10 +84,25 @@ def test_without_a_callback_the_reply_is_in_the_response(server, hook):
     assert body["status"] == "answered" and body["event"] == "reply"
     assert body["conversation_id"] == conversation and body["in_reply_to"] == "m1"
     reply = body["reply"]
-    assert reply["action"] == "answer" and reply["text"] and reply["intent"] == "contact_hours"
+    assert reply["action"] == "answer" and reply["reply"] and reply["intent"]["name"] == "contact_hours"
     assert reply["model_version"] == server.runtime.model_version
+    assert reply["session_id"] == f"generic:{conversation}"
     turns = httpx.get(f"{server.url}/v1/sessions/generic:{conversation}", headers=ADMIN).json()["turns"]
-    assert [t["text"] for t in turns] == ["what are your opening hours", reply["text"]]
+    assert [t["text"] for t in turns] == ["what are your opening hours", reply["reply"]]
+
+
+def test_the_webhook_reply_has_the_same_shape_as_the_chat_reply(server, hook):
+    conversation = new_id("c")
+    text = "which payment methods do you accept"
+    hooked = post(hook, {"conversation_id": conversation, "message_id": "m1", "text": text}).json()["reply"]
+    chatted = httpx.post(f"{server.url}/v1/chat", json={"session_id": f"chat-{conversation}", "message": text},
+                         timeout=30).json()
+    assert set(hooked) == set(chatted)
+    for key in ("action", "quick_replies", "handed_off", "silent", "model_version"):
+        assert hooked[key] == chatted[key], key
+    assert hooked["intent"] == pytest.approx(chatted["intent"], abs=1e-4)  # batches may pad differently
+    assert [r["name"] for r in hooked["ranking"]] == [r["name"] for r in chatted["ranking"]]
+    assert hooked["reply"] and chatted["reply"]  # the wording may vary per session
 
 
 def test_a_repeated_message_returns_the_first_reply_without_asking_the_bot_again(server, hook):
@@ -124,9 +139,9 @@ def test_with_a_callback_the_reply_arrives_signed_once(server, hook, receiver):
     assert signing.verify(SECRET, httpx.Headers(delivered.headers), delivered.body, signing.SUPPORTBOT) is None
     payload = delivered.json
     assert payload["event"] == "reply" and payload["conversation_id"] == conversation
-    assert payload["in_reply_to"] == "m1" and payload["reply"]["text"]
+    assert payload["in_reply_to"] == "m1" and payload["reply"]["reply"]
     turns = httpx.get(f"{server.url}/v1/sessions/generic:{conversation}", headers=ADMIN).json()["turns"]
-    assert turns[-1]["text"] == payload["reply"]["text"]
+    assert turns[-1]["text"] == payload["reply"]["reply"]
 
 
 def test_callbacks_of_one_conversation_arrive_in_order(server, hook, receiver):
@@ -149,11 +164,11 @@ def test_handoff_and_resolved_events(server, hook):
                           "text": "I want to talk to a human agent"}).json()
     assert handoff["reply"]["action"] == "handoff" and handoff["reply"]["handed_off"] is True
     silent = post(hook, {"conversation_id": conversation, "message_id": "m2", "text": "hello?"}).json()
-    assert silent["reply"]["silent"] is True and silent["reply"]["text"] == ""
+    assert silent["reply"]["silent"] is True and silent["reply"]["reply"] == ""
     assert post(hook, {"event": "resolved", "conversation_id": conversation}).json() == {
         "status": "accepted", "event": "resolved"}
     fresh = post(hook, {"conversation_id": conversation, "message_id": "m3", "text": "thank you"}).json()
-    assert fresh["reply"]["silent"] is False and fresh["reply"]["text"]
+    assert fresh["reply"]["silent"] is False and fresh["reply"]["reply"]
     assert post(hook, {"event": "handoff", "conversation_id": conversation}).json()["event"] == "handoff"
     assert post(hook, {"conversation_id": conversation, "message_id": "m4", "text": "hi"}).json()["reply"]["silent"]
     assert post(hook, {"event": "release", "conversation_id": conversation}).json()["event"] == "release"
