@@ -258,8 +258,8 @@ def test_generic_replies_for_a_bundle_without_responses(banking_head_bundle, ban
         with open(banking_slice["test"], newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         answered = 0
-        for row in rows[:: len(rows) // 12]:
-            reply = bot.respond(f"b-{row['text'][:20]}", row["text"])
+        for number, row in enumerate(rows[:: len(rows) // 12]):
+            reply = bot.respond(f"b-{number}", row["text"])
             assert reply.text and "{" not in reply.text
             if reply.action == ANSWER:
                 answered += 1
