@@ -14,9 +14,10 @@ from bot import __version__
 
 from .access_log import AccessLogMiddleware
 from .errors import LastResortMiddleware, install_error_handlers
+from .fleet import build_fleet_router
 from .protection import BodyLimitMiddleware
 from .ratelimit import RateLimitMiddleware
-from .routes import STATIC_DIR, build_page_router, build_router, build_web_session_router
+from .routes import STATIC_DIR, admin, build_page_router, build_router, build_web_session_router
 from .runtime import Runtime
 from .settings import Settings
 from .webhooks import install_webhooks
@@ -51,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
 
     app.include_router(build_router())
+    app.include_router(build_fleet_router(admin))
     # Webhooks (serve/webhooks.py): their routes, and their outbox worker as runtime start/stop hooks.
     install_webhooks(app, runtime)
     if settings.web_page:

@@ -2,8 +2,11 @@
 
 Built to Chatwoot 4.x. Event bodies are a message's or a conversation's webhook data plus `event`;
 unknown events and unknown fields are ignored, so newer Chatwoot versions keep working.
-The API client only knows two calls: post a public reply, and open a conversation to humans
-(`toggle_status` to `open`), which is how an Agent Bot hands off.
+The API client knows three calls: post a public reply, open a conversation to humans
+(`toggle_status` to `open`), which is how an Agent Bot hands off, and list a conversation's latest
+messages, which the outbox uses before re-sending a reply whose earlier send may have arrived
+(a timeout after the request went out, or a replica that died mid-send): a slow Chatwoot that
+answered after our timeout already has the reply, and posting it again would show it twice.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bot.validation import describe_validation_errors
 
-from .outbox import Action, Sender
+from .outbox import Action, Checker, NewAction, Sender
 
 KIND_MESSAGE = "chatwoot.message"
 KIND_OPEN = "chatwoot.open"
@@ -222,6 +225,50 @@ class ChatwootClient:
             headers={"api_access_token": self.token},
         )
 
+    async def latest_messages(self, account_id: int, conversation_id: int) -> httpx.Response:
+        """The conversation's latest messages (Chatwoot returns the last 20, oldest first, in `payload`)."""
+        return await self.http.get(self._url(account_id, conversation_id, "messages"),
+                                   headers={"api_access_token": self.token})
+
+    async def has_reply(self, action: Action) -> bool:
+        """Whether an outgoing message with this action's text was created since its first attempt.
+
+        Chatwoot's `created_at` is in whole seconds, so the comparison starts at the second of the
+        first attempt: a reply whose text equals the bot's previous reply in the same conversation,
+        sent within that same second, would be taken for this one (the window that remains).
+        Raises httpx errors (the outbox retries) and treats an unreadable answer as "not there"."""
+        p = action.payload
+        response = await self.latest_messages(int(p["account_id"]), int(p["conversation_id"]))
+        if response.status_code != 200:
+            raise httpx.HTTPStatusError("listing messages failed", request=response.request, response=response)
+        try:
+            messages = response.json().get("payload") or []
+        except ValueError:
+            return False
+        since = int(action.first_attempt_at or action.created_at)
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            outgoing = message.get("message_type") in (1, "outgoing")
+            created = message.get("created_at")
+            if (outgoing and not message.get("private") and message.get("content") == p["content"]
+                    and isinstance(created, int | float) and created >= since):
+                return True
+        return False
+
+    def checkers(self) -> dict[str, Checker]:
+        """Before re-sending an uncertain reply: is it in the conversation already?"""
+
+        async def check_message(action: Action) -> bool:
+            try:
+                return await self.has_reply(action)
+            except httpx.HTTPStatusError as exc:  # cannot tell: send (a double beats a lost reply)
+                if exc.response.status_code in (429,) or exc.response.status_code >= 500:
+                    raise httpx.TransportError("listing messages failed") from None
+                return False
+
+        return {KIND_MESSAGE: check_message}
+
     def senders(self) -> dict[str, Sender]:
         """The outbox senders for Chatwoot actions."""
 
@@ -234,3 +281,13 @@ class ChatwootClient:
             return await self.open_conversation(int(p["account_id"]), int(p["conversation_id"]))
 
         return {KIND_MESSAGE: send_message, KIND_OPEN: open_conversation}
+
+
+def handoff_after(action: Action) -> list[NewAction]:
+    """When a reply cannot be delivered for good, open the conversation to human agents, ahead of
+    anything else queued for it, so no customer waits on a bot that gave up."""
+    if action.kind != KIND_MESSAGE:
+        return []
+    p = action.payload
+    return [NewAction(action.conversation, KIND_OPEN, open_payload(int(p["account_id"]), int(p["conversation_id"])),
+                      priority=1)]

@@ -32,6 +32,8 @@ from bot.validation import (
     describe_validation_errors,
 )
 
+from .database import DatabaseUnavailable
+
 log = logging.getLogger("supportbot.serve")
 
 STATUS_CODES = {
@@ -71,6 +73,7 @@ class ErrorRule:
 
     status: int
     code: str
+    retry_after: str | None = None  # sent as Retry-After: the condition passes by itself
 
 
 # The one table from domain errors to HTTP. A subclass not listed answers like its nearest listed
@@ -80,6 +83,7 @@ ERRORS: dict[type[Exception], ErrorRule] = {
     MessageTooLong: ErrorRule(422, "message_too_long"),
     UnprintableMessage: ErrorRule(422, "invalid_message"),
     InvalidSessionId: ErrorRule(422, "invalid_request"),
+    DatabaseUnavailable: ErrorRule(503, "database_unavailable", retry_after="2"),
 }
 
 
@@ -97,7 +101,7 @@ def as_api_error(exc: Exception) -> ApiError:
     rule = rule_for(exc)
     if rule is None:
         return ApiError(500, "internal_error", "the server failed to handle this request; it has been logged")
-    return ApiError(rule.status, rule.code, str(exc))
+    return ApiError(rule.status, rule.code, str(exc), {"Retry-After": rule.retry_after} if rule.retry_after else None)
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:

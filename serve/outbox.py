@@ -1,22 +1,38 @@
-"""A durable outbox: actions to send are committed to SQLite before a webhook is acknowledged,
-and a worker delivers them with retries, in order per conversation, across restarts.
+"""A durable outbox: actions to send are committed to the database before a webhook is acknowledged,
+and a delivery worker on every replica sends them with retries, in order per conversation, across
+restarts and crashes.
 
 Why this shape:
 - The webhook handler answers the platform within milliseconds; the platform's own retries are
   short and few (Chatwoot: 5 s timeout, 3 tries), so sending must not happen on that path.
 - A delivery's dedupe keys and its actions go into the database in one transaction, so a retried
-  or repeated delivery can never produce a second action, even after a restart.
-- Each conversation is a queue: the worker sends only the head (lowest id) of each conversation's
-  pending actions, one at a time, so replies arrive in the order the bot wrote them. A conversation
-  whose head is backing off blocks only itself.
+  or repeated delivery can never produce a second action, even after a restart, and even when the
+  repeat lands on another replica (the keys live in the shared database).
+- Each conversation is a queue: a worker claims only the head (highest priority, then lowest id) of
+  each conversation's pending actions, one at a time, so replies arrive in the order the bot wrote
+  them. A conversation whose head is backing off blocks only itself.
+- A claim is a lease (`lease_owner`, `lease_until`), taken in one transaction (SQLite: BEGIN
+  IMMEDIATE; PostgreSQL: `FOR UPDATE SKIP LOCKED`), so among all replicas exactly one sends a
+  conversation's head at a time. A replica that dies mid-send (SIGKILL) leaves its lease to
+  expire; then any replica claims the row again. Such a reclaimed row, and a row whose last send
+  timed out after the request went out, is `uncertain`: the platform may have it already. Before
+  sending it again the worker asks the platform when it can (Chatwoot: the conversation's latest
+  messages, `checkers`) and records it as sent when the reply is there.
 - An action is marked sent as soon as the receiver answers 2xx and is never sent again. Timeouts,
-  connection errors, 429 and 5xx are retried with exponential backoff (with jitter, honouring
-  Retry-After) up to `max_attempts`; other answers (4xx, 3xx) fail at once. A failure is recorded
-  in the row (state `failed`, `last_error`), logged and counted.
-- The one window where an action can be sent twice is a crash between the receiver's 2xx and our
-  commit of it (milliseconds); no queue without receiver-side idempotency can close it.
+  connection errors, 429 and 5xx are retried with exponential backoff (capped, with jitter,
+  honouring Retry-After) until the retry horizon has passed since the action was queued (hours by
+  default: a platform outage of minutes must not silence the bot); other answers (4xx, 3xx) fail
+  at once. A failure is recorded in the row (state `failed`, `last_error`), logged and counted, and
+  `handoff(action)` may queue follow-ups at the head of the conversation (Chatwoot: open the
+  conversation to human agents, so no customer waits on a bot that gave up).
+- The window where an action can still be sent twice: a crash, or a timeout, between the
+  receiver's 2xx and our commit of it, for a platform that cannot be asked what it has
+  (generic callbacks carry a delivery id for the receiver to dedupe on). For Chatwoot, the check
+  before a resend closes it, except for one reply whose text equals the bot's previous reply in the
+  same conversation within the same second (Chatwoot's `created_at` has one-second resolution).
 
-One process per data directory: two workers over the same file would both send.
+The SQL is shared text with `:name` parameters, run by the SQLite store here through `sqlite3`
+and by the PostgreSQL store (serve/postgres.py) through SQLAlchemy; only the claim differs.
 """
 
 from __future__ import annotations
@@ -24,20 +40,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 log = logging.getLogger("supportbot.outbox")
+
+SQLITE_SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS actions (
@@ -61,19 +83,85 @@ CREATE TABLE IF NOT EXISTS seen (
 CREATE INDEX IF NOT EXISTS seen_age ON seen (seen_at);
 """
 
+# Version 2 (leases, priority, uncertain sends): added to a version-1 file in place.
+SCHEMA_V2_COLUMNS = (
+    ("priority", "INTEGER NOT NULL DEFAULT 0"),
+    ("first_attempt_at", "REAL"),
+    ("uncertain", "INTEGER NOT NULL DEFAULT 0"),
+    ("lease_owner", "TEXT"),
+    ("lease_until", "REAL"),
+)
+
+# ---- the SQL both stores run (`:name` parameters: sqlite3 and SQLAlchemy's text() take them alike)
+
+SQL_SEEN = "SELECT result FROM seen WHERE key = :key"
+SQL_INSERT_SEEN = "INSERT INTO seen (key, seen_at, result) VALUES (:key, :now, :result)"
+SQL_INSERT_ACTION = (
+    "INSERT INTO actions (conversation, kind, payload, priority, created_at, next_attempt_at) "
+    "VALUES (:conversation, :kind, :payload, :priority, :now, :now) RETURNING id"
+)
+_ACTION_COLUMNS = "id, conversation, kind, payload, attempts, created_at, first_attempt_at, uncertain, lease_owner"
+SQL_HEADS = (
+    f"SELECT {_ACTION_COLUMNS} FROM (SELECT a.*, ROW_NUMBER() OVER (PARTITION BY conversation "
+    "ORDER BY priority DESC, id) AS place FROM actions a WHERE state = 'pending') h "
+    "WHERE place = 1 AND next_attempt_at <= :now AND (lease_until IS NULL OR lease_until <= :now) "
+    "ORDER BY next_attempt_at, id LIMIT :limit"
+)
+SQL_NEXT_DUE = (
+    "SELECT conversation, CASE WHEN lease_until IS NOT NULL AND lease_until > next_attempt_at THEN lease_until "
+    "ELSE next_attempt_at END AS due FROM (SELECT a.*, ROW_NUMBER() OVER (PARTITION BY conversation "
+    "ORDER BY priority DESC, id) AS place FROM actions a WHERE state = 'pending') h WHERE place = 1 ORDER BY due"
+)
+SQL_LEASE = (
+    "UPDATE actions SET lease_owner = :owner, lease_until = :until, "
+    "first_attempt_at = COALESCE(first_attempt_at, :now), "
+    "uncertain = CASE WHEN lease_owner IS NOT NULL THEN :yes ELSE uncertain END WHERE id = :id"
+)
+SQL_MARK_SENT = (
+    "UPDATE actions SET state = 'sent', attempts = attempts + 1, finished_at = :now, last_error = NULL, "
+    "lease_owner = NULL, lease_until = NULL WHERE id = :id"
+)
+SQL_MARK_RECOVERED = (
+    "UPDATE actions SET state = 'sent', finished_at = :now, lease_owner = NULL, lease_until = NULL WHERE id = :id"
+)
+SQL_MARK_RETRY = (
+    "UPDATE actions SET attempts = attempts + 1, next_attempt_at = :next, last_error = :error, uncertain = :uncertain, "
+    "lease_owner = NULL, lease_until = NULL WHERE id = :id"
+)
+SQL_MARK_FAILED = (
+    "UPDATE actions SET state = 'failed', attempts = attempts + 1, finished_at = :now, last_error = :error, "
+    "lease_owner = NULL, lease_until = NULL WHERE id = :id"
+)
+SQL_RELEASE = "UPDATE actions SET lease_until = :now WHERE id = :id AND lease_owner = :owner AND state = 'pending'"
+SQL_PENDING_STATS = "SELECT COUNT(*), MIN(created_at) FROM actions WHERE state = 'pending'"
+SQL_ACTIONS = (
+    "SELECT id, conversation, kind, payload, state, attempts, created_at, finished_at, last_error, priority, "
+    "uncertain, lease_owner FROM actions"
+)
+SQL_PRUNE_SEEN = "DELETE FROM seen WHERE seen_at < :cutoff"
+SQL_PRUNE_ACTIONS = "DELETE FROM actions WHERE state <> 'pending' AND finished_at < :cutoff"
+
+
+def replica_id() -> str:
+    """Who holds a lease: host, process and a random tag (a restarted process is someone new)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
 
 @dataclass(frozen=True)
 class NewAction:
-    """Something to send later: `kind` picks the sender, `conversation` the queue it waits in."""
+    """Something to send later: `kind` picks the sender, `conversation` the queue it waits in.
+
+    `priority` > 0 jumps the conversation's queue (a handoff after a failed reply)."""
 
     conversation: str
     kind: str
     payload: dict[str, Any]
+    priority: int = 0
 
 
 @dataclass(frozen=True)
 class Action:
-    """A stored action, as the worker hands it to a sender."""
+    """A claimed action, as the worker hands it to a sender."""
 
     id: int
     conversation: str
@@ -81,6 +169,16 @@ class Action:
     payload: dict[str, Any]
     attempts: int
     created_at: float
+    first_attempt_at: float | None = None
+    uncertain: bool = False
+    """An earlier send may have reached the receiver (it timed out, or its replica died mid-send)."""
+
+
+def _action(row: Sequence[Any], *, now: float, reclaimed: bool) -> Action:
+    return Action(id=int(row[0]), conversation=row[1], kind=row[2], payload=json.loads(row[3]),
+                  attempts=int(row[4]), created_at=float(row[5]),
+                  first_attempt_at=float(row[6]) if row[6] is not None else now,
+                  uncertain=bool(row[7]) or reclaimed)
 
 
 @dataclass(frozen=True)
@@ -100,32 +198,105 @@ class Duplicate:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int = 8
+    max_attempts: int | None = None
+    """Attempts before giving up; None: only the horizon limits retries."""
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
     jitter: float = 0.2
     """The share of each delay that is random (0 = exact), so retries of many actions spread out."""
+    horizon_s: float = 6 * 3600.0
+    """How long after an action was queued retryable failures are still retried."""
 
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Seconds to wait after the `attempts`-th failed attempt."""
-        base = min(self.backoff_cap_s, self.backoff_base_s * 2 ** max(0, attempts - 1))
+        base = min(self.backoff_cap_s, self.backoff_base_s * 2 ** min(60, max(0, attempts - 1)))
         base *= 1.0 - self.jitter * random.random()
         if retry_after is not None:
             base = max(base, min(retry_after, self.backoff_cap_s))
         return base
 
+    def gives_up(self, attempts: int, queued_at: float, retry_at: float) -> bool:
+        """True when the next attempt would be past the horizon, or past the attempt limit."""
+        if self.max_attempts is not None and attempts >= self.max_attempts:
+            return True
+        return retry_at - queued_at > self.horizon_s
+
+
+class Store(Protocol):
+    """What the worker needs from a store (SQLite here, PostgreSQL in serve/postgres.py)."""
+
+    owner: str
+    lease_s: float
+    shared: bool
+
+    def seen(self, keys: Sequence[str]) -> Duplicate | None: ...
+    def commit(self, keys: Sequence[str], actions: Sequence[NewAction], *, now: float,
+               result: dict[str, Any] | None = None) -> Accepted | Duplicate: ...
+    def heads(self, *, now: float, busy: set[str] | frozenset[str] = frozenset(), limit: int = 100) -> list[Action]: ...
+    def next_due_at(self, busy: set[str] | frozenset[str] = frozenset()) -> float | None: ...
+    def mark_sent(self, action_id: int, *, now: float) -> None: ...
+    def mark_recovered(self, action_id: int, *, now: float) -> None: ...
+    def mark_retry(self, action_id: int, *, next_attempt_at: float, error: str, uncertain: bool = False) -> None: ...
+    def mark_failed(self, action_id: int, *, now: float, error: str,
+                    follow_ups: Sequence[NewAction] = ()) -> list[int]: ...
+    def release(self, action_ids: Sequence[int], *, now: float) -> None: ...
+    def pending_stats(self, *, now: float) -> tuple[int, float]: ...
+    def actions(self, state: str | None = None) -> list[dict[str, Any]]: ...
+    def prune(self, *, now: float, retention_s: float) -> int: ...
+    def try_lock(self, key: str) -> Any | None: ...
+    def unlock(self, handle: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def action_rows(cursor_rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
+    rows = [dict(zip(columns, row, strict=True)) for row in cursor_rows]
+    for row in rows:
+        row["payload"] = json.loads(row["payload"])
+        row["uncertain"] = bool(row["uncertain"])
+    return rows
+
 
 class OutboxStore:
-    """The SQLite side: one connection, serialised by a lock, WAL, fsync on commit."""
+    """The SQLite store: one connection per process, serialised by a lock, WAL, fsync on commit.
 
-    def __init__(self, path: Path):
+    Claims are leases taken inside BEGIN IMMEDIATE, so several processes on one data folder
+    (`supportbot serve --workers N`) share the file without sending anything twice."""
+
+    shared = False
+
+    def __init__(self, path: Path, *, owner: str | None = None, lease_s: float = 60.0):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.owner = owner or replica_id()
+        self.lease_s = lease_s
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._init_schema()
+
+    def _init_schema(self) -> None:
+        with self._lock:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SQLITE_SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"{self.path}: outbox schema {version} is newer than this supportbot "
+                                            f"knows ({SQLITE_SCHEMA_VERSION})")
+            if version == SQLITE_SCHEMA_VERSION:
+                return
+            self._db.executescript(SCHEMA)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(actions)")}
+                for name, declaration in SCHEMA_V2_COLUMNS:
+                    if name not in columns:
+                        self._db.execute(f"ALTER TABLE actions ADD COLUMN {name} {declaration}")
+                self._db.execute("CREATE INDEX IF NOT EXISTS actions_heads ON actions (state, conversation, "
+                                 "priority, id)")
+                self._db.execute(f"PRAGMA user_version = {SQLITE_SCHEMA_VERSION}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -138,7 +309,7 @@ class OutboxStore:
 
     def _seen(self, keys: Sequence[str]) -> Duplicate | None:
         for key in keys:
-            row = self._db.execute("SELECT result FROM seen WHERE key = ?", (key,)).fetchone()
+            row = self._db.execute(SQL_SEEN, {"key": key}).fetchone()
             if row is not None:
                 return Duplicate(key, json.loads(row[0]) if row[0] else None)
         return None
@@ -153,62 +324,82 @@ class OutboxStore:
                 if duplicate is not None:
                     self._db.execute("ROLLBACK")
                     return duplicate
-                stored = json.dumps(result) if result is not None else None
-                self._db.executemany(
-                    "INSERT INTO seen (key, seen_at, result) VALUES (?, ?, ?)", [(k, now, stored) for k in keys]
-                )
-                ids = []
-                for action in actions:
-                    cursor = self._db.execute(
-                        "INSERT INTO actions (conversation, kind, payload, created_at, next_attempt_at) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (action.conversation, action.kind, json.dumps(action.payload), now, now),
-                    )
-                    ids.append(int(cursor.lastrowid))
+                ids = self._insert(keys, actions, now=now, result=result)
                 self._db.execute("COMMIT")
                 return Accepted(ids)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def _insert(self, keys: Sequence[str], actions: Sequence[NewAction], *, now: float,
+                result: dict[str, Any] | None) -> list[int]:
+        stored = json.dumps(result) if result is not None else None
+        self._db.executemany(SQL_INSERT_SEEN, [{"key": k, "now": now, "result": stored} for k in keys])
+        ids = []
+        for action in actions:
+            row = self._db.execute(SQL_INSERT_ACTION, {
+                "conversation": action.conversation, "kind": action.kind, "payload": json.dumps(action.payload),
+                "priority": action.priority, "now": now}).fetchone()
+            ids.append(int(row[0]))
+        return ids
+
     def heads(self, *, now: float, busy: set[str] | frozenset[str] = frozenset(), limit: int = 100) -> list[Action]:
-        """The head of each conversation's pending queue that is due now, oldest due first."""
+        """Claim (lease) the head of each conversation's pending queue that is due now, oldest due first."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT a.id, a.conversation, a.kind, a.payload, a.attempts, a.created_at, a.next_attempt_at "
-                "FROM actions a JOIN (SELECT MIN(id) AS head FROM actions WHERE state = 'pending' "
-                "GROUP BY conversation) h ON a.id = h.head WHERE a.next_attempt_at <= ? "
-                "ORDER BY a.next_attempt_at, a.id",
-                (now,),
-            ).fetchall()
-        actions = [
-            Action(id=r[0], conversation=r[1], kind=r[2], payload=json.loads(r[3]), attempts=r[4], created_at=r[5])
-            for r in rows if r[1] not in busy
-        ]
-        return actions[:limit]
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(SQL_HEADS, {"now": now, "limit": limit + len(busy)}).fetchall()
+                claimed = []
+                for row in rows:
+                    if row[1] in busy or len(claimed) >= limit:
+                        continue
+                    self._db.execute(SQL_LEASE, {"owner": self.owner, "until": now + self.lease_s, "now": now,
+                                                 "yes": 1, "id": row[0]})
+                    claimed.append(_action(row, now=now, reclaimed=row[8] is not None))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return claimed
 
     def next_due_at(self, busy: set[str] | frozenset[str] = frozenset()) -> float | None:
-        """When the earliest conversation head not in `busy` becomes due (None: nothing pending)."""
+        """When the earliest conversation head not in `busy` becomes due or free (None: nothing pending)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT a.conversation, a.next_attempt_at FROM actions a JOIN (SELECT MIN(id) AS head FROM actions "
-                "WHERE state = 'pending' GROUP BY conversation) h ON a.id = h.head ORDER BY a.next_attempt_at"
-            ).fetchall()
+            rows = self._db.execute(SQL_NEXT_DUE).fetchall()
         return next((due for conversation, due in rows if conversation not in busy), None)
 
     def mark_sent(self, action_id: int, *, now: float) -> None:
-        self._update("UPDATE actions SET state = 'sent', attempts = attempts + 1, finished_at = ?, last_error = NULL "
-                     "WHERE id = ?", (now, action_id))
+        self._update(SQL_MARK_SENT, {"now": now, "id": action_id})
 
-    def mark_retry(self, action_id: int, *, next_attempt_at: float, error: str) -> None:
-        self._update("UPDATE actions SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
-                     (next_attempt_at, error, action_id))
+    def mark_recovered(self, action_id: int, *, now: float) -> None:
+        """The receiver already had it (found by a check after an uncertain send): sent, no new attempt."""
+        self._update(SQL_MARK_RECOVERED, {"now": now, "id": action_id})
 
-    def mark_failed(self, action_id: int, *, now: float, error: str) -> None:
-        self._update("UPDATE actions SET state = 'failed', attempts = attempts + 1, finished_at = ?, last_error = ? "
-                     "WHERE id = ?", (now, error, action_id))
+    def mark_retry(self, action_id: int, *, next_attempt_at: float, error: str, uncertain: bool = False) -> None:
+        self._update(SQL_MARK_RETRY, {"next": next_attempt_at, "error": error, "uncertain": int(uncertain),
+                                      "id": action_id})
 
-    def _update(self, sql: str, params: tuple) -> None:
+    def mark_failed(self, action_id: int, *, now: float, error: str,
+                    follow_ups: Sequence[NewAction] = ()) -> list[int]:
+        """Record the failure for good and queue `follow_ups` (at the head of the queue), in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(SQL_MARK_FAILED, {"now": now, "error": error, "id": action_id})
+                ids = self._insert([], follow_ups, now=now, result=None)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return ids
+
+    def release(self, action_ids: Sequence[int], *, now: float) -> None:
+        """Give up our leases at once (a stop cut the sends off): the rows are free, and uncertain."""
+        with self._lock:
+            for action_id in action_ids:
+                self._db.execute(SQL_RELEASE, {"now": now, "id": action_id, "owner": self.owner})
+
+    def _update(self, sql: str, params: dict[str, Any]) -> None:
         with self._lock:
             self._db.execute(sql, params)
 
@@ -216,9 +407,7 @@ class OutboxStore:
         """(pending actions, age in seconds of the oldest one; 0 when none or when closed)."""
         with self._lock:
             try:
-                count, oldest = self._db.execute(
-                    "SELECT COUNT(*), MIN(created_at) FROM actions WHERE state = 'pending'"
-                ).fetchone()
+                count, oldest = self._db.execute(SQL_PENDING_STATS).fetchone()
             except sqlite3.ProgrammingError:  # closed: the app has stopped
                 return 0, 0.0
         return int(count), (max(0.0, now - oldest) if oldest is not None else 0.0)
@@ -226,37 +415,42 @@ class OutboxStore:
     def actions(self, state: str | None = None) -> list[dict[str, Any]]:
         """Every stored action as a dict (for inspection and tests), in id order."""
         with self._lock:
-            cursor = self._db.execute(
-                "SELECT id, conversation, kind, payload, state, attempts, created_at, finished_at, last_error "
-                "FROM actions" + (" WHERE state = ?" if state else "") + " ORDER BY id",
-                (state,) if state else (),
-            )
+            cursor = self._db.execute(SQL_ACTIONS + (" WHERE state = :state" if state else "") + " ORDER BY id",
+                                      {"state": state})
             columns = [c[0] for c in cursor.description]
-            rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
-        for row in rows:
-            row["payload"] = json.loads(row["payload"])
-        return rows
+            return action_rows(cursor.fetchall(), columns)
 
     def prune(self, *, now: float, retention_s: float) -> int:
         """Forget dedupe keys and finished actions older than the retention window."""
         cutoff = now - retention_s
         with self._lock:
-            removed = self._db.execute("DELETE FROM seen WHERE seen_at < ?", (cutoff,)).rowcount
-            removed += self._db.execute(
-                "DELETE FROM actions WHERE state != 'pending' AND finished_at < ?", (cutoff,)
-            ).rowcount
+            removed = self._db.execute(SQL_PRUNE_SEEN, {"cutoff": cutoff}).rowcount
+            removed += self._db.execute(SQL_PRUNE_ACTIONS, {"cutoff": cutoff}).rowcount
         return removed
+
+    def try_lock(self, key: str) -> Any | None:
+        """A conversation lock across processes; SQLite's commit is atomic on its own, so none is needed."""
+        return True
+
+    def unlock(self, handle: Any) -> None:
+        return None
 
 
 class OutboxMetrics:
-    """sent / retried / failed counters by kind, queue depth and the oldest pending action's age."""
+    """sent / retried / failed / recovered / handoff counters by kind, queue depth, oldest pending age."""
 
-    def __init__(self, registry: CollectorRegistry, store: OutboxStore, clock: Callable[[], float] = time.time):
+    def __init__(self, registry: CollectorRegistry, store: Store, clock: Callable[[], float] = time.time):
         self.sent = Counter("supportbot_outbox_sent", "Outbox actions delivered (receiver answered 2xx)",
                             ["kind"], registry=registry)
         self.retried = Counter("supportbot_outbox_retried", "Outbox attempts that failed and will be retried",
                                ["kind"], registry=registry)
         self.failed = Counter("supportbot_outbox_failed", "Outbox actions given up on", ["kind"], registry=registry)
+        self.recovered = Counter(
+            "supportbot_outbox_recovered", "Uncertain sends found already delivered by the receiver (not resent)",
+            ["kind"], registry=registry)
+        self.handoffs = Counter(
+            "supportbot_outbox_handoffs", "Conversations handed to humans because a reply could not be delivered",
+            ["kind"], registry=registry)
         depth = Gauge("supportbot_outbox_queue_depth", "Outbox actions waiting to be sent", registry=registry)
         age = Gauge("supportbot_outbox_oldest_pending_age_seconds", "Age of the oldest unsent outbox action",
                     registry=registry)
@@ -267,12 +461,21 @@ class OutboxMetrics:
 Sender = Callable[[Action], Awaitable[httpx.Response]]
 """Sends one action and returns the receiver's response; transport errors propagate as httpx errors."""
 
+Checker = Callable[[Action], Awaitable[bool]]
+"""Asks the receiver whether an uncertain action already arrived (True: it did; do not send again)."""
+
+Handoff = Callable[[Action], Sequence[NewAction]]
+"""The follow-ups to queue when an action fails for good (e.g. open the conversation to humans)."""
+
+# Transport errors raised before the request can have reached the receiver: a retry is certain.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
 
 @dataclass
 class Outbox:
-    """The worker over an OutboxStore: `submit()` from request handlers, `start()`/`stop()` in the lifespan."""
+    """The worker over a store: `submit()` from request handlers, `start()`/`stop()` in the lifespan."""
 
-    store: OutboxStore
+    store: Store
     senders: Mapping[str, Sender]
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     metrics: OutboxMetrics | None = None
@@ -280,13 +483,22 @@ class Outbox:
     retention_s: float = 7 * 24 * 3600.0
     housekeeping_s: float = 300.0
     clock: Callable[[], float] = time.time
+    checkers: Mapping[str, Checker] = field(default_factory=dict)
+    handoff: Handoff | None = None
+    poll_s: float = 1.0
+    """How often an idle worker looks for work other processes queued (they cannot wake it)."""
+    uncertain_delay_s: float = 0.0
+    """The least wait before retrying an uncertain send: a platform that answered late is given this
+    long to finish creating the message before the check looks for it (the send timeout)."""
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _busy: dict[str, asyncio.Task] = field(default_factory=dict, init=False)
+    _claimed: dict[str, int] = field(default_factory=dict, init=False)  # conversation -> action id in flight
     _task: asyncio.Task | None = field(default=None, init=False)
     _last_prune: float = field(default=0.0, init=False)
     _stopping: bool = field(default=False, init=False)
     _held: dict[str, float] = field(default_factory=dict, init=False)  # conversation -> resume time
     _unrecorded: dict[int, str] = field(default_factory=dict, init=False)  # delivered action id -> conversation
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
 
     async def seen(self, keys: Sequence[str]) -> Duplicate | None:
         return await asyncio.to_thread(self.store.seen, keys)
@@ -302,6 +514,35 @@ class Outbox:
             self._wake.set()
         return outcome
 
+    @asynccontextmanager
+    async def conversation(self, key: str, *, timeout_s: float = 10.0) -> AsyncIterator[None]:
+        """Hold `key` (a conversation) against every other handler in the fleet: an asyncio lock in
+        this process, then the store's lock across processes (PostgreSQL: an advisory lock), taken
+        by polling so no thread waits on it. TimeoutError when it stays busy for `timeout_s`."""
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        try:
+            async with lock:
+                handle = None
+                deadline = time.monotonic() + timeout_s
+                delay = 0.005
+                while True:
+                    handle = await asyncio.to_thread(self.store.try_lock, key)
+                    if handle is not None:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"conversation {key!r} stayed busy for {timeout_s:.0f} s")
+                    await asyncio.sleep(delay)
+                    delay = min(0.1, delay * 2)
+                try:
+                    yield
+                finally:
+                    await asyncio.to_thread(self.store.unlock, handle)
+        finally:
+            if not lock.locked() and self._locks.get(key) is lock:
+                del self._locks[key]
+
     def start(self) -> None:
         if self._task is None:
             self._stopping = False
@@ -309,7 +550,8 @@ class Outbox:
             self._task = asyncio.create_task(self._run(), name="supportbot-outbox")
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Stop taking new work, give in-flight sends `grace_s` to finish, cancel the rest (they stay pending)."""
+        """Stop taking new work, give in-flight sends `grace_s` to finish, cancel the rest (they stay
+        pending, their leases released so the next worker need not wait for them to expire)."""
         if self._task is None:
             return
         # A flag, not only cancel(): on Python 3.11 wait_for() can swallow a cancellation that
@@ -328,6 +570,13 @@ class Outbox:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        cut_off = list(self._claimed.values())
+        if cut_off:
+            try:
+                await asyncio.to_thread(self.store.release, cut_off, now=self.clock())
+            except Exception as exc:  # their leases will expire instead
+                log.warning("outbox: could not release %d lease(s) at stop (%s)", len(cut_off), type(exc).__name__)
+            self._claimed.clear()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -335,8 +584,8 @@ class Outbox:
                 timeout = await self._dispatch()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the database is unwell: say so and try again shortly, never die
-                log.exception("outbox worker: dispatch failed; retrying in 1 s")
+            except Exception as exc:  # the database is unwell: say so and try again shortly, never die
+                log.error("outbox worker: dispatch failed (%s); retrying in 1 s", type(exc).__name__)
                 timeout = 1.0
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -344,7 +593,7 @@ class Outbox:
                 pass
 
     async def _dispatch(self) -> float:
-        """Start every due head that fits; return how long to sleep unless woken."""
+        """Claim and start every due head that fits; return how long to sleep unless woken."""
         self._wake.clear()
         if self._stopping:
             return 0.0
@@ -358,9 +607,10 @@ class Outbox:
         free = self.concurrency - len(self._busy)
         if free > 0:
             for action in await asyncio.to_thread(self.store.heads, now=now, busy=blocked, limit=free):
+                self._claimed[action.conversation] = action.id
                 self._busy[action.conversation] = asyncio.create_task(self._attempt(action))
                 blocked.add(action.conversation)
-        wake_at = [self.clock() + self.housekeeping_s, *self._held.values()]
+        wake_at = [self.clock() + min(self.housekeeping_s, self.poll_s), *self._held.values()]
         if self._unrecorded:
             wake_at.append(self.clock() + 1.0)
         if len(self._busy) < self.concurrency:  # else a finishing send wakes us
@@ -386,6 +636,9 @@ class Outbox:
             raise
         except Exception as exc:
             self._hold_after_db_error(action, exc)
+            self._claimed.pop(action.conversation, None)
+        else:
+            self._claimed.pop(action.conversation, None)
         finally:
             self._busy.pop(action.conversation, None)
             self._wake.set()
@@ -403,12 +656,35 @@ class Outbox:
             log.error("outbox action %s (%s): recording the attempt failed (%s); pausing %s for %.0f s",
                       action.id, action.kind, type(exc).__name__, action.conversation, self.policy.backoff_cap_s)
 
+    async def _already_delivered(self, action: Action) -> bool:
+        """For an uncertain action: ask the receiver (when it can be asked) whether it has it."""
+        checker = self.checkers.get(action.kind)
+        if not action.uncertain or checker is None:
+            return False
+        if not await checker(action):
+            return False
+        try:
+            await asyncio.to_thread(self.store.mark_recovered, action.id, now=self.clock())
+        except Exception as exc:
+            raise _DeliveredUnrecorded(type(exc).__name__) from exc
+        if self.metrics:
+            self.metrics.recovered.labels(action.kind).inc()
+        log.warning("outbox action %s (%s, %s): an earlier uncertain send had arrived; not sending it again",
+                    action.id, action.kind, action.conversation)
+        return True
+
     async def _send_and_record(self, action: Action) -> None:
         sender = self.senders[action.kind]
+        uncertain = action.uncertain
         try:
+            if await self._already_delivered(action):
+                return
             response = await sender(action)
         except httpx.TransportError as exc:  # timeouts, refused connections, broken responses
+            uncertain = uncertain or not isinstance(exc, _NOT_SENT)
             failure = _Failure(f"{type(exc).__name__}: {exc}", type(exc).__name__, retryable=True)
+        except _DeliveredUnrecorded:
+            raise
         except Exception as exc:  # a bug or a bad payload: retrying cannot help
             log.error("outbox action %s (%s): the sender raised %s", action.id, action.kind, type(exc).__name__)
             failure = _Failure(f"{type(exc).__name__}: {exc}", type(exc).__name__, retryable=False)
@@ -423,32 +699,42 @@ class Outbox:
                     self.metrics.sent.labels(action.kind).inc()
                 return
             retryable = status == 429 or status >= 500
+            uncertain = uncertain and status >= 500  # a 429 was refused; a 5xx may have half-happened
             failure = _Failure(f"HTTP {status}: {response.text[:200]}", f"HTTP {status}", retryable=retryable,
                                retry_after=_retry_after(response, now=self.clock()) if retryable else None)
-        await self._after_failure(action, failure)
+        await self._after_failure(action, failure, uncertain=uncertain)
 
-    async def _after_failure(self, action: Action, failure: _Failure) -> None:
-        """Schedule the next attempt, or record the failure for good.
+    async def _after_failure(self, action: Action, failure: _Failure, *, uncertain: bool = False) -> None:
+        """Schedule the next attempt, or record the failure for good (and queue the handoff).
 
         The stored error keeps the receiver's answer for inspection; the log line names only the
         status or exception type (an answer or a URL may quote customer text or a callback token).
         """
         attempts = action.attempts + 1
         now = self.clock()
-        if failure.retryable and attempts < self.policy.max_attempts:
+        if failure.retryable:
             delay = self.policy.delay(attempts, failure.retry_after)
-            await asyncio.to_thread(self.store.mark_retry, action.id, next_attempt_at=now + delay, error=failure.error)
-            if self.metrics:
-                self.metrics.retried.labels(action.kind).inc()
-            log.warning("outbox action %s (%s, %s) attempt %d failed (%s); retrying in %.2f s",
-                        action.id, action.kind, action.conversation, attempts, failure.summary, delay)
-            return
-        await asyncio.to_thread(self.store.mark_failed, action.id, now=now, error=failure.error)
+            if uncertain:
+                delay = max(delay, self.uncertain_delay_s)
+            if not self.policy.gives_up(attempts, action.created_at, now + delay):
+                await asyncio.to_thread(self.store.mark_retry, action.id, next_attempt_at=now + delay,
+                                        error=failure.error, uncertain=uncertain)
+                if self.metrics:
+                    self.metrics.retried.labels(action.kind).inc()
+                log.warning("outbox action %s (%s, %s) attempt %d failed (%s); retrying in %.2f s",
+                            action.id, action.kind, action.conversation, attempts, failure.summary, delay)
+                return
+        follow_ups = list(self.handoff(action)) if self.handoff is not None else []
+        await asyncio.to_thread(self.store.mark_failed, action.id, now=now, error=failure.error,
+                                follow_ups=follow_ups)
         if self.metrics:
             self.metrics.failed.labels(action.kind).inc()
-        reason = "gave up after the last allowed attempt" if failure.retryable else "not retryable"
-        log.error("outbox action %s (%s, %s) failed after %d attempt(s), %s: %s",
-                  action.id, action.kind, action.conversation, attempts, reason, failure.summary)
+            if follow_ups:
+                self.metrics.handoffs.labels(action.kind).inc()
+        reason = ("gave up at the retry horizon" if failure.retryable else "not retryable")
+        log.error("outbox action %s (%s, %s) failed after %d attempt(s), %s: %s%s",
+                  action.id, action.kind, action.conversation, attempts, reason, failure.summary,
+                  "; the conversation is handed to humans" if follow_ups else "")
 
 
 class _DeliveredUnrecorded(Exception):

@@ -190,9 +190,9 @@ def build_router() -> APIRouter:
         return TranscriptResponse(session_id=session_id, turns=[Turn.model_validate(t) for t in turns])
 
     @router.get("/healthz", response_model=HealthResponse, tags=["operations"])
-    async def healthz() -> HealthResponse:
-        """Liveness: the process answers (the model may still be loading)."""
-        return HealthResponse()
+    async def healthz(runtime: RuntimeDep) -> HealthResponse:
+        """Liveness: the process answers (the model may still be loading); the model version it serves."""
+        return HealthResponse(model_version=runtime.model_version)
 
     # HEAD on the operations routes (load balancers and uptime checks use it); hidden from the
     # schema, which would otherwise list every operation twice under one operation id.
@@ -203,7 +203,7 @@ def build_router() -> APIRouter:
         """Readiness: 200 once a model is loaded and warmed, 503 before (or when loading failed)."""
         body = ReadyResponse(
             ready=runtime.ready, status=runtime.status, model_version=runtime.model_version,
-            detail=None if runtime.ready else (runtime.load_error or "the model is loading"),
+            detail=runtime.not_ready_detail,
         )
         return JSONResponse(body.model_dump(), status_code=200 if runtime.ready else 503)
 

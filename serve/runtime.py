@@ -5,6 +5,11 @@ One `Runtime` lives on `app.state.runtime`; routes (and the webhook routes) reac
 answers /healthz at once and /readyz turns ready when a model can answer. A reload loads and
 warms the new bundle beside the old one and then swaps one reference: batches already
 running finish on the old model, the next batch runs on the new one, nothing is dropped.
+
+The stores come from `SUPPORTBOT_DATABASE_URL` (serve/database.py): unset, SQLite files in the
+data folder; set, PostgreSQL shared with the other replicas, its schema upgraded here at start-up.
+While that database does not answer, /readyz says 503 and chat answers 503 `database_unavailable`
+with Retry-After; a probe every second brings readiness back when the database returns.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from fastapi import Request
 from bot.bundle import BundleError
 from bot.chatbot import Chatbot, InvalidMessage, Reply
 from bot.classifier import Prediction, configure_threads
-from bot.sessions import InvalidSessionId, SessionConflict, SQLiteSessionStore
+from bot.sessions import InvalidSessionId, SessionConflict, SessionStore, SQLiteSessionStore
 
 from .access import SessionTokens
 from .batching import Batcher, BatcherStopped, ClientBudget, QueueFull, split_bulk
+from .database import DatabaseUnavailable, Health, is_postgres, open_database
 from .errors import ApiError
+from .fleet import FLEET_FILE, FleetStore, FleetWatcher, manifest_sha256
 from .metrics import Metrics
 from .schemas import ReloadResponse
 from .settings import Settings
@@ -55,7 +62,24 @@ class Runtime:
         self.settings = settings
         self.metrics = metrics or Metrics()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SQLiteSessionStore(settings.sessions_path)
+        url = settings.database_url.get_secret_value() if settings.database_url is not None else None
+        self.database_url = url
+        self.engine = open_database(url, pool_size=settings.database_pool_size) if is_postgres(url) else None
+        if url and self.engine is None:
+            from .database import check_url
+
+            check_url(url)  # raises a one-line DatabaseError for a URL that is not PostgreSQL
+        self.health = Health(self.engine)
+        self.store: SessionStore
+        if self.engine is not None:
+            from .postgres import PostgresSessionStore
+
+            self.store = PostgresSessionStore(self.engine)
+        else:
+            self.store = SQLiteSessionStore(settings.sessions_path)
+        self.fleet: FleetWatcher | None = None
+        self.model_sha256: str | None = None
+        self._health_task: asyncio.Task | None = None
         self.tokens = SessionTokens.from_settings(settings)  # the web page's session tokens (serve.access)
         self.text_budget = ClientBudget(settings.max_client_chars)  # classify text in flight per client
         self.batcher = Batcher(
@@ -87,6 +111,12 @@ class Runtime:
                         "set it, or expose /metrics only to your monitoring network")
         configure_threads(self.settings.threads)
         self.batcher.start()
+        fleet_store = (FleetStore(engine=self.engine) if self.engine is not None
+                       else FleetStore(sqlite_path=self.settings.data_dir / FLEET_FILE))
+        self.fleet = FleetWatcher(self, fleet_store, listen_url=self.database_url if self.engine is not None else None,
+                                  poll_s=self.settings.fleet_poll_s)
+        if self.engine is not None:
+            self._health_task = asyncio.get_running_loop().create_task(self._watch_health(), name="supportbot-db")
         self._load_task = asyncio.get_running_loop().create_task(self._initial_load(), name="supportbot-load")
         for hook in self._startup_hooks:
             await hook(self)
@@ -99,8 +129,27 @@ class Runtime:
                 log.error("shutdown hook %s failed: %s", getattr(hook, "__qualname__", hook), type(exc).__name__)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
+        if self.fleet is not None:
+            await self.fleet.stop()
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
         await self.batcher.stop()
         self.store.close()
+        if self.engine is not None:
+            self.engine.dispose()
+
+    async def _watch_health(self) -> None:
+        """Probe the database every second: readiness follows it both ways without traffic."""
+        while True:
+            await asyncio.to_thread(self.health.probe)
+            await asyncio.sleep(1.0)
+
+    def database_down(self, exc: DatabaseUnavailable) -> ApiError:
+        """Record the outage and the answer to give: 503 database_unavailable with Retry-After."""
+        self.health.failed(str(exc))
+        return ApiError(503, "database_unavailable", "the database is unavailable; retry shortly",
+                        {"Retry-After": "2"})
 
     async def wait_ready(self, timeout: float = 120.0) -> bool:
         """Wait for the start-up load; True when a model is being served."""
@@ -109,16 +158,36 @@ class Runtime:
         return self.status == "ready"
 
     async def _initial_load(self) -> None:
-        if self.model_path is None:
-            self._fail("no model configured: set SUPPORTBOT_MODEL or pass --model")
-            return
+        """The fleet's promoted model when one is recorded (and loads here), else the configured one;
+        then the fleet watcher starts, so later promotions swap the model in."""
         try:
-            chatbot = await asyncio.to_thread(self._load_and_warm, self.model_path)
+            record = await asyncio.to_thread(self.fleet.store.get) if self.fleet is not None else None
         except Exception as exc:
-            self._fail(_load_failure(exc))
-            return
+            log.warning("could not read the fleet's model (%s); starting with the configured one", type(exc).__name__)
+            record = None
+        chatbot = None
+        if record is not None:
+            try:
+                chatbot = await asyncio.to_thread(self._load_and_warm, Path(record.path), record.sha256)
+                self.model_path = Path(record.path)
+                assert self.fleet is not None
+                self.fleet.generation = record.generation
+            except Exception as exc:
+                log.error("the fleet's model %s (generation %d) does not load here (%s); starting with the "
+                          "configured one", record.version, record.generation, _load_failure(exc))
+        if chatbot is None:
+            if self.model_path is None:
+                self._fail("no model configured: set SUPPORTBOT_MODEL or pass --model")
+                return
+            try:
+                chatbot = await asyncio.to_thread(self._load_and_warm, self.model_path)
+            except Exception as exc:
+                self._fail(_load_failure(exc))
+                return
         self._swap(chatbot)
         log.info("serving model %s from %s", chatbot.version, self.model_path)
+        if self.fleet is not None:
+            self.fleet.start()
 
     def _fail(self, message: str) -> None:
         if self._chatbot is None:
@@ -126,8 +195,13 @@ class Runtime:
         self.load_error = message
         log.error("model not loaded: %s", message)
 
-    def _load_and_warm(self, path: Path) -> Chatbot:
+    def _load_and_warm(self, path: Path, expect_sha256: str | None = None) -> Chatbot:
+        sha256 = manifest_sha256(path) if (path / "bundle.json").is_file() else None
+        if expect_sha256 is not None and sha256 != expect_sha256:
+            raise BundleError(f"bundle {path}: bundle.json differs from the promoted one (sha256 {str(sha256)[:12]}, "
+                              f"promoted {expect_sha256[:12]})")
         chatbot = Chatbot.from_bundle(path, self.store, max_message_chars=self.settings.max_message_chars)
+        chatbot.manifest_sha256 = sha256  # type: ignore[attr-defined]
         texts = list(WARMUP_TEXTS)
         for size in (1, len(texts), min(self.settings.batch_max_size, 64)):
             chatbot.classifier.predict((texts * (size // len(texts) + 1))[:size])
@@ -135,6 +209,7 @@ class Runtime:
 
     def _swap(self, chatbot: Chatbot) -> None:
         self._chatbot = chatbot  # one reference assignment: the swap is atomic for every reader
+        self.model_sha256 = getattr(chatbot, "manifest_sha256", None)
         self.status = "ready"
         self.load_error = None
         self.metrics.set_model_version(chatbot.version)
@@ -144,7 +219,15 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.status == "ready"
+        return self.status == "ready" and self.health.ok
+
+    @property
+    def not_ready_detail(self) -> str | None:
+        if self.status != "ready":
+            return self.load_error or "the model is loading"
+        if not self.health.ok:
+            return f"the database is unavailable ({self.health.reason})"
+        return None
 
     @property
     def model_version(self) -> str | None:
@@ -185,6 +268,8 @@ class Runtime:
         except SessionConflict:
             raise ApiError(503, "session_busy", "this conversation is busy with another message; retry",
                            {"Retry-After": "1"}) from None
+        except DatabaseUnavailable as exc:
+            raise self.database_down(exc) from None
         self.metrics.predictions.labels(intent=reply.intent or "none", action=reply.action).inc()
         return reply
 
@@ -220,14 +305,18 @@ class Runtime:
             raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "1"}) from None
 
     async def transcript(self, session_id: str) -> list[dict]:
-        return await asyncio.to_thread(self.chatbot.transcript, session_id)
+        try:
+            return await asyncio.to_thread(self.chatbot.transcript, session_id)
+        except DatabaseUnavailable as exc:
+            raise self.database_down(exc) from None
 
     # ------------------------------------------------------------------ reload
 
-    async def reload(self, path: Path | None = None) -> ReloadResponse:
+    async def reload(self, path: Path | None = None, *, expect_sha256: str | None = None) -> ReloadResponse:
         """Load and warm `path` (default: the bundle being served) and swap it in.
 
-        A bundle that fails to load leaves the old model serving; the error goes to the caller.
+        A bundle that fails to load (or whose manifest is not `expect_sha256`, for a promotion)
+        leaves the old model serving; the error goes to the caller.
         """
         if self._reload_lock.locked():
             raise ApiError(409, "reload_in_progress", "a reload is already running; try again when it has finished")
@@ -238,7 +327,7 @@ class Runtime:
             previous = self.model_version
             started = time.perf_counter()
             try:
-                chatbot = await asyncio.to_thread(self._load_and_warm, target)
+                chatbot = await asyncio.to_thread(self._load_and_warm, target, expect_sha256)
             except Exception as exc:
                 self.metrics.reloads.labels(result="failed").inc()
                 message = _load_failure(exc)

@@ -112,6 +112,7 @@ class TranscriptResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
+    model_version: str | None = Field(None, description="the model this replica serves (None while loading)")
 
 
 class ReadyResponse(BaseModel):

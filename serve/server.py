@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -199,9 +200,43 @@ class StartingApp:
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else payload})
 
 
+WORKER_ENV = "SUPPORTBOT_SERVE_ARGS"  # how `--workers N` hands the CLI's options to each worker process
+
+
+def check_database(settings: Settings) -> None:
+    """With a database URL: reachable, and its schema upgraded once here (not raced by workers);
+    DatabaseError (one line naming the host, never the password) otherwise."""
+    from .database import check_url, open_database
+
+    if settings.database_url is None:
+        return
+    url = settings.database_url.get_secret_value()
+    check_url(url)
+    open_database(url, pool_size=1).dispose()
+
+
+def worker_app() -> StartingApp:
+    """The app of one `--workers` process (uvicorn imports this in each): the parent's settings,
+    rebuilt from its options, behind a StartingApp as in a single process."""
+    from .settings import load_settings
+
+    options = json.loads(os.environ.get(WORKER_ENV) or "{}")
+    config = options.pop("config", None)
+    settings = load_settings(config, **options)
+    HeaderTimeoutProtocol.header_timeout = settings.header_timeout_s  # the class uvicorn got by name
+
+    def build() -> Any:
+        from .app import create_app
+
+        return create_app(settings)
+
+    return StartingApp(build)
+
+
 def run(model: Path | str | None = None, host: str | None = None, port: int | None = None,
-        config: str | None = None) -> int:
-    """`supportbot serve`: settings, a verified bundle, the port bound, then the app built behind it.
+        config: str | None = None, workers: int = 1) -> int:
+    """`supportbot serve`: settings, a verified bundle, the database reachable, the port bound, then
+    the app built behind it; with `workers` > 1, that many processes share the bound port.
 
     The order matters: the port is listening before torch and the model are imported, and
     `StartingApp` answers 503 `not_ready` during that time (see `bind_socket`)."""
@@ -213,15 +248,20 @@ def run(model: Path | str | None = None, host: str | None = None, port: int | No
     from .access_log import logging_config
     from .settings import SettingsError, load_settings
 
+    overrides: dict[str, Any] = {"model": str(model) if model is not None else None, "host": host, "port": port}
     try:
-        settings = load_settings(config, model=model, host=host, port=port)
+        settings = load_settings(config, **overrides)
     except SettingsError as exc:
         print(f"supportbot serve: error: {exc}", file=sys.stderr)
         return 2
     if settings.model is None:
         print("supportbot serve: error: no model: pass --model or set SUPPORTBOT_MODEL", file=sys.stderr)
         return 2
+    if workers < 1:
+        print("supportbot serve: error: --workers must be at least 1", file=sys.stderr)
+        return 2
     bundle_mod.load(settings.model)  # a damaged bundle stops here with a one-line BundleError
+    check_database(settings)  # an unreachable or too new database stops here, in one line
     try:
         sock = bind_socket(settings.host, settings.port, settings.backlog)
     except OSError as exc:
@@ -230,6 +270,8 @@ def run(model: Path | str | None = None, host: str | None = None, port: int | No
         return 2
     log_config = logging_config(settings.log_level)
     logging.config.dictConfig(log_config)
+    if workers > 1:
+        return _run_workers(settings, sock, workers, log_config, {"config": config, **overrides})
 
     def build() -> Any:
         from .app import create_app  # torch and the model stack are imported here, behind the bound port
@@ -250,4 +292,22 @@ def run(model: Path | str | None = None, host: str | None = None, port: int | No
     if starting.failed is not None:
         print(f"supportbot serve: error: the server failed to start: {starting.failed}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_workers(settings: Settings, sock: socket.socket, workers: int, log_config: dict[str, Any],
+                 options: dict[str, Any]) -> int:
+    """`--workers N`: uvicorn's supervisor over N processes sharing the bound socket. Each process
+    gets cores / N torch threads (unless `threads` is set), so together they use the machine once."""
+    from uvicorn.supervisors import Multiprocess
+
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // workers)
+    os.environ[WORKER_ENV] = json.dumps({**options, "threads": threads})
+    config = server_config("serve.server:worker_app", settings, factory=True, workers=workers,
+                           http=HeaderTimeoutProtocol, log_config=log_config)
+    log.info("%d worker processes on %s:%d, %d torch thread(s) each", workers, settings.host, settings.port, threads)
+    try:
+        Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    finally:
+        sock.close()
     return 0

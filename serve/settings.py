@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bot import paths
@@ -61,8 +61,25 @@ class Settings(BaseSettings):
         None, description="when set, GET /metrics needs `Authorization: Bearer TOKEN`; unset: /metrics is open"
     )
 
+    # The shared database (serve/database.py, docs/deployment.md): unset, SQLite files in data_dir.
+    database_url: SecretStr | None = Field(
+        None, description="postgresql://user:password@host:5432/db shared by every replica; unset: SQLite in data_dir"
+    )
+    database_pool_size: int = Field(10, ge=1, le=200, description="connections each replica keeps open")
+    fleet_poll_s: float = Field(2.0, gt=0, le=60, description="how often a replica checks the promoted model "
+                                                              "(PostgreSQL NOTIFY usually tells it at once)")
+
     # Webhook outbox (serve/outbox.py): replies to Chatwoot and generic callbacks.
-    outbox_max_attempts: int = Field(8, ge=1, le=100, description="send attempts before an action is given up")
+    outbox_max_attempts: int | None = Field(
+        None, ge=1, le=1_000_000, description="send attempts before an action is given up; unset: the horizon decides"
+    )
+    outbox_retry_horizon_s: float = Field(
+        6 * 3600.0, gt=0, le=30 * 86400, description="how long after queueing a failing send is still retried"
+    )
+    outbox_lease_s: float = Field(
+        60.0, ge=1, le=3600, description="how long a replica owns an action it is sending; a replica that dies "
+                                         "mid-send frees it after this (must exceed the send timeout)"
+    )
     outbox_backoff_base_s: float = Field(1.0, gt=0, le=3600, description="delay after the first failed attempt")
     outbox_backoff_cap_s: float = Field(300.0, gt=0, le=86400, description="longest delay between attempts")
     outbox_send_timeout_s: float = Field(10.0, gt=0, le=300, description="timeout of one send")
@@ -140,7 +157,14 @@ class Settings(BaseSettings):
         """Entries as the callback guard compares them; a scheme, port or path is refused, not ignored."""
         return [parse_host_entry(host) for host in value]
 
-    @field_validator("metrics_token", "session_secret", mode="before")
+    @model_validator(mode="after")
+    def _lease_outlasts_a_send(self) -> Settings:
+        if self.outbox_lease_s <= self.outbox_send_timeout_s:
+            raise ValueError(f"outbox_lease_s ({self.outbox_lease_s:g}) must be longer than outbox_send_timeout_s "
+                             f"({self.outbox_send_timeout_s:g}), or a slow send would be taken over by another replica")
+        return self
+
+    @field_validator("metrics_token", "session_secret", "database_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         """An empty SUPPORTBOT_METRICS_TOKEN (a compose file's `${TOKEN:-}`) means unset, not "no one gets in"."""

@@ -6,7 +6,9 @@ message id, remembered in SQLite); get the reply from the same Chatbot as the ch
 the dedupe keys and the actions to send (reply, handoff, callback) to the durable outbox in one
 transaction; answer 2xx. The outbox worker sends afterwards, with retries, in order per
 conversation. A per-conversation lock spans "reply + commit", so the outbox order is the order
-in which the bot wrote the replies.
+in which the bot wrote the replies; with PostgreSQL it holds across replicas (an advisory lock,
+serve/postgres.py), so a delivery repeated to another replica waits and is found a duplicate.
+While the database does not answer, deliveries get 429 (nothing is acknowledged that is not stored).
 
 Chatwoot retries a delivery only on 429 and 500 and, when a delivery fails for good, opens the
 conversation to human agents. So transient conditions here (model loading, overload, a busy
@@ -21,7 +23,8 @@ import asyncio
 import json
 import logging
 import uuid
-import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -38,8 +41,20 @@ from bot.validation import check_message, describe_validation_errors, identifier
 from . import chatwoot, signing
 from .callbacks import CallbackPolicy, CallbackRefused, callback_client
 from .chatwoot import ChatwootClient, ConversationChange, Ignored, Invalid, MessageEvent
+from .database import DatabaseUnavailable
 from .errors import ApiError
-from .outbox import Action, Duplicate, NewAction, Outbox, OutboxMetrics, OutboxStore, RetryPolicy, Sender
+from .outbox import (
+    Action,
+    Checker,
+    Duplicate,
+    NewAction,
+    Outbox,
+    OutboxMetrics,
+    OutboxStore,
+    RetryPolicy,
+    Sender,
+    Store,
+)
 from .routes import check_metadata, log_fields
 from .runtime import Runtime
 from .schemas import ChatResponse
@@ -49,7 +64,7 @@ log = logging.getLogger("supportbot.webhooks")
 
 OUTBOX_FILE = "outbox.sqlite3"
 KIND_CALLBACK = "generic.callback"
-TRANSIENT = {"not_ready", "overloaded", "session_busy", "shutting_down"}
+TRANSIENT = {"not_ready", "overloaded", "session_busy", "shutting_down", "database_unavailable"}
 ID_PATTERN = identifier_pattern(100)  # a platform id; prefixed ("generic:"), it is a session id
 MAX_DELIVERY_ID = 200
 
@@ -60,20 +75,6 @@ def _secret(value: Any) -> str | None:
         return None
     text = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
     return text or None
-
-
-class _KeyedLocks:
-    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-
-    def __call__(self, key: str) -> asyncio.Lock:
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[key] = lock
-        return lock
 
 
 @dataclass
@@ -88,7 +89,6 @@ class Webhooks:
     http: httpx.AsyncClient | None = None
     callback_http: httpx.AsyncClient | None = None
     chatwoot: ChatwootClient | None = None
-    locks: _KeyedLocks = field(default_factory=_KeyedLocks)
     deliveries: Counter | None = None
     callback_policy: CallbackPolicy = field(init=False)
 
@@ -114,17 +114,26 @@ class Webhooks:
             log.info("Chatwoot webhook off: SUPPORTBOT_CHATWOOT_URL and SUPPORTBOT_CHATWOOT_TOKEN are not both set")
         if _secret(s.webhook_secret) is None:
             log.info("generic webhook off: SUPPORTBOT_WEBHOOK_SECRET is not set (it refuses deliveries with 503)")
-        store = await asyncio.to_thread(OutboxStore, s.data_dir / OUTBOX_FILE)
+        store: Store
+        if self.runtime.engine is not None:
+            from .postgres import PostgresOutboxStore
+
+            store = PostgresOutboxStore(self.runtime.engine, lease_s=s.outbox_lease_s)
+        else:
+            store = await asyncio.to_thread(OutboxStore, s.data_dir / OUTBOX_FILE, lease_s=s.outbox_lease_s)
+        checkers: dict[str, Checker] = {}
         senders: dict[str, Sender] = {KIND_CALLBACK: self._send_callback}
         if self.chatwoot is not None:
             senders.update(self.chatwoot.senders())
+            checkers.update(self.chatwoot.checkers())
         else:  # actions queued under an earlier configuration fail with a clear reason
             senders.update({kind: _chatwoot_off for kind in (chatwoot.KIND_MESSAGE, chatwoot.KIND_OPEN)})
         policy = RetryPolicy(max_attempts=s.outbox_max_attempts, backoff_base_s=s.outbox_backoff_base_s,
-                             backoff_cap_s=s.outbox_backoff_cap_s)
+                             backoff_cap_s=s.outbox_backoff_cap_s, horizon_s=s.outbox_retry_horizon_s)
         metrics = OutboxMetrics(self.runtime.metrics.registry, store)
         self.outbox = Outbox(store, senders, policy, metrics, concurrency=s.outbox_concurrency,
-                             retention_s=s.outbox_retention_s)
+                             retention_s=s.outbox_retention_s, checkers=checkers, handoff=chatwoot.handoff_after,
+                             uncertain_delay_s=s.outbox_send_timeout_s)
         self.outbox.start()
 
     async def stop(self, _runtime: Runtime | None = None) -> None:
@@ -228,6 +237,21 @@ def _delivery_id(request: Request, scheme: signing.Scheme, *, required: bool) ->
     return value
 
 
+@asynccontextmanager
+async def _conversation(webhooks: Webhooks, outbox: Outbox, session: str) -> AsyncIterator[None]:
+    """The conversation's lock across the fleet for "reply + commit"; a database outage or a lock
+    that stays busy answers 429, so the platform delivers again later (nothing was acknowledged)."""
+    try:
+        async with outbox.conversation(session):
+            yield
+    except DatabaseUnavailable as exc:
+        webhooks.runtime.health.failed(str(exc))
+        raise ApiError(429, "database_unavailable", "the database is unavailable; retry", {"Retry-After": "3"}) from None
+    except TimeoutError:
+        raise ApiError(429, "session_busy", "this conversation is busy with another delivery; retry",
+                       {"Retry-After": "1"}) from None
+
+
 async def _respond(runtime: Runtime, session_id: str, text: str, metadata: dict[str, Any]) -> Reply:
     """The Chatbot's reply; a transient refusal becomes 429 so the platform retries the delivery."""
     try:
@@ -288,7 +312,7 @@ async def _chatwoot_message(request: Request, webhooks: Webhooks, event: Message
     check_message(text, limit=webhooks.settings.max_message_chars, name="content")
     outbox = webhooks.require_outbox()
     log_fields(request, session_id=session, message_text=text)
-    async with webhooks.locks(session):
+    async with _conversation(webhooks, outbox, session):
         if await outbox.seen(keys) is not None:
             webhooks.count("chatwoot", "duplicate")
             return JSONResponse({"status": "duplicate"})
@@ -336,7 +360,7 @@ async def _chatwoot_conversation(webhooks: Webhooks, change: ConversationChange,
                                  delivery_keys: list[str]) -> JSONResponse:
     outbox = webhooks.require_outbox()
     session = chatwoot.session_id(change.account_id, change.conversation_id)
-    async with webhooks.locks(session):
+    async with _conversation(webhooks, outbox, session):
         if delivery_keys and await outbox.seen(delivery_keys) is not None:
             webhooks.count("chatwoot", "duplicate")
             return JSONResponse({"status": "duplicate"})
@@ -426,7 +450,7 @@ async def _generic_command(webhooks: Webhooks, body: GenericDelivery, session: s
     outbox = webhooks.require_outbox()
     command = {"handoff": "handoff", "release": "release", "resolved": "reset"}[body.event]
     keys = [f"generic:delivery:{delivery}"]
-    async with webhooks.locks(session):
+    async with _conversation(webhooks, outbox, session):
         if await outbox.seen(keys) is not None:
             webhooks.count("generic", "duplicate")
             return JSONResponse({"status": "duplicate"})
@@ -445,7 +469,7 @@ async def _generic_message(request: Request, webhooks: Webhooks, body: GenericDe
     outbox = webhooks.require_outbox()
     keys = [f"generic:delivery:{delivery}", f"generic:message:{body.conversation_id}:{body.message_id}"]
     log_fields(request, message_text=body.text)
-    async with webhooks.locks(session):
+    async with _conversation(webhooks, outbox, session):
         first = await outbox.seen(keys)
         if first is not None:
             webhooks.count("generic", "duplicate")

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from bot import __version__
 
@@ -85,6 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
     serve.add_argument("--config", metavar="FILE", help="serving settings YAML (default configs/serve.yaml when present)")
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="processes serving one port (default 1); torch threads are split between them. With "
+                            "SUPPORTBOT_DATABASE_URL unset they share the SQLite files in the data folder")
+
+    promote = sub.add_parser(
+        "promote", help="make a bundle the model of every replica (fleet)",
+        description="Verify a bundle and record it in the database as the fleet's model. Every replica sharing "
+        "the database (SUPPORTBOT_DATABASE_URL; unset: the data folder's SQLite) loads it within seconds with "
+        "an atomic reload; a replica on which it does not verify keeps its model. DIR must be readable by every "
+        "replica (shared storage).",
+    )
+    promote.add_argument("model", metavar="DIR", help="bundle directory on shared storage")
+    promote.add_argument("--config", metavar="FILE", help="serving settings YAML (for database_url and data_dir)")
+
+    db = sub.add_parser("db", help="database maintenance (PostgreSQL schema migrations)",
+                        description="`supportbot db upgrade` applies the schema migrations SUPPORTBOT_DATABASE_URL "
+                        "lacks (supportbot serve also does this at start-up). A database from a newer supportbot "
+                        "is refused.")
+    db.add_argument("action", choices=["upgrade"], help="upgrade: apply pending migrations")
+    db.add_argument("--config", metavar="FILE", help="serving settings YAML (for database_url)")
 
     chat = sub.add_parser("chat", help="talk to the bot in the terminal",
                           description="A terminal conversation; quick replies are shown as numbered options.")
@@ -134,7 +155,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from serve.server import run  # binds the port before torch is imported (serve/server.py)
 
-    return run(model=ensure_default_model(args.model), host=args.host, port=args.port, config=args.config)
+    return run(model=ensure_default_model(args.model), host=args.host, port=args.port, config=args.config,
+               workers=args.workers)
+
+
+def _serve_settings(config: str | None) -> Any:
+    """Serving settings (serve.settings loads only for the commands that need it)."""
+    from serve.settings import load_settings
+
+    return load_settings(config)  # a SettingsError is a SupportbotError: one line, exit 2
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from serve.database import is_postgres, open_database
+    from serve.fleet import FLEET_FILE, FleetStore
+
+    settings = _serve_settings(args.config)
+    url = settings.database_url.get_secret_value() if settings.database_url is not None else None
+    engine = open_database(url, pool_size=1) if url and is_postgres(url) else None
+    if url and engine is None:
+        from serve.database import check_url
+
+        check_url(url)
+    try:
+        store = FleetStore(engine=engine) if engine is not None else FleetStore(
+            sqlite_path=settings.data_dir / FLEET_FILE)
+        previous = store.get()
+        record = store.promote(Path(args.model))
+    finally:
+        if engine is not None:
+            engine.dispose()
+    print_summary("promoted", {"model": record.path, "version": record.version, "sha256": record.sha256[:16],
+                               "generation": record.generation,
+                               "previous version": previous.version if previous else "-"})
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from serve.database import run_upgrade_command
+
+    settings = _serve_settings(args.config)
+    url = settings.database_url.get_secret_value() if settings.database_url is not None else None
+    print_summary("database upgrade", run_upgrade_command(url))
+    return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -193,7 +256,8 @@ def one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve, "chat": cmd_chat}
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve, "chat": cmd_chat,
+            "promote": cmd_promote, "db": cmd_db}
 
 
 def main(argv: list[str] | None = None) -> int:

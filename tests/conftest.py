@@ -77,3 +77,27 @@ def banking_head_bundle(tmp_path_factory, banking_slice) -> Path:
 def shop_bundle(tmp_path_factory) -> Path:
     """The default model: the shop domain pack, `head` strategy, default recipe."""
     return train_bundle(tmp_path_factory.mktemp("bundles") / "shop")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL cluster for the session (tests/pg_cluster.py): initdb'd in a temporary folder,
+    on a free loopback port, removed afterwards. Missing binaries FAIL the test (never a skip)."""
+    from pg_cluster import PostgresCluster
+
+    try:
+        cluster = PostgresCluster().start()
+    except RuntimeError as exc:
+        pytest.fail(f"cannot start a test PostgreSQL: {exc}", pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(postgres, request) -> str:
+    """A fresh, empty database in the session's cluster, named after the test."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:6]
+    return postgres.create_database(name)

@@ -1,8 +1,11 @@
 """A mock Chatwoot for the tests: a real HTTP server on loopback, plus deliveries built as Chatwoot builds them.
 
-`MockChatwoot` answers the two application-API calls an Agent Bot makes (post a message, toggle a
-conversation's status), checks the `api_access_token`, records every request, and can fail the
-next N requests (with a status, or by dropping the connection) or delay its answers. Like Chatwoot,
+`MockChatwoot` answers the application-API calls an Agent Bot makes (post a message, toggle a
+conversation's status, list a conversation's latest messages), checks the `api_access_token`,
+records every request, and can fail the next N requests (with a status, or by dropping the
+connection) or delay its answers. A delayed message is still created, as Chatwoot creates it
+when it answers after the client's timeout; the list shows it (Chatwoot's messages index: the
+last 20, oldest first, `message_type` as its integer, `created_at` in whole seconds). Like Chatwoot,
 when a conversation is opened through the API it tells the bot: it POSTs signed
 `conversation_opened` and `conversation_status_changed` events to `bot_url`.
 
@@ -65,6 +68,7 @@ class MockChatwoot:
         self._failures: list[tuple[int | str, str]] = []
         self._lock = threading.Lock()
         self._next_message_id = 1000
+        self.messages: dict[tuple[int, int], list[dict[str, Any]]] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -92,7 +96,8 @@ class MockChatwoot:
 
     def fail_next(self, count: int, status: int | str = 500, *, path_contains: str = "") -> None:
         """Fail the next `count` requests (whose path contains `path_contains`): answer `status`, or
-        "disconnect" (drop the connection at once), or "hang" (say nothing for `hang_s`, then drop it)."""
+        "disconnect" (drop the connection at once), or "hang" (say nothing for `hang_s`, then drop it).
+        Lists of messages (GET) fail only for a `path_contains` ending in "#GET"."""
         with self._lock:
             self._failures.extend([(status, path_contains)] * count)
 
@@ -104,6 +109,8 @@ class MockChatwoot:
     def _take_failure(self, path: str) -> int | str | None:
         with self._lock:
             for index, (status, fragment) in enumerate(self._failures):
+                if path.endswith("#GET") != fragment.endswith("#GET"):
+                    continue  # a list of messages fails only when asked for by name ("...#GET")
                 if fragment in path:
                     del self._failures[index]
                     return status
@@ -112,13 +119,16 @@ class MockChatwoot:
     # --- what happened ---------------------------------------------------------------------
 
     def received(self, kind: str | None = None, *, ok_only: bool = True) -> list[Recorded]:
-        """Requests to the messages or toggle_status routes (or under /hooks/ for "hooks"), in arrival order."""
+        """Requests to the messages or toggle_status routes (or under /hooks/ for "hooks", "list" for the
+        message lists read), in arrival order."""
         with self._lock:
             requests = list(self.requests)
         out = []
         for request in requests:
             match = ROUTE.match(request.path)
             route = match.group(3) if match else ("hooks" if request.path.startswith("/hooks/") else None)
+            if request.method == "GET":
+                route = "list"  # a list of the latest messages, not a message posted
             if (kind is None or route == kind) and (not ok_only or 200 <= request.status < 300):
                 out.append(request)
         return out
@@ -148,6 +158,22 @@ class MockChatwoot:
 
             def log_message(self, *_args: Any) -> None:  # keep test output clean
                 pass
+
+            def do_GET(self) -> None:
+                recorded = Recorded("GET", self.path, {k.lower(): v for k, v in self.headers.items()}, b"")
+                with mock._lock:
+                    mock.requests.append(recorded)
+                failure = mock._take_failure(self.path + "#GET")
+                if failure is not None and failure not in ("disconnect", "hang"):
+                    return self._answer(recorded, int(failure), {"error": "injected failure"})
+                match = ROUTE.match(self.path)
+                if not match or match.group(3) != "messages":
+                    return self._answer(recorded, 404, {"error": "Resource could not be found"})
+                if recorded.headers.get("api_access_token") != mock.token:
+                    return self._answer(recorded, 401, {"error": "Invalid Access Token"})
+                with mock._lock:
+                    listed = list(mock.messages.get((int(match.group(1)), int(match.group(2))), []))[-20:]
+                self._answer(recorded, 200, {"meta": {"labels": [], "contact": {}}, "payload": listed})
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -196,19 +222,21 @@ class MockChatwoot:
         except ValueError:
             return 422, {"error": "invalid JSON"}
         if route == "messages":
-            return self._create_message(conversation_id, body)
+            return self._create_message(conversation_id, body, account_id)
         return self._toggle_status(account_id, conversation_id, body)
 
-    def _create_message(self, conversation_id: int, body: dict[str, Any]) -> tuple[int, Any]:
+    def _create_message(self, conversation_id: int, body: dict[str, Any], account_id: int = 1) -> tuple[int, Any]:
         with self._lock:
             self._next_message_id += 1
             message_id = self._next_message_id
-        return 200, {
-            "id": message_id, "content": body.get("content"), "conversation_id": conversation_id,
-            "message_type": 1 if body.get("message_type") == "outgoing" else 0, "content_type": "text",
-            "private": bool(body.get("private")), "created_at": int(time.time()), "source_id": None,
-            "sender": {"id": 7, "name": "supportbot", "type": "agent_bot"},
-        }
+            message = {
+                "id": message_id, "content": body.get("content"), "conversation_id": conversation_id,
+                "message_type": 1 if body.get("message_type") == "outgoing" else 0, "content_type": "text",
+                "private": bool(body.get("private")), "created_at": int(time.time()), "source_id": None,
+                "sender": {"id": 7, "name": "supportbot", "type": "agent_bot"},
+            }
+            self.messages.setdefault((account_id, conversation_id), []).append(message)
+        return 200, message
 
     def _toggle_status(self, account_id: int, conversation_id: int, body: dict[str, Any]) -> tuple[int, Any]:
         key = (account_id, conversation_id)

@@ -13,7 +13,7 @@ import pytest
 from mock_chatwoot import MockChatwoot
 from prometheus_client import CollectorRegistry
 
-from serve.chatwoot import KIND_MESSAGE, KIND_OPEN, ChatwootClient, message_payload, open_payload
+from serve.chatwoot import KIND_MESSAGE, KIND_OPEN, ChatwootClient, handoff_after, message_payload, open_payload
 from serve.outbox import Accepted, Duplicate, NewAction, Outbox, OutboxMetrics, OutboxStore, RetryPolicy
 
 FAST = RetryPolicy(max_attempts=5, backoff_base_s=0.05, backoff_cap_s=0.2, jitter=0.0)
@@ -288,5 +288,77 @@ def test_a_delivered_action_whose_sent_mark_fails_is_never_sent_again(tmp_path):
             await asyncio.sleep(0.3)
             await h.close()
             assert chatwoot.replies() == ["once", "then me"]
+
+    run(scenario())
+
+
+def test_a_reply_chatwoot_took_after_the_timeout_is_not_posted_again(tmp_path):
+    """Chatwoot answers after the send timeout (it did create the message): the retry first lists the
+    conversation's latest messages, finds the reply and records it as sent instead of posting it twice."""
+
+    async def scenario():
+        with MockChatwoot() as chatwoot:
+            chatwoot.delay_s = 0.6  # every answer comes after the client's 0.3 s timeout
+            h = Harness(tmp_path / "outbox.sqlite3", chatwoot, timeout=0.3)
+            client = ChatwootClient(chatwoot.url, chatwoot.token, h.http)
+            h.outbox.checkers = client.checkers()
+            h.outbox.uncertain_delay_s = 0.5  # the check waits for a late answer to land
+            h.outbox.start()
+            await h.outbox.submit(["d1"], [message(3, "Your parcel left our warehouse.")])
+            assert await until(lambda: h.store.actions("sent"), timeout=15)
+            await asyncio.sleep(1.0)  # room for a wrong second post
+            await h.close()
+            posts = chatwoot.received("messages", ok_only=False)
+            assert len(posts) == 1, "posted once; the retry found it instead of posting again"
+            assert chatwoot.replies(1, 3) == ["Your parcel left our warehouse."]
+            assert chatwoot.received("list"), "the retry asked Chatwoot first"
+            assert h.metric("supportbot_outbox_recovered_total", kind=KIND_MESSAGE) == 1
+            [row] = h.store.actions()
+            assert row["state"] == "sent"
+
+    run(scenario())
+
+
+def test_a_reply_that_never_arrived_is_sent_after_the_check(tmp_path):
+    async def scenario():
+        with MockChatwoot() as chatwoot:
+            chatwoot.hang_s = 0.6
+            chatwoot.fail_next(1, "hang")  # no answer and no message: the check finds nothing
+            h = Harness(tmp_path / "outbox.sqlite3", chatwoot, timeout=0.3)
+            h.outbox.checkers = ChatwootClient(chatwoot.url, chatwoot.token, h.http).checkers()
+            h.outbox.start()
+            await h.outbox.submit(["d1"], [message(4, "hello")])
+            assert await until(lambda: h.store.actions("sent"), timeout=15)
+            await h.close()
+            assert chatwoot.replies(1, 4) == ["hello"] and len(chatwoot.received("list")) == 1
+
+    run(scenario())
+
+
+def test_retries_continue_to_the_horizon_then_the_conversation_goes_to_humans(tmp_path):
+    """No attempt limit: a platform failing for longer than the horizon gets the reply given up and
+    the conversation opened to agents ahead of anything else queued for it; counted and logged."""
+
+    async def scenario():
+        with MockChatwoot() as chatwoot:
+            chatwoot.fail_next(40, 503, path_contains="/messages")
+            policy = RetryPolicy(backoff_base_s=0.02, backoff_cap_s=0.05, jitter=0.0, horizon_s=0.6)
+            h = Harness(tmp_path / "outbox.sqlite3", chatwoot, policy)
+            h.outbox.handoff = handoff_after
+            h.outbox.start()
+            await h.outbox.submit(["d1"], [message(5, "first"), message(5, "second")])
+            assert await until(lambda: chatwoot.received("toggle_status"), timeout=15)
+            await asyncio.sleep(0.3)
+            await h.close()
+            failed = [r.status for r in chatwoot.received("messages", ok_only=False)]
+            assert len(failed) > 5 and set(failed) == {503}, "retried until the horizon, not a fixed count"
+            order = [r.path.rsplit("/", 1)[1] for r in chatwoot.received(ok_only=False) if r.method == "POST"]
+            assert order.index("toggle_status") < len(order) - 1 or order[-1] == "toggle_status"
+            rows = h.store.actions()
+            first = next(r for r in rows if r["payload"].get("content") == "first")
+            assert first["state"] == "failed"
+            opened = next(r for r in rows if r["kind"] == KIND_OPEN)
+            assert opened["state"] == "sent" and opened["priority"] == 1
+            assert h.metric("supportbot_outbox_handoffs_total", kind=KIND_MESSAGE) >= 1
 
     run(scenario())
