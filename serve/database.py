@@ -135,10 +135,11 @@ def check_url(url: str) -> str:
     return "postgresql+psycopg://" + url.split("://", 1)[1]
 
 
-def connect(url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> Engine:
+def connect(url: str, *, pool_size: int = 10, max_overflow: int | None = None, connect_timeout: float = 5.0) -> Engine:
     """A pooled engine for `url`; nothing is connected until first use (see `open_database`)."""
     return create_engine(
-        check_url(url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=1800,
+        check_url(url), pool_size=pool_size, max_overflow=pool_size if max_overflow is None else max_overflow,
+        pool_pre_ping=True, pool_recycle=1800,
         pool_timeout=10, connect_args={"connect_timeout": max(1, int(connect_timeout)),
                                        "application_name": "supportbot"},
     )

@@ -27,9 +27,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine, text
 
@@ -230,7 +230,7 @@ class PromoteResponse(BaseModel):
     previous_version: str | None = Field(None, description="what this replica served before")
 
 
-def build_fleet_router(admin_dependency: Any, runtime_dependency: Any) -> APIRouter:
+def build_fleet_router(admin_dependency: Any) -> APIRouter:
     """POST /v1/admin/promote: verify, record for the fleet, swap here at once (the others follow)."""
     from .errors import ApiError
 
@@ -242,9 +242,10 @@ def build_fleet_router(admin_dependency: Any, runtime_dependency: Any) -> APIRou
                      (401, "missing or wrong admin token"), (403, "promotion is off (no admin token)"),
                      (409, "a reload is already running"), (422, "the bundle does not verify"),
                      (503, "the database is unavailable")]})
-    async def promote(body: PromoteRequest, runtime: Annotated[Any, Depends(runtime_dependency)]) -> PromoteResponse:
+    async def promote(body: PromoteRequest, request: Request) -> PromoteResponse:
         """Make a bundle the model of every replica sharing this database. A bundle that does not
         verify is refused (422) and the fleet stays on its version."""
+        runtime = request.app.state.runtime
         if runtime.fleet is None:
             raise ApiError(503, "fleet_unavailable", "the fleet store is not open yet", {"Retry-After": "1"})
         previous = runtime.model_version

@@ -47,6 +47,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -228,6 +229,8 @@ class Store(Protocol):
     owner: str
     lease_s: float
     shared: bool
+    max_locks: int | None
+    """How many conversation locks may be held at once (each holds a connection); None: no limit."""
 
     def seen(self, keys: Sequence[str]) -> Duplicate | None: ...
     def commit(self, keys: Sequence[str], actions: Sequence[NewAction], *, now: float,
@@ -263,6 +266,7 @@ class OutboxStore:
     (`supportbot serve --workers N`) share the file without sending anything twice."""
 
     shared = False
+    max_locks = None
 
     def __init__(self, path: Path, *, owner: str | None = None, lease_s: float = 60.0):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -498,7 +502,9 @@ class Outbox:
     _stopping: bool = field(default=False, init=False)
     _held: dict[str, float] = field(default_factory=dict, init=False)  # conversation -> resume time
     _unrecorded: dict[int, str] = field(default_factory=dict, init=False)  # delivered action id -> conversation
-    _locks: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
+    _locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(default_factory=weakref.WeakValueDictionary,
+                                                                   init=False)
+    _lock_gate: asyncio.Semaphore | None = field(default=None, init=False)
 
     async def seen(self, keys: Sequence[str]) -> Duplicate | None:
         return await asyncio.to_thread(self.store.seen, keys)
@@ -519,29 +525,27 @@ class Outbox:
         """Hold `key` (a conversation) against every other handler in the fleet: an asyncio lock in
         this process, then the store's lock across processes (PostgreSQL: an advisory lock), taken
         by polling so no thread waits on it. TimeoutError when it stays busy for `timeout_s`."""
-        lock = self._locks.get(key)
+        lock = self._locks.get(key)  # held by this frame while in use; dropped by the weak mapping after
         if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        try:
-            async with lock:
-                handle = None
-                deadline = time.monotonic() + timeout_s
-                delay = 0.005
-                while True:
-                    handle = await asyncio.to_thread(self.store.try_lock, key)
-                    if handle is not None:
-                        break
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"conversation {key!r} stayed busy for {timeout_s:.0f} s")
-                    await asyncio.sleep(delay)
-                    delay = min(0.1, delay * 2)
-                try:
-                    yield
-                finally:
-                    await asyncio.to_thread(self.store.unlock, handle)
-        finally:
-            if not lock.locked() and self._locks.get(key) is lock:
-                del self._locks[key]
+            lock = asyncio.Lock()
+            self._locks[key] = lock
+        if self._lock_gate is None:
+            self._lock_gate = asyncio.Semaphore(self.store.max_locks or 1_000_000)
+        deadline = time.monotonic() + timeout_s
+        async with lock, self._lock_gate:
+            delay = 0.005
+            while True:
+                handle = await asyncio.to_thread(self.store.try_lock, key)
+                if handle is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"conversation {key!r} stayed busy for {timeout_s:.0f} s")
+                await asyncio.sleep(delay)
+                delay = min(0.1, delay * 2)
+            try:
+                yield
+            finally:
+                await asyncio.to_thread(self.store.unlock, handle)
 
     def start(self) -> None:
         if self._task is None:

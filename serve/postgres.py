@@ -34,7 +34,7 @@ from sqlalchemy import Connection, Engine, text
 from bot.sessions import SessionConflict, SessionState, SessionStoreError, Turn, check_session_id
 
 from . import outbox as ob
-from .database import DatabaseUnavailable, unavailable_as
+from .database import DatabaseUnavailable, connect, unavailable_as
 
 log = logging.getLogger("supportbot.postgres")
 
@@ -116,15 +116,22 @@ class PostgresOutboxStore:
 
     shared = True
 
-    def __init__(self, engine: Engine, *, owner: str | None = None, lease_s: float = 60.0):
+    def __init__(self, engine: Engine, *, owner: str | None = None, lease_s: float = 60.0, max_locks: int = 16):
         self.engine = engine
+        # Conversation locks hold a connection each for a handler's "reply + commit", while the
+        # handler's own statements need connections too: the locks get a pool of their own, sized
+        # to `max_locks` (the outbox lets no more wait on it), so they can never starve the work.
+        self.max_locks = max_locks
+        self._lock_engine = connect(engine.url.render_as_string(hide_password=False), pool_size=max_locks,
+                                    max_overflow=0)
         self.owner = owner or ob.replica_id()
         self.lease_s = lease_s
         self._last_stats: tuple[int, float] = (0, 0.0)
         self._stats_lock = threading.Lock()
 
     def close(self) -> None:
-        """The engine belongs to the runtime, which disposes of it."""
+        """The main engine belongs to the runtime, which disposes of it; the lock pool is ours."""
+        self._lock_engine.dispose()
 
     @staticmethod
     def _seen(conn: Connection, keys: Sequence[str]) -> ob.Duplicate | None:
@@ -242,7 +249,8 @@ class PostgresOutboxStore:
 
     def try_lock(self, key: str) -> Connection | None:
         """The conversation's advisory lock on a connection of its own, or None when another holds it."""
-        conn = self.engine.connect()
+        with unavailable_as("locking a conversation"):
+            conn = self._lock_engine.connect()
         try:
             with unavailable_as("locking a conversation"):
                 got = conn.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": lock_key(key)}).scalar_one()

@@ -307,7 +307,7 @@ def _run_workers(settings: Settings, sock: socket.socket, workers: int, log_conf
                            http=HeaderTimeoutProtocol, log_config=log_config)
     log.info("%d worker processes on %s:%d, %d torch thread(s) each", workers, settings.host, settings.port, threads)
     try:
-        Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+        Multiprocess(config, sockets=[sock]).run()
     finally:
         sock.close()
     return 0

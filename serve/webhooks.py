@@ -118,7 +118,7 @@ class Webhooks:
         if self.runtime.engine is not None:
             from .postgres import PostgresOutboxStore
 
-            store = PostgresOutboxStore(self.runtime.engine, lease_s=s.outbox_lease_s)
+            store = PostgresOutboxStore(self.runtime.engine, lease_s=s.outbox_lease_s, max_locks=s.database_pool_size)
         else:
             store = await asyncio.to_thread(OutboxStore, s.data_dir / OUTBOX_FILE, lease_s=s.outbox_lease_s)
         checkers: dict[str, Checker] = {}

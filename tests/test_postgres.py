@@ -246,3 +246,42 @@ def test_conversation_lock_is_exclusive_across_replicas(pg_url):
     for e in engines:
         e.dispose()
 
+
+
+def test_serving_through_a_database_outage_answers_503_and_recovers_by_itself(postgres, shop_bundle, tmp_path):
+    """The database goes away while serving: /readyz 503, chat 503 database_unavailable with Retry-After,
+    a webhook delivery 429 (not acknowledged, so the platform delivers it again); all comes back alone."""
+    from mock_chatwoot import deliver as deliver_to
+    from mock_chatwoot import message_event
+    from serve_helpers import live_server, make_settings
+
+    url = postgres.create_database("outage_serving")
+    with MockChatwoot("tok") as chatwoot, live_server(make_settings(
+            shop_bundle, tmp_path, database_url=url, chatwoot_url=chatwoot.url, chatwoot_token="tok")) as server:
+        hook = f"{server.url}/v1/webhooks/chatwoot"
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.post("/v1/chat", json={"session_id": "o1", "message": "do you ship abroad"}).status_code == 200
+            postgres.pg_ctl("stop")
+            try:
+                deadline = time.monotonic() + 10
+                while http.get("/readyz").status_code != 503 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                ready = http.get("/readyz")
+                assert ready.status_code == 503 and "database" in ready.json()["detail"]
+                chat = http.post("/v1/chat", json={"session_id": "o1", "message": "what are your opening hours"})
+                assert chat.status_code == 503 and chat.json()["error"]["code"] == "database_unavailable"
+                assert chat.headers["Retry-After"]
+                held = deliver_to(hook, message_event("do you ship abroad", message_id=77, conversation_id=77),
+                                  secret=None, delivery_id="outage-1")
+                assert held.status_code == 429, held.text
+            finally:
+                postgres.pg_ctl("start")
+            deadline = time.monotonic() + 30
+            while http.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert http.get("/readyz").status_code == 200
+            assert http.post("/v1/chat", json={"session_id": "o1", "message": "thanks"}).status_code == 200
+            again = deliver_to(hook, message_event("do you ship abroad", message_id=77, conversation_id=77),
+                               secret=None, delivery_id="outage-1")
+            assert again.status_code == 200 and again.json()["status"] == "accepted"
+            assert chatwoot.wait_for(lambda: len(chatwoot.replies(1, 77)) == 1, timeout=20)

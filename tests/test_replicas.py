@@ -186,6 +186,7 @@ def test_chatwoot_run_across_two_replicas_with_repeats_failures_and_a_sigkill(fl
     assert chatwoot.wait_for(lambda: replied() >= total, timeout=90), f"{replied()} of {total} replies"
     time.sleep(1.0)  # room for a wrong extra send
     assert outcomes["accepted"] == total, dict(outcomes)
+    assert outcomes["duplicate"] >= 0.2 * total, "the repeats reached the other replica and were recognised"
     engine = open_database(url)
     store = PostgresSessionStore(engine)
     try:

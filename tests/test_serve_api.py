@@ -53,7 +53,7 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 def test_health_and_readiness(http, server):
-    assert http.get("/healthz").json() == {"status": "ok"}
+    assert http.get("/healthz").json() == {"status": "ok", "model_version": server.runtime.model_version}
     ready = http.get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"ready": True, "status": "ready", "model_version": server.runtime.model_version,
