@@ -52,8 +52,6 @@ def chat_throughput(model: Path, url: str, work: Path, requests: int, concurrenc
         for workers in (1, 2):
             name = f"chat-{backend.lower()}-{workers}"
             replica = Replica(name, model, work / name, {**env, "SUPPORTBOT_WEB_PAGE": "false"}, workers=workers)
-            env_threads = {"SUPPORTBOT_THREADS": ""} if workers > 1 else {}
-            replica.env.update(env_threads)
             replica.start().wait_ready(timeout=600)
             time.sleep(2.0 if workers > 1 else 0.0)  # every worker loaded
             try:

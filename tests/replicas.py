@@ -38,8 +38,9 @@ class Replica:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("SUPPORTBOT_")}
         env.update({"SUPPORTBOT_DATA_DIR": str(self.data_dir), "SUPPORTBOT_RATE_LIMIT_PER_MINUTE": "0",
-                    "SUPPORTBOT_ACCESS_LOG": "false", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                    "SUPPORTBOT_THREADS": "1", **self.env})
+                    "SUPPORTBOT_ACCESS_LOG": "false", "PYTHONPATH": str(ROOT), **self.env})
+        if self.workers == 1:  # several workers split the cores themselves
+            env.setdefault("SUPPORTBOT_THREADS", "1")
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it until it exits
         self.process = subprocess.Popen(
             [sys.executable, "-m", "supportbot.cli", "serve", "--model", str(self.model), "--port", str(self.port),

@@ -1,0 +1,48 @@
+"""`supportbot serve --workers 2` on either backend: two processes on one port, torch threads split,
+one outbox shared (SQLite file or PostgreSQL) with every reply sent once, in order."""
+
+from __future__ import annotations
+
+import subprocess
+
+import httpx
+import pytest
+from mock_chatwoot import MockChatwoot, deliver, message_event
+from replicas import Replica
+
+QUESTIONS = ["what are your opening hours", "which payment methods do you accept", "do you ship abroad",
+             "how long is the warranty"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_serve_one_port_and_share_one_outbox(backend, postgres, shop_bundle, tmp_path):
+    with MockChatwoot("tok") as chatwoot:
+        env = {"SUPPORTBOT_CHATWOOT_URL": chatwoot.url, "SUPPORTBOT_CHATWOOT_TOKEN": "tok",
+               "SUPPORTBOT_WEB_PAGE": "false"}
+        if backend == "postgresql":
+            env["SUPPORTBOT_DATABASE_URL"] = postgres.create_database(f"workers_{backend}")
+        replica = Replica(f"workers-{backend}", shop_bundle, tmp_path / "data", env, workers=2)
+        replica.start()
+        try:
+            replica.wait_ready()
+            assert replica.process is not None
+            children = subprocess.run(["ps", "--ppid", str(replica.process.pid), "-o", "args="], capture_output=True,
+                                      text=True).stdout
+            assert children.count("spawn_main") == 2, children
+            with httpx.Client(base_url=replica.url, timeout=30) as http:
+                for i in range(12):
+                    response = http.post("/v1/chat", json={"session_id": f"w{i % 3}", "message": QUESTIONS[i % 4]})
+                    assert response.status_code == 200, response.text
+                for i in range(24):  # 4 conversations, 6 messages each, in order
+                    conversation = 700 + i % 4
+                    answer = deliver(f"{replica.url}/v1/webhooks/chatwoot",
+                                     message_event(QUESTIONS[i % 4], message_id=7000 + i, conversation_id=conversation),
+                                     secret=None, delivery_id=f"wd-{i}")
+                    assert answer.status_code == 200 and answer.json()["status"] == "accepted", answer.text
+            assert chatwoot.wait_for(lambda: len(chatwoot.replies()) == 24, timeout=60), len(chatwoot.replies())
+            for c in range(4):
+                assert len(chatwoot.replies(1, 700 + c)) == 6
+            log = replica.log_path.read_text(errors="replace")
+            assert "2 worker processes" in log and "1 torch thread(s) each" in log
+        finally:
+            replica.stop()
