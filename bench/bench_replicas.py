@@ -15,7 +15,10 @@ and `supportbot serve` processes:
      SIGKILLed while it holds leases; timed from the kill until every orphaned action is sent (the
      lease, `--lease` seconds, dominates; the check before a resend runs for each orphan);
   4. the crash window: how long after the receiver's 2xx the "sent" mark is committed (the only
-     moment a crash can make a send repeat, for receivers that cannot be asked), per backend.
+     moment a crash can make a send repeat, for receivers that cannot be asked), per backend;
+  5. the slow-platform window (issue 13.4): a receiver that creates each reply only after a delay
+     past our send timeout; how many replies end up posted twice, by delay, with the check before
+     a resend (it waits one send timeout, then lists the conversation's messages).
 Prints one table per part and appends them to BENCHMARKS.md (unless --no-record).
 """
 
@@ -190,6 +193,45 @@ def crash_window(url: str, work: Path, samples: int = 400) -> list[list[object]]
     return rows
 
 
+def slow_platform(work: Path, timeout_s: float = 0.3, replies: int = 10) -> list[list[object]]:
+    """Doubles by platform delay: the check waits `timeout_s` after a timed-out send, then looks."""
+    import asyncio
+
+    import httpx
+    from mock_chatwoot import MockChatwoot
+
+    from serve.chatwoot import KIND_MESSAGE, ChatwootClient, message_payload
+    from serve.outbox import NewAction, Outbox, OutboxStore, RetryPolicy
+
+    rows = []
+    for factor in (0.5, 1.5, 2.0, 2.5, 3.0, 4.0):
+        delay = factor * timeout_s
+
+        async def scenario(delay: float = delay, factor: float = factor) -> int:
+            with MockChatwoot(TOKEN) as receiver:
+                receiver.delay_s = delay
+                store = OutboxStore(work / f"slow-{factor}.sqlite3")
+                async with httpx.AsyncClient(timeout=timeout_s) as http:
+                    client = ChatwootClient(receiver.url, TOKEN, http)
+                    box = Outbox(store, client.senders(), RetryPolicy(backoff_base_s=0.05, backoff_cap_s=0.2, jitter=0.0),
+                                 checkers=client.checkers(), uncertain_delay_s=timeout_s, concurrency=replies)
+                    box.start()
+                    await box.submit([], [NewAction(f"c{i}", KIND_MESSAGE, message_payload(1, i, f"reply {i}"))
+                                          for i in range(replies)])
+                    deadline = time.monotonic() + 60
+                    while len(store.actions("sent")) < replies and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(delay + 0.2)  # late posts land
+                    await box.stop()
+                store.close()
+                return len(receiver.received("messages")) - replies
+
+        doubled = asyncio.run(scenario())
+        rows.append([f"{timeout_s:g}", f"{delay:.2f} ({factor:g}x)", replies, doubled])
+        print(f"  slow platform delay {delay:.2f} s: {doubled} of {replies} posted twice", flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="bundle directory (default: the default shop model, trained if missing)")
@@ -215,6 +257,7 @@ def main() -> int:
         print("failover ...", flush=True)
         fail = failover(model, cluster, work, args.lease)
         window = crash_window(cluster.create_database("window"), work)
+        slow = slow_platform(work)
     body = "\n\n".join([
         f"/v1/chat, {args.requests} requests, {args.concurrency} clients (closed loop), per backend and workers:\n\n"
         + table(["backend", "workers", "req/s", "p50 ms", "p99 ms", "errors"], chat),
@@ -225,6 +268,9 @@ def main() -> int:
         + table(["lease s", "replicas holding leases", "orphaned (leased by the killed one)", "seconds to all sent", "doubled"], fail),
         "Crash window: milliseconds from the receiver's 2xx to the committed 'sent' mark (mark_sent):\n\n"
         + table(["backend", "samples", "p50 ms", "p99 ms"], window),
+        "Slow platform (issue 13.4): the receiver creates each reply after a delay, answering after our send "
+        "timeout; replies posted twice out of 10, with the check before a resend:\n\n"
+        + table(["send timeout s", "platform delay s", "replies", "posted twice"], slow),
     ])
     print()
     print(body)
