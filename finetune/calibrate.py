@@ -37,20 +37,6 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, *, max_iter: in
     return float(np.clip(log_t.exp().item(), 0.05, 20.0))
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
-    """ECE with equal-width bins over the top-class confidence."""
-    if len(confidence) == 0:
-        return 0.0
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(confidence[mask].mean() - correct[mask].mean())
-    return float(ece)
-
-
 @dataclass
 class Thresholds:
     confidence_floor: float

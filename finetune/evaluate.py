@@ -17,14 +17,11 @@ Calibration (ECE) is measured on in-scope examples only: the model has no `oos` 
 
 from __future__ import annotations
 
-import argparse
 import random
-import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,26 +42,25 @@ from bot.policy import DialoguePolicy
 from bot.sessions import SessionState
 
 from . import data
-from .calibrate import expected_calibration_error
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .metrics import ECE_BINS, TOP_K, expected_calibration_error
+from .report_model import (
+    Comparison,
+    CrossValidation,
+    DataInfo,
+    Delta,
+    Evaluation,
+    EvaluationReport,
+    Latency,
+    McNemar,
+    ModelInfo,
+    Record,
+    Scores,
+)
 
-Record = dict[str, Any]
-
-ECE_BINS = 15
-TOP_K = 3
 PREDICT_CHUNK = 256  # texts per progress-bar step; the classifier batches 64 at a time inside
 CONFUSED_PAIRS = 10
 EXACT_MCNEMAR_BELOW = 25  # discordant pairs; below this the exact binomial test replaces chi-squared
-SUMMARY_KEYS = ("accuracy", "macro_f1", "weighted_f1", "top3_accuracy")
-
-
-@dataclass
-class Evaluation:
-    """One bundle scored on one dataset: the per-example records and the report built from them."""
-
-    records: list[Record]
-    report: dict[str, Any]
-    extra_files: dict[str, list[Record]] = field(default_factory=dict)
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -132,7 +128,7 @@ def records_from_logits(
 
 def measure_latency(
     classifier: IntentClassifier, texts: list[str], *, batch_seconds: float, sample_size: int, progress: bool
-) -> dict[str, Any]:
+) -> Latency:
     """Single-text latency on a seeded sample of `sample_size` texts; batched time per text from the full pass."""
     sample = random.Random(0).sample(texts, min(sample_size, len(texts)))
     classifier.predict(sample[:1])  # warm-up: first-call allocations are not what a warm server sees
@@ -141,29 +137,29 @@ def measure_latency(
         started = time.perf_counter()
         classifier.predict([text])
         timings.append((time.perf_counter() - started) * 1000)
-    return {
-        "single_p50": float(np.percentile(timings, 50)),
-        "single_p95": float(np.percentile(timings, 95)),
-        "batch_per_text": batch_seconds * 1000 / max(len(texts), 1),
-        "single_sample": len(sample),
-        "batched_texts": len(texts),
-        "batch_size": 64,
-        "threads": torch.get_num_threads(),
-        "note": f"single: predict() on one text, {len(sample)} texts sampled (seed 0) after one warm-up call; "
+    return Latency(
+        single_p50=float(np.percentile(timings, 50)),
+        single_p95=float(np.percentile(timings, 95)),
+        batch_per_text=batch_seconds * 1000 / max(len(texts), 1),
+        single_sample=len(sample),
+        batched_texts=len(texts),
+        batch_size=64,
+        threads=torch.get_num_threads(),
+        note=f"single: predict() on one text, {len(sample)} texts sampled (seed 0) after one warm-up call; "
         f"batched: all {len(texts)} texts in batches of 64, wall time / texts",
-    }
+    )
 
 
 # ---- metrics (pure functions of the records) -------------------------------------------------
 
 
-def build_report(records: list[Record], *, worst: int) -> dict[str, Any]:
+def build_report(records: list[Record], *, worst: int) -> Scores:
     """The metric part of report.json, computed from the records alone."""
     gold = [r["gold"] for r in records]
     predicted = [r["predicted"] for r in records]
     intents = sorted(set(gold))
     correct = np.array([r["correct"] for r in records], dtype=bool)
-    return {
+    return Scores.model_validate({
         "n": len(records),
         "accuracy": float(correct.mean()) if records else 0.0,
         "macro_f1": float(f1_score(gold, predicted, labels=intents, average="macro", zero_division=0)),
@@ -176,7 +172,7 @@ def build_report(records: list[Record], *, worst: int) -> dict[str, Any]:
         "calibration": calibration(records),
         "confused_pairs": confused_pairs(gold, predicted),
         "worst_errors": worst_errors(records, worst),
-    }
+    })
 
 
 def top3_accuracy(records: list[Record]) -> float:
@@ -233,7 +229,8 @@ def confused_pairs(gold: list[str], predicted: list[str], top: int = CONFUSED_PA
     directed = Counter((g, p) for g, p in zip(gold, predicted) if g != p)
     pairs: Counter[tuple[str, str]] = Counter()
     for (g, p), count in directed.items():
-        pairs[tuple(sorted((g, p)))] += count
+        first, second = sorted((g, p))
+        pairs[(first, second)] += count
     ranked = sorted(pairs.items(), key=lambda item: (-item[1], item[0]))[:top]
     return [
         {"a": a, "b": b, "count": count, "a_predicted_as_b": directed[(a, b)], "b_predicted_as_a": directed[(b, a)]}
@@ -251,21 +248,7 @@ def worst_errors(records: list[Record], n: int) -> list[dict[str, Any]]:
 # ---- compare -------------------------------------------------------------------------------------
 
 
-def scalar_metrics(report: dict[str, Any]) -> dict[str, float | None]:
-    """The report's headline numbers as one flat mapping: what folds average and comparisons subtract."""
-    out: dict[str, float | None] = {key: report[key] for key in SUMMARY_KEYS}
-    if report["out_of_scope"]:
-        oos = report["out_of_scope"]
-        out |= {"in_scope_accuracy": oos["in_scope_accuracy"], "oos_recall": oos["recall"], "oos_precision": oos["precision"]}
-    out |= {f"{action}_share": share for action, share in report["actions"].items()}
-    out |= {"answer_accuracy": report["answer_accuracy"], "ece_raw": report["calibration"]["ece_raw"],
-            "ece_calibrated": report["calibration"]["ece_calibrated"]}
-    if "latency_ms" in report:
-        out |= {f"latency_{key}_ms": report["latency_ms"][key] for key in ("single_p50", "single_p95", "batch_per_text")}
-    return out
-
-
-def mcnemar(model_right: np.ndarray, other_right: np.ndarray) -> dict[str, Any]:
+def mcnemar(model_right: np.ndarray, other_right: np.ndarray) -> McNemar:
     """McNemar's test on paired correctness; exact binomial when discordant pairs are few."""
     b = int((model_right & ~other_right).sum())
     c = int((~model_right & other_right).sum())
@@ -279,31 +262,29 @@ def mcnemar(model_right: np.ndarray, other_right: np.ndarray) -> dict[str, Any]:
     verdict = "no significant difference (p >= 0.05)"
     if p_value < 0.05:
         verdict = "model is better (p < 0.05)" if b > c else "other is better (p < 0.05)"
-    return {
-        "model_only_right": b, "other_only_right": c, "statistic": float(statistic), "p_value": p_value,
-        "method": method, "verdict": verdict,
-    }
+    return McNemar(
+        model_only_right=b, other_only_right=c, statistic=float(statistic), p_value=p_value, method=method, verdict=verdict
+    )
 
 
-def compare_reports(model: Evaluation, other: Evaluation, other_path: str) -> dict[str, Any]:
+def compare_reports(model: Evaluation, other: Evaluation, other_path: str) -> Comparison:
     """Side by side metrics, McNemar on the paired predictions, per-intent F1 changes (model - other)."""
     a, b = model.report, other.report
-    mine, theirs = scalar_metrics(a), scalar_metrics(b)
-    metrics = {
-        key: {"model": mine[key], "other": theirs[key],
-              "delta": None if mine[key] is None or theirs[key] is None else mine[key] - theirs[key]}
-        for key in mine
-    }
+    mine, theirs = a.scalar_metrics(), b.scalar_metrics()
+    metrics = {key: _delta(mine[key], theirs[key]) for key in mine}
     f1_changes = {
-        name: {"model": a["per_intent"][name]["f1"], "other": b["per_intent"][name]["f1"],
-               "delta": a["per_intent"][name]["f1"] - b["per_intent"][name]["f1"]}
-        for name in a["per_intent"]
+        name: Delta(model=a.per_intent[name].f1, other=b.per_intent[name].f1, delta=a.per_intent[name].f1 - b.per_intent[name].f1)
+        for name in a.per_intent
     }
-    return {
-        "other_model": other_path, "other_version": b["model_version"], "other": b["model"], "metrics": metrics,
-        "mcnemar": mcnemar(_correct(model.records), _correct(other.records)),
-        "per_intent_f1": dict(sorted(f1_changes.items(), key=lambda item: (item[1]["delta"], item[0]))),
-    }
+    return Comparison(
+        other_model=other_path, other_version=b.model_version, other=b.model, metrics=metrics,
+        mcnemar=mcnemar(_correct(model.records), _correct(other.records)),
+        per_intent_f1=dict(sorted(f1_changes.items(), key=lambda item: (item[1].delta or 0.0, item[0]))),
+    )
+
+
+def _delta(model: float | None, other: float | None) -> Delta:
+    return Delta(model=model, other=other, delta=None if model is None or other is None else model - other)
 
 
 def _correct(records: list[Record]) -> np.ndarray:
@@ -320,22 +301,22 @@ def evaluate_bundle(
     classifier = IntentClassifier.from_bundle(model)
     check_labels(dataset, classifier.labels, model)
     records, seconds = predict_records(classifier, dataset, open_set=open_set, progress=progress)
-    report = {"model_version": classifier.version, "model": model_info(classifier.bundle), **build_report(records, worst=worst)}
-    report["latency_ms"] = measure_latency(
-        classifier, list(dataset["text"]), batch_seconds=seconds, sample_size=latency_sample, progress=progress
+    latency = measure_latency(classifier, list(dataset["text"]), batch_seconds=seconds, sample_size=latency_sample, progress=progress)
+    report = EvaluationReport(
+        model_version=classifier.version, model=model_info(classifier.bundle), latency_ms=latency,
+        **build_report(records, worst=worst).model_dump(),
     )
     return Evaluation(records, report)
 
 
-def model_info(bundle: Bundle) -> dict[str, Any]:
+def model_info(bundle: Bundle) -> ModelInfo:
     manifest = bundle.manifest
-    return {
-        "path": str(bundle.path), "strategy": manifest.strategy, "base": manifest.base.id,
-        "precision": manifest.encoder.precision,
-        "intents": len(manifest.labels), "temperature": manifest.calibration.temperature,
-        "confidence_floor": manifest.calibration.confidence_floor, "ambiguity_gap": manifest.calibration.ambiguity_gap,
-        "handoff_intent": load_domain(bundle).handoff_intent,
-    }
+    return ModelInfo(
+        path=str(bundle.path), strategy=manifest.strategy, base=manifest.base.id, precision=manifest.encoder.precision,
+        intents=len(manifest.labels), temperature=manifest.calibration.temperature,
+        confidence_floor=manifest.calibration.confidence_floor, ambiguity_gap=manifest.calibration.ambiguity_gap,
+        handoff_intent=load_domain(bundle).handoff_intent,
+    )
 
 
 def recipe_of(bundle: Bundle) -> TrainConfig:
@@ -392,97 +373,62 @@ def cross_validate(
         latency = measure_latency(
             classifier, list(dataset["text"]), batch_seconds=seconds, sample_size=latency_sample, progress=progress
         )
-    report = {"model_version": bundle.version, "model": model_info(bundle), **build_report(records, worst=worst)}
-    report["latency_ms"] = latency | {"note": latency["note"] + f"; single-text timings on the fold {k} model"}
-    report["cross_validation"] = cv_summary(per_fold, k, recipe)
+    report = EvaluationReport(
+        model_version=bundle.version, model=model_info(bundle),
+        latency_ms=latency.model_copy(update={"note": latency.note + f"; single-text timings on the fold {k} model"}),
+        cross_validation=cv_summary(per_fold, k, recipe), **build_report(records, worst=worst).model_dump(),
+    )
     return Evaluation(records, report)
 
 
-def fold_metrics(report: dict[str, Any]) -> dict[str, Any]:
+def fold_metrics(scores: Scores) -> dict[str, Any]:
     """The scalar metrics of one fold."""
-    return {"n": report["n"], **scalar_metrics(report)}
+    return {"n": scores.n, **scores.scalar_metrics()}
 
 
-def cv_summary(per_fold: list[dict[str, Any]], k: int, recipe: TrainConfig) -> dict[str, Any]:
+def cv_summary(per_fold: list[dict[str, Any]], k: int, recipe: TrainConfig) -> CrossValidation:
     skip = {"fold", "n", "n_train"}
     keys = [key for key in per_fold[0] if key not in skip and all(fold.get(key) is not None for fold in per_fold)]
     values = {key: np.array([fold[key] for fold in per_fold], dtype=float) for key in keys}
-    return {
-        "k": k, "seed": recipe.seed, "strategy": recipe.strategy, "stratified": True,
-        "note": "the recipe stored in --model retrained on each fold's other K-1 parts (validation split off them "
+    return CrossValidation(
+        k=k, seed=recipe.seed, strategy=recipe.strategy, stratified=True,
+        note="the recipe stored in --model retrained on each fold's other K-1 parts (validation split off them "
         "as in training); sd is the sample standard deviation (ddof=1) over folds; the other top-level metrics "
         "pool all out-of-fold predictions",
-        "folds": per_fold,
-        "mean": {key: float(v.mean()) for key, v in values.items()},
-        "sd": {key: float(v.std(ddof=1)) for key, v in values.items()},
-    }
+        folds=per_fold,
+        mean={key: float(v.mean()) for key, v in values.items()},
+        sd={key: float(v.std(ddof=1)) for key, v in values.items()},
+    )
 
 
-# ---- command line -----------------------------------------------------------------------------------
+# ---- one run, as `supportbot evaluate` asks for it ---------------------------------------------------
 
 
-def check_options(args: argparse.Namespace) -> None:
-    for name in ("min_accuracy", "min_oos_recall"):
-        value = getattr(args, name, None)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--{name.replace('_', '-')} {value:g}: expected a share between 0 and 1")
-    if args.worst < 0:
-        raise ConfigError(f"--worst {args.worst}: expected 0 or more")
-    if args.latency_sample < 1:
-        raise ConfigError(f"--latency-sample {args.latency_sample}: expected 1 or more")
-    if args.cv is not None and args.cv < 2:
-        raise ConfigError(f"--cv {args.cv}: cross-validation needs at least 2 folds")
-    if args.cv is not None and args.compare:
-        raise ConfigError("--cv and --compare cannot be combined: compare two bundles on a test set instead")
+def run(
+    model: str | Path, spec: str, *, compare: str | Path | None = None, cv: int | None = None, worst: int = 20,
+    latency_sample: int = 200, progress: bool = True, require_out_of_scope: bool = False,
+) -> Evaluation:
+    """Evaluate (or cross-validate, or compare) one bundle on the data at `spec`; nothing is written yet.
 
-
-def run(args: argparse.Namespace) -> Evaluation:
-    """Evaluate (or cross-validate, or compare) as the options say; nothing is written yet."""
-    check_options(args)
-    options = {"worst": args.worst, "latency_sample": args.latency_sample, "progress": not args.quiet}
-    splits = data.load(args.data)
-    split, dataset = training_split(splits) if args.cv else data.evaluation_split(splits)
+    `require_out_of_scope`: refuse data without `oos` examples (an out-of-scope gate needs them).
+    The command line's options, gate and output live in supportbot/cli.py and finetune/report.py.
+    """
+    options: dict[str, Any] = {"worst": worst, "latency_sample": latency_sample, "progress": progress}
+    splits = data.load(spec)
+    split, dataset = training_split(splits) if cv else data.evaluation_split(splits)
     open_set = data.OOS_LABEL in set(dataset["label"])
-    if args.min_oos_recall is not None and not open_set:
-        raise data.DataError(f"{args.data}: --min-oos-recall needs out-of-scope ({data.OOS_LABEL!r}) examples in the data")
-    if args.cv:
-        evaluation = cross_validate(args.model, dataset, args.data, args.cv, **options)
+    if require_out_of_scope and not open_set:
+        raise data.DataError(f"{spec}: --min-oos-recall needs out-of-scope ({data.OOS_LABEL!r}) examples in the data")
+    if cv:
+        evaluation = cross_validate(model, dataset, spec, cv, **options)
     else:
-        evaluation = evaluate_bundle(args.model, dataset, open_set=open_set, **options)
-    if args.compare:
-        other = evaluate_bundle(args.compare, dataset, open_set=open_set, **options)
-        evaluation.report["compare"] = compare_reports(evaluation, other, str(args.compare))
+        evaluation = evaluate_bundle(model, dataset, open_set=open_set, **options)
+    if compare:
+        other = evaluate_bundle(compare, dataset, open_set=open_set, **options)
+        evaluation.report.compare = compare_reports(evaluation, other, str(compare))
         evaluation.extra_files["compare_predictions.jsonl"] = other.records
-    if len(splits) == 1 and Path(args.data).is_file():
+    if len(splits) == 1 and Path(spec).is_file():
         split = "whole file"
-    evaluation.report["data"] = {"spec": str(args.data), "split": split, "n": len(dataset), "out_of_scope": open_set}
-    evaluation.report["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+    evaluation.report.data = DataInfo(spec=str(spec), split=split, n=len(dataset), out_of_scope=open_set)
+    evaluation.report.created = datetime.now(UTC).isoformat(timespec="seconds")
     return evaluation
-
-
-def gate(report: dict[str, Any], min_accuracy: float | None, min_oos_recall: float | None) -> str | None:
-    """The reason a CI pipeline should block this model, or None when it passes."""
-    reasons = []
-    if min_accuracy is not None and report["accuracy"] < min_accuracy:
-        reasons.append(f"accuracy {report['accuracy']:.4f} is below --min-accuracy {min_accuracy:g}")
-    oos = report["out_of_scope"]
-    if min_oos_recall is not None and oos is not None and oos["recall"] < min_oos_recall:
-        reasons.append(f"out-of-scope recall {oos['recall']:.4f} is below --min-oos-recall {min_oos_recall:g}")
-    return "; ".join(reasons) or None
-
-
-def run_from_cli(args: argparse.Namespace) -> int:
-    """`supportbot evaluate`: 0 when done (and the gates pass), 1 when a gate fails."""
-    from .report import print_summary, write_outputs
-
-    evaluation = run(args)
-    reason = gate(evaluation.report, args.min_accuracy, args.min_oos_recall)
-    evaluation.report["gate"] = {
-        "min_accuracy": args.min_accuracy, "min_oos_recall": args.min_oos_recall, "passed": reason is None, "reason": reason,
-    }
-    out_dir = write_outputs(Path(args.output), evaluation)
-    print_summary(evaluation.report, out_dir)
-    if reason:
-        print(f"supportbot evaluate: gate failed: {reason}", file=sys.stderr)
-        return 1
-    return 0

@@ -7,7 +7,6 @@ numbers in report.json always come from the same predictions.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -16,19 +15,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
 from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
 from scipy.spatial.distance import pdist
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 from .data import OOS_LABEL
+from .metrics import bin_stats
+from .report_model import CalibrationScores, EvaluationReport, Record
 
-Record = dict[str, Any]
 DPI = 110
 LABEL_ALL_UP_TO = 80  # intents; above this only the worst ones get a tick label
 WORST_LABELLED = 40
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -111,27 +112,17 @@ def confusion_matrix_png(records: list[Record], path: Path) -> Path:
 # ---- calibration ---------------------------------------------------------------------------------------
 
 
-def _bin_stats(confidence: np.ndarray, correct: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per equal-width bin: mean confidence, accuracy, count (the binning of calibrate.expected_calibration_error)."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    count = np.bincount(which, minlength=bins).astype(float)
-    mean_conf = np.bincount(which, weights=confidence, minlength=bins) / np.maximum(count, 1)
-    accuracy = np.bincount(which, weights=correct.astype(float), minlength=bins) / np.maximum(count, 1)
-    return mean_conf, accuracy, count
-
-
-def reliability_png(records: list[Record], calibration: dict[str, Any], path: Path) -> Path:
+def reliability_png(records: list[Record], calibration: CalibrationScores, path: Path) -> Path:
     """Accuracy against confidence per bin, raw and temperature-scaled, with the bins' message counts below."""
     confidence, raw, correct = _in_scope(records)
-    bins = int(calibration["bins"])
+    bins = calibration.bins
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7.5), height_ratios=[3, 1], sharex=True)
     top.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     for values, name, ece, colour in (
-        (raw, "raw softmax", calibration["ece_raw"], "tab:orange"),
-        (confidence, "temperature-scaled", calibration["ece_calibrated"], "tab:blue"),
+        (raw, "raw softmax", calibration.ece_raw, "tab:orange"),
+        (confidence, "temperature-scaled", calibration.ece_calibrated, "tab:blue"),
     ):
-        mean_conf, accuracy, count = _bin_stats(values, correct, bins)
+        mean_conf, accuracy, count = bin_stats(values, correct, bins)  # the bins the ECE was computed on
         used = count > 0
         top.plot(mean_conf[used], accuracy[used], marker="o", color=colour, label=f"{name} (ECE {ece:.3f})")
     top.set_ylabel("accuracy in bin")
@@ -140,7 +131,7 @@ def reliability_png(records: list[Record], calibration: dict[str, Any], path: Pa
     top.legend(loc="upper left")
     top.grid(alpha=0.3)
     edges = np.linspace(0, 1, bins + 1)
-    bottom.hist([raw, confidence], bins=edges, color=["tab:orange", "tab:blue"], label=["raw", "scaled"])
+    bottom.hist([raw, confidence], bins=list(edges), color=["tab:orange", "tab:blue"], label=["raw", "scaled"])
     bottom.set_yscale("log")
     bottom.set_xlabel("top-intent confidence")
     bottom.set_ylabel("messages")
@@ -158,7 +149,7 @@ def confidence_histogram_png(records: list[Record], floor: float, path: Path) ->
     if len(oos):
         groups.append((oos, "tab:purple", f"out of scope ({len(oos)})"))
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    ax.hist([g[0] for g in groups], bins=edges, color=[g[1] for g in groups], label=[g[2] for g in groups])
+    ax.hist([g[0] for g in groups], bins=list(edges), color=[g[1] for g in groups], label=[g[2] for g in groups])
     ax.axvline(floor, color="black", ls="--", lw=1.2, label=f"confidence floor {floor:.2f}")
     ax.set_yscale("log")
     ax.set_xlabel("calibrated top-intent confidence")
@@ -199,14 +190,12 @@ def threshold_sweep_png(records: list[Record], floor: float, path: Path) -> Path
     return _save(fig, path)
 
 
-def write_all(records: list[Record], report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+def write_all(records: list[Record], report: EvaluationReport, out_dir: Path) -> dict[str, Path]:
     """Every picture of the report, by file name."""
-    floor = float(report["model"]["confidence_floor"])
-    if "cross_validation" in report:  # each fold has its own floor; the pictures mark their mean
-        floor = float(report["cross_validation"]["mean"]["confidence_floor"])
+    floor = report.floor_marked  # under cross-validation each fold has its own floor: their mean
     return {
         "confusion_matrix.png": confusion_matrix_png(records, out_dir / "confusion_matrix.png"),
-        "reliability_diagram.png": reliability_png(records, report["calibration"], out_dir / "reliability_diagram.png"),
+        "reliability_diagram.png": reliability_png(records, report.calibration, out_dir / "reliability_diagram.png"),
         "confidence_histogram.png": confidence_histogram_png(records, floor, out_dir / "confidence_histogram.png"),
         "threshold_sweep.png": threshold_sweep_png(records, floor, out_dir / "threshold_sweep.png"),
     }

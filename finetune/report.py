@@ -7,14 +7,13 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import plots
+from .metrics import LABELS
+from .report_model import Evaluation, EvaluationReport
 
-if TYPE_CHECKING:
-    from .evaluate import Evaluation
-
-Report = dict[str, Any]
+Report = EvaluationReport
 
 CAPTIONS = {
     "confusion_matrix.png": "Confusion matrix, row-normalised and clustered so that intents confused with each other sit together.",
@@ -32,8 +31,8 @@ def write_outputs(out_dir: Path, evaluation: Evaluation) -> Path:
     for name, records in evaluation.extra_files.items():
         _write_jsonl(out_dir / name, records)
     images = plots.write_all(evaluation.records, report, out_dir)
-    report["files"] = sorted(["report.json", "report.html", "predictions.jsonl", *evaluation.extra_files, *images])
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    report.files = sorted(["report.json", "report.html", "predictions.jsonl", *evaluation.extra_files, *images])
+    (out_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
     (out_dir / "report.html").write_text(render_html(report, images), encoding="utf-8")
     return out_dir
 
@@ -73,88 +72,76 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-LABELS = {
-    "accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1", "top3_accuracy": "top-3 accuracy",
-    "in_scope_accuracy": "in-scope accuracy", "oos_recall": "OOS recall", "oos_precision": "OOS precision",
-    "answer_share": "answer share", "clarify_share": "clarify share", "fallback_share": "fallback share",
-    "handoff_share": "handoff share", "answer_accuracy": "accuracy of answered messages", "ece_raw": "ECE raw",
-    "ece_calibrated": "ECE temperature-scaled", "latency_single_p50_ms": "latency single p50 (ms)",
-    "latency_single_p95_ms": "latency single p95 (ms)", "latency_batch_per_text_ms": "latency batched per text (ms)",
-    "confidence_floor": "confidence floor (each fold's own)",
-}
-
-
 def summary_rows(report: Report) -> list[tuple[str, str, Any]]:
     """(key, label, value) rows shared by the HTML summary and the terminal table."""
-    from .evaluate import scalar_metrics
-
-    return [("n", "messages", report["n"])] + [(key, LABELS.get(key, key), v) for key, v in scalar_metrics(report).items()]
+    return [("n", "messages", report.n)] + [(key, LABELS.get(key, key), v) for key, v in report.scalar_metrics().items()]
 
 
 def _header(report: Report) -> str:
-    model, data_ = report["model"], report["data"]
-    title = "Cross-validation report" if "cross_validation" in report else "Evaluation report"
+    model = report.model
+    title = "Cross-validation report" if report.cross_validation else "Evaluation report"
+    data_ = (f"<br>data <code>{html.escape(report.data.spec)}</code>, split {html.escape(report.data.split)}, "
+             f"{report.data.n:,} messages") if report.data else ""
     return (
-        f"<h1>supportbot: {title}</h1><p class=meta>model <code>{html.escape(model['path'])}</code> "
-        f"(version {html.escape(report['model_version'])}, {html.escape(model['strategy'])} on {html.escape(model['base'])} ({html.escape(model.get('precision', 'fp32'))}), "
-        f"{model['intents']} intents; temperature {model['temperature']:.3f}, confidence floor {model['confidence_floor']:.2f}, "
-        f"ambiguity gap {model['ambiguity_gap']:.2f})<br>data <code>{html.escape(data_['spec'])}</code>, split "
-        f"{html.escape(data_['split'])}, {data_['n']:,} messages; created {html.escape(report['created'])}</p>"
+        f"<h1>supportbot: {title}</h1><p class=meta>model <code>{html.escape(model.path)}</code> "
+        f"(version {html.escape(report.model_version)}, {html.escape(model.strategy)} on {html.escape(model.base)} ({html.escape(model.precision)}), "
+        f"{model.intents} intents; temperature {model.temperature:.3f}, confidence floor {model.confidence_floor:.2f}, "
+        f"ambiguity gap {model.ambiguity_gap:.2f}){data_}; created {html.escape(report.created or '')}</p>"
     )
 
 
 def _gate(report: Report) -> str:
-    gate = report.get("gate") or {}
-    if gate.get("min_accuracy") is None and gate.get("min_oos_recall") is None:
+    gate = report.gate
+    if gate is None or (gate.min_accuracy is None and gate.min_oos_recall is None):
         return ""
-    if gate["passed"]:
+    if gate.passed:
         return '<p class="gate-pass">Gate passed.</p>'
-    return f'<p class="gate-fail">Gate failed: {html.escape(gate["reason"])}</p>'
+    return f'<p class="gate-fail">Gate failed: {html.escape(gate.reason or "")}</p>'
 
 
 def _summary(report: Report) -> str:
-    if "compare" not in report:
-        title = "Summary: all folds' out-of-fold predictions pooled" if "cross_validation" in report else "Summary"
+    compare = report.compare
+    if compare is None:
+        title = "Summary: all folds' out-of-fold predictions pooled" if report.cross_validation else "Summary"
         return f"<h2>{title}</h2>" + _table(["metric", "value"], [[label, v] for _, label, v in summary_rows(report)])
-    compare, other = report["compare"], report["compare"]["other"]
-    rows = [[LABELS.get(key, key), m["model"], m["other"], m["delta"]] for key, m in compare["metrics"].items()]
-    test = compare["mcnemar"]
+    other = compare.other
+    rows = [[LABELS.get(key, key), m.model, m.other, m.delta] for key, m in compare.metrics.items()]
+    test = compare.mcnemar
     return (
         "<h2>Summary: this model against the other</h2>"
-        f"<p>other model: <code>{html.escape(compare['other_model'])}</code> (version {html.escape(compare['other_version'])}, "
-        f"{html.escape(other['strategy'])}, {other['intents']} intents, confidence floor {other['confidence_floor']:.2f}, "
-        f"ambiguity gap {other['ambiguity_gap']:.2f}), evaluated on the same {report['n']:,} messages; "
+        f"<p>other model: <code>{html.escape(compare.other_model)}</code> (version {html.escape(compare.other_version)}, "
+        f"{html.escape(other.strategy)}, {other.intents} intents, confidence floor {other.confidence_floor:.2f}, "
+        f"ambiguity gap {other.ambiguity_gap:.2f}), evaluated on the same {report.n:,} messages; "
         "delta = this model minus the other.</p>" + _table(["metric", "this model", "other", "delta"], rows)
-        + f"<p>McNemar test on the paired predictions ({html.escape(test['method'])}): this model alone right on "
-        f"{test['model_only_right']}, the other alone right on {test['other_only_right']}, p = {test['p_value']:.4g}: "
-        f"<b>{html.escape(test['verdict'])}</b>.</p>"
+        + f"<p>McNemar test on the paired predictions ({html.escape(test.method)}): this model alone right on "
+        f"{test.model_only_right}, the other alone right on {test.other_only_right}, p = {test.p_value:.4g}: "
+        f"<b>{html.escape(test.verdict)}</b>.</p>"
     )
 
 
 def _compare_intents(report: Report) -> str:
-    if "compare" not in report:
+    if report.compare is None:
         return ""
-    changes = [[name, c["model"], c["other"], c["delta"]] for name, c in report["compare"]["per_intent_f1"].items() if c["delta"]]
+    changes = [[name, c.model, c.other, c.delta] for name, c in report.compare.per_intent_f1.items() if c.delta]
     body = _table(["intent", "F1 this model", "F1 other", "delta"], changes) if changes else "<p>No intent's F1 changed.</p>"
     return "<h2>Per-intent F1 changes (largest drop first)</h2>" + body
 
 
 def _cross_validation(report: Report) -> str:
-    cv = report.get("cross_validation")
-    if not cv:
+    cv = report.cross_validation
+    if cv is None:
         return ""
-    keys = list(cv["mean"])
-    rows = [[LABELS.get(key, key), cv["mean"][key], cv["sd"][key]] + [fold[key] for fold in cv["folds"]] for key in keys]
-    header = ["metric", "mean", "sd"] + [f"fold {fold['fold']}" for fold in cv["folds"]]
+    rows = [[LABELS.get(key, key), cv.mean[key], cv.sd[key]] + [fold[key] for fold in cv.folds] for key in cv.mean]
+    header = ["metric", "mean", "sd"] + [f"fold {fold['fold']}" for fold in cv.folds]
     return (
-        f"<h2>{cv['k']}-fold cross-validation (stratified, seed {cv['seed']}, {html.escape(cv['strategy'])})</h2>"
-        f"<p>{html.escape(cv['note'])}.</p>" + _table(header, rows)
+        f"<h2>{cv.k}-fold cross-validation (stratified, seed {cv.seed}, {html.escape(cv.strategy)})</h2>"
+        f"<p>{html.escape(cv.note)}.</p>" + _table(header, rows)
     )
 
 
 def _errors(report: Report) -> str:
-    pairs = [[p["a"], p["b"], p["count"], p["a_predicted_as_b"], p["b_predicted_as_a"]] for p in report["confused_pairs"]]
-    worst = [[e["text"], e["gold"], e["predicted"], e["confidence"], e["action"]] for e in report["worst_errors"]]
+    pairs = [[p.a, p.b, p.count, p.a_predicted_as_b, p.b_predicted_as_a] for p in report.confused_pairs]
+    worst = [[e.text, e.gold, e.predicted, e.confidence, e.action] for e in report.worst_errors]
     return (
         "<h2>Most confused intent pairs</h2>"
         + (_table(["intent A", "intent B", "errors", "A predicted as B", "B predicted as A"], pairs) if pairs else "<p>None.</p>")
@@ -164,10 +151,10 @@ def _errors(report: Report) -> str:
 
 
 def _per_intent(report: Report) -> str:
-    rows = sorted(report["per_intent"].items(), key=lambda item: (item[1]["f1"], item[0]))
+    rows = sorted(report.per_intent.items(), key=lambda item: (item[1].f1, item[0]))
     return "<h2>Per intent (worst F1 first)</h2>" + _table(
         ["intent", "precision", "recall", "F1", "support"],
-        [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in rows],
+        [[name, m.precision, m.recall, m.f1, m.support] for name, m in rows],
     )
 
 
@@ -183,11 +170,11 @@ def _figures(images: dict[str, Path]) -> str:
 
 
 def _notes(report: Report) -> str:
-    notes = [report["latency_ms"]["note"]]
-    if report["out_of_scope"]:
-        notes.append("out of scope: " + report["out_of_scope"]["rule"])
-    notes.append(f"calibration: ECE over {report['calibration']['n']} in-scope messages, {report['calibration']['bins']} bins")
-    handoff = report["model"].get("handoff_intent")
+    notes = [report.latency_ms.note] if report.latency_ms else []
+    if report.out_of_scope:
+        notes.append("out of scope: " + report.out_of_scope.rule)
+    notes.append(f"calibration: ECE over {report.calibration.n} in-scope messages, {report.calibration.bins} bins")
+    handoff = report.model.handoff_intent
     notes.append("actions: what the bot does with each message as the first of a conversation (its dialogue policy "
                  "at the bundle's thresholds)")
     notes.append(f"handoff share: messages handed to a person because the bot answers them with {handoff!r}"
@@ -203,7 +190,7 @@ def render_html(report: Report, images: dict[str, Path]) -> str:
     ]
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>supportbot evaluation '
-        f"{html.escape(report['model_version'])}</title><style>{CSS}</style></head><body>{''.join(sections)}</body></html>\n"
+        f"{html.escape(report.model_version)}</title><style>{CSS}</style></head><body>{''.join(sections)}</body></html>\n"
     )
 
 
@@ -216,34 +203,35 @@ def print_summary(report: Report, out_dir: Path) -> None:
     from rich.table import Table
 
     console = Console()
-    cv = report.get("cross_validation")
-    title = f"evaluation of {report['model_version']} on {report['data']['spec']} ({report['data']['split']}, n={report['n']:,})"
+    cv = report.cross_validation
+    where = f" on {report.data.spec} ({report.data.split}, n={report.n:,})" if report.data else f" (n={report.n:,})"
+    title = f"evaluation of {report.model_version}{where}"
     table = Table(title=title, header_style="bold")
     table.add_column("metric")
     table.add_column("pooled" if cv else "value", justify="right")
     if cv:
         table.add_column("mean ± sd over folds", justify="right")
-    compare = report.get("compare")
+    compare = report.compare
     if compare:
         table.add_column("other", justify="right")
         table.add_column("delta", justify="right")
     for key, label, value in summary_rows(report):
         row = [label, _fmt(value)]
         if cv:
-            row.append(f"{cv['mean'][key]:.4f} ± {cv['sd'][key]:.4f}" if key in cv["mean"] else "")
+            row.append(f"{cv.mean[key]:.4f} ± {cv.sd[key]:.4f}" if key in cv.mean else "")
         if compare:
-            m = compare["metrics"].get(key)
-            row += [_fmt(m["other"]), "" if m["delta"] is None else f"{m['delta']:+.4f}"] if m else ["", ""]
+            m = compare.metrics.get(key)
+            row += [_fmt(m.other), "" if m.delta is None else f"{m.delta:+.4f}"] if m else ["", ""]
         table.add_row(*row)
     console.print(table)
     if compare:
-        test = compare["mcnemar"]
-        console.print(f"McNemar ({test['method']}): this model alone right {test['model_only_right']}, other alone right "
-                      f"{test['other_only_right']}, p = {test['p_value']:.4g}: {test['verdict']}")
-    if report["confused_pairs"]:
-        top = ", ".join(f"{p['a']} / {p['b']} ({p['count']})" for p in report["confused_pairs"][:3])
+        test = compare.mcnemar
+        console.print(f"McNemar ({test.method}): this model alone right {test.model_only_right}, other alone right "
+                      f"{test.other_only_right}, p = {test.p_value:.4g}: {test.verdict}")
+    if report.confused_pairs:
+        top = ", ".join(f"{p.a} / {p.b} ({p.count})" for p in report.confused_pairs[:3])
         console.print(f"most confused: {top}")
-    pictures = sum(name.endswith(".png") for name in report["files"])
+    pictures = sum(name.endswith(".png") for name in report.files)
     console.print(f"written to {out_dir}: report.html, report.json, predictions.jsonl and {pictures} pictures")
 
 

@@ -22,7 +22,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import Dataset
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from bot import bundle as bundle_mod
@@ -35,6 +34,7 @@ from . import data
 from .calibrate import choose_thresholds, fit_temperature
 from .config import TrainConfig
 from .loop import Fitted, Inputs, Prepared, Run, logits
+from .metrics import training_metrics
 from .strategies import BundleParts, Trained, TrainingStrategy, bundle_hooks, tensors_writer, training_strategy
 
 __all__ = ["Prepared", "TrainResult", "prepare_data", "prepare_splits", "score_bundle", "train"]
@@ -169,7 +169,7 @@ def bundle_parts(trained: Trained, strategy: TrainingStrategy) -> BundleParts:
     parts = BundleParts({"head.safetensors": tensors_writer(trained.run.head.state_dict())})
     responses = _pack_responses(trained.run.cfg.data)
     if responses is not None:
-        parts = parts.merge(BundleParts({"responses.yaml": lambda p: shutil.copyfile(responses, p)}))
+        parts = parts.merge(BundleParts({"responses.yaml": lambda path: _copy(responses, path)}))
     for extra in (strategy.bundle_parts(trained), *(hook(trained) for hook in bundle_hooks())):
         parts = parts.merge(extra)
     return parts
@@ -217,16 +217,8 @@ def score_bundle(path: Path, test: Dataset, labels: list[str]) -> dict[str, floa
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
-def training_metrics(probs: np.ndarray, targets: np.ndarray, oos_probs: np.ndarray | None, floor: float) -> dict[str, float]:
-    pred = probs.argmax(1)
-    out = {
-        "accuracy": float(accuracy_score(targets, pred)) if len(targets) else 0.0,
-        "macro_f1": float(f1_score(targets, pred, average="macro")) if len(targets) else 0.0,
-    }
-    if oos_probs is not None and len(oos_probs):
-        out["in_scope_accuracy"] = float(((pred == targets) & (probs.max(1) >= floor)).mean())
-        out["oos_recall"] = float((oos_probs.max(1) < floor).mean())
-    return out
+def _copy(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)
 
 
 def _pack_responses(spec: str) -> Path | None:

@@ -146,10 +146,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from finetune.evaluate import run_from_cli
+def check_evaluate_options(args: argparse.Namespace) -> None:
+    from finetune.config import ConfigError
 
-    return run_from_cli(args)
+    for name in ("min_accuracy", "min_oos_recall"):
+        value = getattr(args, name, None)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} {value:g}: expected a share between 0 and 1")
+    if args.worst < 0:
+        raise ConfigError(f"--worst {args.worst}: expected 0 or more")
+    if args.latency_sample < 1:
+        raise ConfigError(f"--latency-sample {args.latency_sample}: expected 1 or more")
+    if args.cv is not None and args.cv < 2:
+        raise ConfigError(f"--cv {args.cv}: cross-validation needs at least 2 folds")
+    if args.cv is not None and args.compare:
+        raise ConfigError("--cv and --compare cannot be combined: compare two bundles on a test set instead")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """0 when done (and the gates pass), 1 when a gate fails; the report is written either way."""
+    check_evaluate_options(args)
+    from finetune import evaluate
+    from finetune.report import print_summary, write_outputs
+    from finetune.report_model import gate
+
+    evaluation = evaluate.run(
+        args.model, args.data, compare=args.compare, cv=args.cv, worst=args.worst, latency_sample=args.latency_sample,
+        progress=not args.quiet, require_out_of_scope=args.min_oos_recall is not None,
+    )
+    evaluation.report.gate = gate(evaluation.report, args.min_accuracy, args.min_oos_recall)
+    out_dir = write_outputs(Path(args.output), evaluation)
+    print_summary(evaluation.report, out_dir)
+    if not evaluation.report.gate.passed:
+        print(f"supportbot evaluate: gate failed: {evaluation.report.gate.reason}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from bot.policy import ANSWER, CLARIFY, FALLBACK, decide
-from finetune.calibrate import choose_thresholds, expected_calibration_error, fit_temperature
+from finetune.calibrate import choose_thresholds, fit_temperature
 from finetune.config import CalibrationConfig
+from finetune.metrics import expected_calibration_error
 
 
 def _sample(temperature: float, n: int = 4000, k: int = 5, seed: int = 0):

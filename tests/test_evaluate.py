@@ -24,8 +24,8 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 from bot import bundle as bundle_mod
 from bot.classifier import IntentClassifier
 from bot.policy import decide
-from finetune.calibrate import expected_calibration_error
 from finetune.evaluate import mcnemar
+from finetune.metrics import expected_calibration_error
 from supportbot.cli import main
 
 STABLE_KEYS = {
@@ -219,12 +219,12 @@ def test_mcnemar_exact_and_chi_squared():
         return model, other
 
     exact = mcnemar(*paired(10, 2))  # two-sided binomial: 2 * P(X <= 2 | n=12, p=1/2) = 2 * 79 / 4096
-    assert exact["method"] == "exact binomial" and exact["p_value"] == pytest.approx(158 / 4096)
-    assert exact["verdict"].startswith("model is better")
+    assert exact.method == "exact binomial" and exact.p_value == pytest.approx(158 / 4096)
+    assert exact.verdict.startswith("model is better")
     chi = mcnemar(*paired(20, 40))  # (|20 - 40| - 1)^2 / 60 = 6.0167, p = 0.01418
-    assert chi["method"].startswith("chi-squared") and chi["statistic"] == pytest.approx(361 / 60)
-    assert chi["p_value"] == pytest.approx(0.014179, abs=1e-5) and chi["verdict"].startswith("other is better")
-    assert mcnemar(*paired(0, 0))["p_value"] == 1.0
+    assert chi.method.startswith("chi-squared") and chi.statistic == pytest.approx(361 / 60)
+    assert chi.p_value == pytest.approx(0.014179, abs=1e-5) and chi.verdict.startswith("other is better")
+    assert mcnemar(*paired(0, 0)).p_value == 1.0
 
 
 def test_clinc_out_of_scope(clinc_eval, clinc_bundle):
