@@ -19,11 +19,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from .dialogue import DialogueConfig
 from .errors import SupportbotError
+from .fileio import read_yaml
 from .slots import SLOT_TYPES
 from .validation import describe_validation_errors
 
@@ -81,17 +81,7 @@ class Domain:
     def from_file(cls, path: str | Path, *, labels: Iterable[str] | None = None) -> Domain:
         """Read and validate a responses.yaml; `labels` (the model's intents) get generic replies when missing."""
         path = Path(path)
-        try:
-            if path.stat().st_size > MAX_RESPONSES_BYTES:
-                raise ResponsesError(f"{path}: larger than {MAX_RESPONSES_BYTES >> 20} MiB")
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ResponsesError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise ResponsesError(f"{path}: not UTF-8 text") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise ResponsesError(f"{path}: {f'line {mark.line + 1}: ' if mark else ''}not valid YAML") from None
+        data = read_yaml(path, error=ResponsesError, max_bytes=MAX_RESPONSES_BYTES)
         if not isinstance(data, dict):
             raise ResponsesError(f"{path}: expected a mapping with 'intents:'")
         if not isinstance(data.get("intents"), dict) or not data["intents"]:
@@ -208,7 +198,7 @@ def _dialogue(data: dict[str, Any], where: _Where) -> DialogueConfig:
 
 @lru_cache(maxsize=1)
 def _generic_data() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(GENERIC_FILE.read_text(encoding="utf-8"))
+    data: dict[str, Any] = read_yaml(GENERIC_FILE, error=ResponsesError)
     return data
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bot.encoder import DEFAULT_BASE
 from bot.errors import SupportbotError
+from bot.fileio import read_yaml
 from bot.precision import Precision
 from bot.validation import describe_validation_errors
 
@@ -25,24 +26,24 @@ class _Strict(BaseModel):
 
 
 class HeadConfig(_Strict):
-    hidden: int = Field(0, ge=0, description="0: a linear head; >0: a bottleneck MLP of this width")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    scale: float = Field(10.0, gt=0, description="multiplies the unit-length embedding before the head")
+    hidden: int = Field(default=0, ge=0, description="0: a linear head; >0: a bottleneck MLP of this width")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    scale: float = Field(default=10.0, gt=0, description="multiplies the unit-length embedding before the head")
 
 
 class LoraConfig(_Strict):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     target_modules: list[str] = ["query", "key", "value", "dense"]
 
 
 class CalibrationConfig(_Strict):
-    wrong_answer_cost: float = Field(1.0, ge=0, description="what a wrong answer costs, in right answers, when picking thresholds")
-    clarify_value: float = Field(0.5, ge=0, le=1, description="worth of a clarify question whose options hold the answer")
-    min_floor: float = Field(0.0, ge=0, le=1)
-    max_floor: float = Field(0.9, ge=0, le=1)
-    max_gap: float = Field(0.3, ge=0, le=1)
+    wrong_answer_cost: float = Field(default=1.0, ge=0, description="what a wrong answer costs, in right answers, when picking thresholds")
+    clarify_value: float = Field(default=0.5, ge=0, le=1, description="worth of a clarify question whose options hold the answer")
+    min_floor: float = Field(default=0.0, ge=0, le=1)
+    max_floor: float = Field(default=0.9, ge=0, le=1)
+    max_gap: float = Field(default=0.3, ge=0, le=1)
 
 
 class TrainConfig(_Strict):
@@ -51,26 +52,26 @@ class TrainConfig(_Strict):
     base: str = DEFAULT_BASE
     data: str = "pack:shop"
     eval_data: str | None = None
-    strategy: str = Field("head", description="a registered training strategy (finetune/strategies.py): head, lora, full, ...")
+    strategy: str = Field(default="head", description="a registered training strategy (finetune/strategies.py): head, lora, full, ...")
     output: str = "models/default"
     seed: int = 42
-    max_length: int = Field(64, ge=8, le=512)
+    max_length: int = Field(default=64, ge=8, le=512)
     precision: Precision = Field(
         "fp32", description="encoder precision at inference: int8 serves about 2x faster on a CPU; "
         "the head (head strategy) and the calibration are fitted on the int8 model"
     )
-    val_fraction: float = Field(0.1, gt=0, lt=0.5)
-    few_shot: int | None = Field(None, ge=2, description="keep at most this many training examples per label")
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    lr: float | None = Field(None, gt=0)
-    head_lr: float | None = Field(None, gt=0, description="lora/full: learning rate of the head (default: 10x lr, 1e-2 at most)")
-    weight_decay: float | None = Field(None, ge=0)
-    patience: int | None = Field(None, ge=1, description="epochs without a better validation loss before stopping")
-    warmup: float = Field(0.06, ge=0, lt=1, description="lora/full: share of steps with a linear warm-up")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    embed_batch_size: int = Field(64, ge=1)
-    cache_dir: str | None = Field(None, description="embedding cache (head); default $SUPPORTBOT_DATA_DIR/cache")
+    val_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    few_shot: int | None = Field(default=None, ge=2, description="keep at most this many training examples per label")
+    epochs: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    lr: float | None = Field(default=None, gt=0)
+    head_lr: float | None = Field(default=None, gt=0, description="lora/full: learning rate of the head (default: 10x lr, 1e-2 at most)")
+    weight_decay: float | None = Field(default=None, ge=0)
+    patience: int | None = Field(default=None, ge=1, description="epochs without a better validation loss before stopping")
+    warmup: float = Field(default=0.06, ge=0, lt=1, description="lora/full: share of steps with a linear warm-up")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    embed_batch_size: int = Field(default=64, ge=1)
+    cache_dir: str | None = Field(default=None, description="embedding cache (head); default $SUPPORTBOT_DATA_DIR/cache")
     head: HeadConfig = HeadConfig()
     lora: LoraConfig = LoraConfig()
     calibration: CalibrationConfig = CalibrationConfig()
@@ -95,12 +96,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML recipe (or the defaults) and apply `key=value` overrides (dotted keys, YAML values)."""
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except yaml.YAMLError:
-            raise ConfigError(f"{path}: not valid YAML") from None
+        loaded = read_yaml(path, error=ConfigError)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings")
         raw = _relative_paths(loaded or {}, Path(path).parent)

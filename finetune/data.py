@@ -20,10 +20,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from datasets import Dataset, DatasetDict
 
 from bot.errors import SupportbotError
+from bot.fileio import read_yaml
 from bot.validation import MAX_MESSAGE_CHARS
 
 OOS_LABEL = "oos"
@@ -162,12 +162,12 @@ def _to_dataset(rows: Rows) -> Dataset:
 
 
 def _load_folder(folder: Path) -> dict[str, Rows]:
+    splits: dict[str, Rows] = {}
     if (folder / "nlu.yaml").is_file():  # a domain pack
-        splits = {"train": _read_pack_file(folder / "nlu.yaml")}
+        splits["train"] = _read_pack_file(folder / "nlu.yaml")
         if (folder / "test.yaml").is_file():
             splits["test"] = _read_pack_file(folder / "test.yaml")
         return splits
-    splits: dict[str, Rows] = {}
     for entry in sorted(folder.iterdir()):
         split = SPLIT_NAMES.get(entry.stem.lower() if entry.is_file() else entry.name.lower())
         if split is None:
@@ -226,14 +226,7 @@ def _read_clinc(path: Path, data: dict) -> dict[str, Rows]:
 
 
 def _read_pack_file(path: Path) -> Rows:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise DataError(f"{path}: {where}not valid YAML") from None
+    data = read_yaml(path, error=DataError)
     if not isinstance(data, dict) or not isinstance(data.get("intents"), dict):
         raise DataError(f"{path}: expected a mapping with 'intents: {{name: {{examples: [...]}}}}'")
     rows = Rows([], [], [])

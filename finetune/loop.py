@@ -18,7 +18,7 @@ import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .strategies import TrainingStrategy
 
 Batch = Any  # a tensor of vectors, or a dict of token tensors
+T = TypeVar("T")
 
 
 @dataclass
@@ -125,11 +126,12 @@ def logits(run: Run, net: nn.Module, inputs: Inputs, split: str, indices: list[i
 def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, inputs: Inputs) -> Fitted:
     """Cross-entropy on the in-scope training examples; early stopping on in-scope validation loss."""
     cfg, prepared, accelerator = run.cfg, run.prepared, run.accelerator
+    epochs, batch_size, patience = resolved(cfg.epochs), resolved(cfg.batch_size), resolved(cfg.patience)
     in_scope = prepared.in_scope("train")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(strategy.param_groups(run, model), weight_decay=cfg.weight_decay)
-    scheduler = strategy.schedule(run, optimizer, steps_per_epoch=math.ceil(len(in_scope) / cfg.batch_size))
+    optimizer = torch.optim.AdamW(strategy.param_groups(run, model), weight_decay=resolved(cfg.weight_decay))
+    scheduler = strategy.schedule(run, optimizer, steps_per_epoch=math.ceil(len(in_scope) / batch_size))
     model, optimizer = accelerator.prepare(model, optimizer)
     rng = random.Random(cfg.seed)
     val_in = inputs.length_order("val", prepared.in_scope("val"))
@@ -137,11 +139,11 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
     train_lengths = inputs.lengths["train"] if inputs.lengths is not None else None
     best: dict[str, Any] = {"loss": math.inf, "epoch": 0, "state": None}
     history: list[dict[str, float]] = []
-    epochs_bar = tqdm(range(1, cfg.epochs + 1), desc=f"train {cfg.strategy}", unit="epoch", disable=None if run.progress else True)
+    epochs_bar = tqdm(range(1, epochs + 1), desc=f"train {cfg.strategy}", unit="epoch", disable=None if run.progress else True)
     for epoch in epochs_bar:
         model.train()
         # every process draws the same shuffled batches (same seed) and takes its share of them
-        batches = epoch_batches(in_scope, train_lengths, cfg.batch_size, rng)
+        batches = epoch_batches(in_scope, train_lengths, batch_size, rng)
         batches = batches[accelerator.process_index :: accelerator.num_processes]
         steps = tqdm(batches, desc=f"epoch {epoch}", unit="step", leave=False,
                      disable=None if run.progress and train_lengths is not None else True)
@@ -162,7 +164,7 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
         epochs_bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
         if val_loss < best["loss"] - 1e-5:
             best = {"loss": val_loss, "epoch": epoch, "state": trainable_state(model)}
-        elif epoch - best["epoch"] >= cfg.patience:
+        elif epoch - best["epoch"] >= patience:
             break
     epochs_bar.close()
     if best["state"] is not None:
@@ -172,7 +174,7 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
 
 def warmup_then_decay(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Any:
     """Linear warm-up over `cfg.warmup` of the steps, then linear decay to zero."""
-    total = max(1, steps_per_epoch * cfg.epochs)
+    total = max(1, steps_per_epoch * resolved(cfg.epochs))
     warm = max(1, int(total * cfg.warmup))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
@@ -182,6 +184,13 @@ def warmup_then_decay(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_
 def constant(optimizer: torch.optim.Optimizer) -> Any:
     """A constant learning rate (early stopping decides the length)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def resolved(value: T | None) -> T:
+    """A recipe field the strategy's defaults fill in (`TrainConfig.resolved()`), as its set value."""
+    if value is None:
+        raise ValueError("the recipe is not resolved: call TrainConfig.resolved() before training")
+    return value
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

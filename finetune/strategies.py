@@ -194,6 +194,13 @@ class EncoderClassifier(nn.Module):
         return out
 
 
+def body_of(model: nn.Module) -> nn.Module:
+    """The encoder body of a trained `EncoderClassifier`."""
+    if not isinstance(model, EncoderClassifier):
+        raise TypeError(f"expected an EncoderClassifier, got {type(model).__name__}")
+    return model.body
+
+
 def token_inputs(run: Run) -> Inputs:
     """Token ids of both splits, tokenised once; batches padded per call and grouped by length."""
     features = {
@@ -255,7 +262,7 @@ class EncoderStrategy(TrainingStrategy):
 
     def merged_body(self, model: nn.Module) -> nn.Module:
         """The trained body as plain encoder modules (what `apply_precision` converts)."""
-        return model.body
+        return body_of(model)
 
     def serving_model(self, run: Run, fitted: Fitted) -> nn.Module:
         """At int8: a copy of the trained body (adapters merged) with int8 linear layers (apply_precision copies).
@@ -282,13 +289,14 @@ class Lora(EncoderStrategy):
         return peft_body
 
     def merged_body(self, model: nn.Module) -> nn.Module:
-        merged: nn.Module = copy.deepcopy(model.body).merge_and_unload()  # a copy: the trained adapters stay
+        peft_body: Any = copy.deepcopy(body_of(model))  # a copy: the trained adapters stay
+        merged: nn.Module = peft_body.merge_and_unload()
         return merged
 
     def bundle_parts(self, trained: Trained) -> BundleParts:
         from peft import get_peft_model_state_dict
 
-        adapter = get_peft_model_state_dict(trained.fitted.model.body)
+        adapter = get_peft_model_state_dict(body_of(trained.fitted.model))
         return BundleParts({"adapter.safetensors": tensors_writer(adapter)}, {"lora": trained.run.cfg.lora.model_dump()})
 
 
@@ -305,4 +313,4 @@ class Full(EncoderStrategy):
         return run.encoder.model.requires_grad_(True)
 
     def bundle_parts(self, trained: Trained) -> BundleParts:
-        return BundleParts({"encoder.safetensors": tensors_writer(trained.fitted.model.body.state_dict())})
+        return BundleParts({"encoder.safetensors": tensors_writer(body_of(trained.fitted.model).state_dict())})

@@ -11,11 +11,10 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from bot import paths
+from bot import fileio, paths
 from bot.errors import SupportbotError
 from bot.validation import MAX_MESSAGE_CHARS, describe_validation_errors
 
@@ -199,12 +198,7 @@ class _YamlSource(PydanticBaseSettingsSource):
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """The mapping in a settings YAML file; an empty file is an empty mapping."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SettingsError(f"cannot read settings file {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"settings file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = fileio.read_yaml(path, error=SettingsError)
     if data is None:
         return {}
     if not isinstance(data, dict):

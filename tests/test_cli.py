@@ -90,7 +90,7 @@ def test_a_recipe_that_is_not_yaml_is_one_line_exit_2(tmp_path):
     recipe.write_text("strategy: [head\n  epochs: : 3\n")
     run = supportbot("train", "--config", str(recipe))
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.strip() == f"supportbot train: error: {recipe}: not valid YAML"
+    assert run.stderr.strip() == f"supportbot train: error: {recipe}: line 2: not valid YAML"
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])

@@ -335,7 +335,7 @@ def test_callback_hosts_and_metrics_token_settings(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("content,message", [
-    ("port: [1, 2\n", "is not valid YAML"),
+    ("port: [1, 2\n", r"serve\.yaml: line \d+: not valid YAML"),
     ("- just\n- a list\n", "must hold a mapping"),
     ("prot: 8000\n", "prot: unknown setting"),
     ("port: eighty\n", "port: Input should be a valid integer"),
