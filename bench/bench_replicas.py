@@ -56,16 +56,27 @@ def chat_throughput(model: Path, url: str, work: Path, requests: int, concurrenc
             name = f"chat-{backend.lower()}-{workers}"
             replica = Replica(name, model, work / name, {**env, "SUPPORTBOT_WEB_PAGE": "false"}, workers=workers)
             replica.start().wait_ready(timeout=600)
-            time.sleep(2.0 if workers > 1 else 0.0)  # every worker loaded
+            _all_workers_ready(replica.url)
             try:
                 result = run_load(replica.url, requests, concurrency, work, name)
             finally:
                 replica.stop()
-            errors = sum(v for k, v in result["statuses"].items() if k != "200")
+            errors = ", ".join(f"{v} x {k}" for k, v in sorted(result["statuses"].items()) if k != "200") or "0"
             rows.append([backend, workers, f"{result['throughput']:.0f}", f"{result['p50_ms']:.1f}",
                          f"{result['p99_ms']:.1f}", errors])
             print(f"  chat {backend} workers={workers}: {result['throughput']:.0f} req/s", flush=True)
     return rows
+
+
+def _all_workers_ready(url: str, in_a_row: int = 30) -> None:
+    """/readyz answered 200 that many times in a row: every worker process behind the port is warm
+    (one /readyz reaches one worker; a worker still loading answers 503 not_ready)."""
+    import httpx
+
+    ok, deadline = 0, time.monotonic() + 600
+    while ok < in_a_row and time.monotonic() < deadline:
+        ok = ok + 1 if httpx.get(f"{url}/readyz", timeout=10).status_code == 200 else 0
+        time.sleep(0.05)
 
 
 def _queue(url: str, actions: int, conversations: int, first: int) -> None:
