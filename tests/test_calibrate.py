@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bot.policy import ANSWER, CLARIFY, FALLBACK, decide
+from bot.policy import Action, decide
 from finetune.calibrate import choose_thresholds, fit_temperature
 from finetune.config import CalibrationConfig
 from finetune.metrics import expected_calibration_error
@@ -46,11 +46,11 @@ def test_ece_of_perfect_calibration_is_small_and_of_overconfidence_large():
 
 
 def test_decide_rule():
-    assert decide(0.9, 0.05, floor=0.5, gap=0.1) == ANSWER
-    assert decide(0.45, 0.40, floor=0.5, gap=0.1) == CLARIFY  # split between two, together confident
-    assert decide(0.3, 0.1, floor=0.5, gap=0.1) == FALLBACK
-    assert decide(0.55, 0.5, floor=0.5, gap=0.0) == ANSWER  # gap 0 never clarifies
-    assert list(decide(np.array([0.9, 0.3]), np.array([0.05, 0.1]), 0.5, 0.1)) == [ANSWER, FALLBACK]
+    assert decide(0.9, 0.05, floor=0.5, gap=0.1) == Action.ANSWER
+    assert decide(0.45, 0.40, floor=0.5, gap=0.1) == Action.CLARIFY  # split between two, together confident
+    assert decide(0.3, 0.1, floor=0.5, gap=0.1) == Action.FALLBACK
+    assert decide(0.55, 0.5, floor=0.5, gap=0.0) == Action.ANSWER  # gap 0 never clarifies
+    assert list(decide(np.array([0.9, 0.3]), np.array([0.05, 0.1]), 0.5, 0.1)) == [Action.ANSWER, Action.FALLBACK]
 
 
 def test_floor_separates_out_of_scope_from_in_scope():
