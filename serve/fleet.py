@@ -170,7 +170,8 @@ class FleetWatcher:
         assert self.listen_url is not None
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.listen_url, autocommit=True, connect_timeout=5) as conn:
+                url = "postgresql://" + self.listen_url.split("://", 1)[1]  # libpq knows no "+driver" scheme
+                with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
