@@ -20,6 +20,7 @@ from typing import Any
 from .bundle import Bundle, BundleError
 from .classifier import IntentClassifier, Prediction
 from .dialogue import DialogueConfig
+from .knowledge import Hit, KnowledgeBase, Source
 from .policy import Action, Decision, DialoguePolicy, Reason
 from .responses import Domain, ResponsesError, choose, join_choices
 from .sessions import SessionConflict, SessionState, SessionStore, Turn
@@ -35,7 +36,7 @@ class Reply:
 
     session_id: str
     text: str  # "" when silent
-    action: Action  # answer | clarify | fallback | handoff
+    action: Action  # answer | clarify | fallback | handoff | knowledge
     intent: str | None  # the intent the reply is about (None when nothing was classified)
     confidence: float  # calibrated top probability (0.0 when nothing was classified)
     ranking: list[tuple[str, float]]  # top intents of this message, calibrated probabilities
@@ -44,6 +45,7 @@ class Reply:
     handed_off: bool  # a human has the conversation (true on the handoff reply itself and after)
     silent: bool  # the bot must say nothing
     reason: Reason | None = field(default=None, compare=False)  # why the policy chose the action
+    sources: list[Source] = field(default_factory=list)  # knowledge: the cited help-centre passage(s)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the ranking as [{"name", "confidence"}], like Prediction.to_dict()."""
@@ -74,13 +76,16 @@ class Chatbot:
         *,
         max_message_chars: int = MAX_MESSAGE_CHARS,
         dialogue: DialogueConfig | None = None,
+        knowledge: KnowledgeBase | None = None,
     ):
         self.classifier = classifier
         self.store = store
         self.domain = domain if domain is not None else Domain.generic(classifier.labels)
         self.dialogue = dialogue if dialogue is not None else self.domain.dialogue
+        self.knowledge = knowledge
         self.policy = DialoguePolicy(
-            self.domain, floor=classifier.confidence_floor, gap=classifier.ambiguity_gap, dialogue=self.dialogue
+            self.domain, floor=classifier.confidence_floor, gap=classifier.ambiguity_gap, dialogue=self.dialogue,
+            knowledge_floor=knowledge.floor if knowledge is not None else None,
         )
         self.max_message_chars = max_message_chars
         self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
@@ -88,9 +93,10 @@ class Chatbot:
 
     @classmethod
     def from_bundle(cls, path: str | Path, store: SessionStore, **kwargs: Any) -> Chatbot:
-        """Load a verified bundle; its responses.yaml (if any) gives the texts."""
+        """Load a verified bundle; its responses.yaml (if any) gives the texts, its knowledge files the articles."""
         classifier = IntentClassifier.from_bundle(path)
-        return cls(classifier, store, load_domain(classifier.bundle), **kwargs)
+        knowledge = KnowledgeBase.from_bundle(classifier.bundle)
+        return cls(classifier, store, load_domain(classifier.bundle), knowledge=knowledge, **kwargs)
 
     @property
     def version(self) -> str:
@@ -111,8 +117,9 @@ class Chatbot:
                 state = self.store.load(session_id)
                 if prediction is None and not state.handed_off:  # released since we looked
                     prediction = self.classifier.predict([text])[0]
-                decision, new_state = self.policy.step(state, text, prediction)
-                reply = self._reply(session_id, decision, new_state, prediction)
+                query, hit = self._retrieve(text, prediction)
+                decision, new_state = self.policy.step(state, text, prediction, hit)
+                reply = self._reply(session_id, decision, new_state, prediction, hit, query)
                 try:
                     self.store.commit(session_id, new_state, self._turns(text, reply, decision, prediction, metadata))
                     return reply
@@ -162,8 +169,29 @@ class Chatbot:
                     if attempt == self.dialogue.commit_attempts - 1:
                         raise
 
-    def _reply(self, session_id: str, decision: Decision, state: SessionState, prediction: Prediction | None) -> Reply:
-        text, quick = ("", []) if decision.silent else self._words(session_id, decision, state)
+    def _retrieve(self, text: str, prediction: Prediction | None) -> tuple[Any, Hit | None]:
+        """(query vector, best passage) from the vector the intent pass computed; (None, None) without articles."""
+        if self.knowledge is None or prediction is None:
+            return None, None
+        query = prediction.embedding
+        if query is None:  # a prediction made elsewhere without its vector: embed once more, same path
+            query = self.classifier.embed_and_logits([text])[0][0]
+        return query, self.knowledge.best(query)
+
+    def _reply(
+        self, session_id: str, decision: Decision, state: SessionState, prediction: Prediction | None,
+        hit: Hit | None = None, query: Any = None,
+    ) -> Reply:
+        cites = decision.action == Action.KNOWLEDGE and hit is not None and decision.passage == hit.passage.id
+        if decision.silent:
+            text, quick = "", []
+        elif cites and hit is not None and self.knowledge is not None:
+            quote = self.knowledge.quote(hit, query)
+            key = (session_id, state.turns, decision.action)
+            text = self.domain.render(choose(self.domain.knowledge, *key), {"quote": quote, "title": hit.passage.title})
+            quick = list(self.domain.knowledge_feedback)
+        else:
+            text, quick = self._words(session_id, decision, state)
         return Reply(
             session_id=session_id,
             text=text,
@@ -176,6 +204,7 @@ class Chatbot:
             handed_off=state.handed_off,
             silent=decision.silent,
             reason=decision.reason,
+            sources=[hit.source()] if cites and hit is not None else [],
         )
 
     def _words(self, session_id: str, decision: Decision, state: SessionState) -> tuple[str, list[str]]:
@@ -185,7 +214,10 @@ class Chatbot:
             responses = domain.intent(decision.intent or "")
             if decision.slot is not None:
                 return domain.render(choose(responses.slot_prompts[decision.slot], *key), {}), []
-            return domain.render(choose(responses.texts, *key), state.slots), list(responses.quick_replies)
+            texts = responses.texts or tuple(t.replace("{title}", responses.title) for t in domain.answer)  # answer: knowledge, no article
+            return domain.render(choose(texts, *key), state.slots), list(responses.quick_replies)
+        if decision.action == Action.KNOWLEDGE and decision.reason == Reason.HELPFUL:
+            return domain.render(choose(domain.knowledge_helpful, *key), {}), []
         if decision.action == Action.CLARIFY:
             titles = [domain.title(o) for o in decision.options]
             return domain.render(choose(domain.clarify, *key), {"options": join_choices(titles)}), titles
@@ -199,6 +231,8 @@ class Chatbot:
 
     def _fallback_words(self, decision: Decision, key: tuple[object, ...]) -> tuple[str, list[str]]:
         domain = self.domain
+        if decision.reason == Reason.NOT_HELPFUL:
+            return domain.render(choose(domain.knowledge_not_helpful, *key), {}), self._handoff_button([])
         if decision.slot is not None:
             return domain.render(choose(domain.slot_retry[decision.slot], *key), {}), self._handoff_button([])
         if decision.out_of_scope:
@@ -228,6 +262,8 @@ class Chatbot:
             model_version=reply.model_version,
             metadata=dict(metadata or {}),
         )
+        if decision.helpful is not None:  # the answer to "Was this helpful?", kept with the turn that gave it
+            user.metadata["feedback"] = {"helpful": decision.helpful, "passage_id": decision.passage}
         if reply.silent:
             return [user]
         bot = Turn(
@@ -237,6 +273,7 @@ class Chatbot:
             confidence=reply.confidence,
             action=reply.action,
             model_version=reply.model_version,
-            metadata={"reason": decision.reason, "quick_replies": reply.quick_replies, "handed_off": reply.handed_off},
+            metadata={"reason": decision.reason, "quick_replies": reply.quick_replies, "handed_off": reply.handed_off,
+                      **({"sources": [asdict(source) for source in reply.sources]} if reply.sources else {})},
         )
         return [user, bot]

@@ -28,6 +28,8 @@ class Prediction:
     confidence: float
     ranking: list[tuple[str, float]] = field(default_factory=list)
     out_of_scope: bool = False
+    # The pooled sentence vector the intents were read from; knowledge retrieval reuses it (bot/knowledge.py).
+    embedding: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def margin(self) -> float:
@@ -86,10 +88,14 @@ class IntentClassifier:
 
     def logits(self, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
         """Raw (uncalibrated) logits, rows in input order."""
+        return self.embed_and_logits(texts, batch_size=batch_size)[1]
+
+    def embed_and_logits(self, texts: Sequence[str], *, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled unit vectors, raw logits), rows in input order: one encoder pass for both."""
         with self._lock, torch.inference_mode():
             embeddings = self.encoder.embed(texts, batch_size=batch_size)
             logits: torch.Tensor = self.head(embeddings)
-            return logits
+            return embeddings, logits
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits / self.temperature, dim=-1)
@@ -97,18 +103,22 @@ class IntentClassifier:
     def predict(self, texts: Sequence[str], *, top_k: int = 5, batch_size: int = 64) -> list[Prediction]:
         if not texts:
             return []
-        return self.predictions_from_logits(self.logits(texts, batch_size=batch_size), top_k=top_k)
+        embeddings, logits = self.embed_and_logits(texts, batch_size=batch_size)
+        return self.predictions_from_logits(logits, top_k=top_k, embeddings=embeddings)
 
-    def predictions_from_logits(self, logits: torch.Tensor, *, top_k: int = 5) -> list[Prediction]:
+    def predictions_from_logits(
+        self, logits: torch.Tensor, *, top_k: int = 5, embeddings: torch.Tensor | None = None
+    ) -> list[Prediction]:
         probs = self.probabilities(logits)
         k = min(top_k, len(self.labels))
         values, indices = probs.topk(k, dim=-1)
         predictions = []
-        for row_values, row_indices in zip(values.tolist(), indices.tolist()):
+        for row, (row_values, row_indices) in enumerate(zip(values.tolist(), indices.tolist())):
             ranking = [(self.labels[i], round(p, 6)) for i, p in zip(row_indices, row_values)]
             top_label, top_p = ranking[0]
             predictions.append(
-                Prediction(label=top_label, confidence=top_p, ranking=ranking, out_of_scope=top_p < self.confidence_floor)
+                Prediction(label=top_label, confidence=top_p, ranking=ranking, out_of_scope=top_p < self.confidence_floor,
+                           embedding=embeddings[row] if embeddings is not None else None)
             )
         return predictions
 

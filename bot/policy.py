@@ -18,11 +18,12 @@ import numpy as np
 
 from .dialogue import DialogueConfig
 from .responses import SOCIAL_ROLES
-from .sessions import PendingChoice, PendingSlot, SessionState
+from .sessions import PendingChoice, PendingFeedback, PendingSlot, SessionState
 from .slots import extract as extract_slots
 
 if TYPE_CHECKING:
     from .classifier import Prediction
+    from .knowledge import Hit
     from .responses import Domain
 
 
@@ -34,6 +35,7 @@ class Action(StrEnum):
     CLARIFY = "clarify"
     FALLBACK = "fallback"
     HANDOFF = "handoff"
+    KNOWLEDGE = "knowledge"  # the reply quotes a help-centre article (bot/knowledge.py, docs/knowledge.md)
 
 
 ACTIONS = tuple(Action)
@@ -84,6 +86,10 @@ class Reason(StrEnum):
     REPEATED_FALLBACK = "repeated_fallback"
     SILENT = "silent"
     SOCIAL_MIX = "social_mix"  # clarify zone, but one option is a greeting/thanks/goodbye: answer the other
+    KNOWLEDGE = "knowledge"  # the intents would fall back, and a help-centre passage cleared the retrieval floor
+    INTENT_KNOWLEDGE = "intent_knowledge"  # the intent declares `answer: knowledge`: its best article answers
+    HELPFUL = "helpful"  # "Was this helpful?" -> yes
+    NOT_HELPFUL = "not_helpful"  # "Was this helpful?" -> no
 
 
 @dataclass(frozen=True)
@@ -99,20 +105,29 @@ class Decision:
     slot: str | None = None  # answer: the slot to ask for; fallback: the slot asked for again
     out_of_scope: bool = False
     silent: bool = False
+    passage: str | None = None  # knowledge: the passage quoted; helpful/not_helpful: the passage judged
+    helpful: bool | None = None  # the customer's answer to "Was this helpful?" (stored with their turn)
 
 
 class DialoguePolicy:
     """The bot's stateful rules; thresholds come from the model bundle, texts and roles from the
     Domain, the knobs (suggestions, handoff after fallbacks) from a DialogueConfig (default: the Domain's)."""
 
-    def __init__(self, domain: Domain, *, floor: float, gap: float, dialogue: DialogueConfig | None = None):
+    def __init__(
+        self, domain: Domain, *, floor: float, gap: float, dialogue: DialogueConfig | None = None,
+        knowledge_floor: float | None = None,
+    ):
         self.domain = domain
         self.floor = float(floor)
         self.gap = float(gap)
         self.dialogue = dialogue if dialogue is not None else domain.dialogue
+        self.knowledge_floor = knowledge_floor  # the bundle's fitted retrieval floor; None: no articles
 
-    def step(self, state: SessionState, text: str, prediction: Prediction | None) -> tuple[Decision, SessionState]:
-        """Decide what to do with `text` (classified as `prediction`) and return the session's next state."""
+    def step(
+        self, state: SessionState, text: str, prediction: Prediction | None, knowledge: Hit | None = None
+    ) -> tuple[Decision, SessionState]:
+        """Decide what to do with `text` (classified as `prediction`; `knowledge`: its best help-centre
+        passage, floor not applied) and return the session's next state."""
         state = replace(state, slots=dict(state.slots))
         state.turns += 1
         if state.handed_off:
@@ -120,6 +135,10 @@ class DialoguePolicy:
         if prediction is None:
             raise ValueError("a message needs a prediction unless the session is handed off")
         pending, state.pending = state.pending, None
+        if isinstance(pending, PendingFeedback):
+            verdict = resolve_feedback(text, self.domain.knowledge_feedback)
+            if verdict is not None:
+                return self._feedback(state, verdict, pending.passage)
         expecting = pending.slot if isinstance(pending, PendingSlot) else None
         found = extract_slots(text, expecting=expecting)
         state.slots.update(found)
@@ -134,13 +153,13 @@ class DialoguePolicy:
                 chosen = choice_by_words(text, options, titles)
             if isinstance(chosen, str):
                 confidence = pending.confidence if pending.confidence is not None else prediction.confidence
-                return self._answer(state, chosen, confidence, Reason.CHOSEN)
+                return self._answer(state, chosen, confidence, Reason.CHOSEN, knowledge)
         if isinstance(pending, PendingSlot):
             if pending.slot in found:
                 return self._answer(state, pending.intent, pending.confidence, Reason.SLOT_FILLED)
             if action != Action.ANSWER:
                 return self._fallback(state, prediction, Reason.SLOT_MISSING, retry=pending)
-        return self._route(state, prediction, action)
+        return self._route(state, prediction, action, knowledge)
 
     def base_action(self, prediction: Prediction) -> Action:
         """answer / clarify / fallback for one prediction, by the shared rule `decide()`."""
@@ -151,9 +170,15 @@ class DialoguePolicy:
 
     # ---- outcomes --------------------------------------------------------------------------
 
-    def _route(self, state: SessionState, prediction: Prediction, action: Action) -> tuple[Decision, SessionState]:
+    def clears_floor(self, knowledge: Hit | None) -> bool:
+        """A passage good enough to answer from on its own (the bundle's fitted retrieval floor)."""
+        return knowledge is not None and self.knowledge_floor is not None and knowledge.score >= self.knowledge_floor
+
+    def _route(
+        self, state: SessionState, prediction: Prediction, action: Action, knowledge: Hit | None = None
+    ) -> tuple[Decision, SessionState]:
         if action == Action.ANSWER:
-            return self._answer(state, prediction.label, prediction.confidence, Reason.CONFIDENT)
+            return self._answer(state, prediction.label, prediction.confidence, Reason.CONFIDENT, knowledge)
         if action == Action.CLARIFY:
             options = tuple(name for name, _ in prediction.ranking[:2])
             social = [o for o in options if self.domain.role(o) in SOCIAL_ROLES]
@@ -163,11 +188,17 @@ class DialoguePolicy:
             state.fallbacks = 0
             state.pending = PendingChoice(options, prediction.confidence)
             return Decision(Action.CLARIFY, prediction.label, prediction.confidence, Reason.AMBIGUOUS, options=options), state
+        if knowledge is not None and self.clears_floor(knowledge):
+            return self._knowledge(state, None, knowledge, Reason.KNOWLEDGE)
         return self._fallback(state, prediction, Reason.LOW_CONFIDENCE)
 
-    def _answer(self, state: SessionState, intent: str, confidence: float, reason: Reason) -> tuple[Decision, SessionState]:
+    def _answer(
+        self, state: SessionState, intent: str, confidence: float, reason: Reason, knowledge: Hit | None = None
+    ) -> tuple[Decision, SessionState]:
         if self.domain.role(intent) == "handoff":
             return self._handoff(state, intent, confidence, Reason.HANDOFF_INTENT)
+        if knowledge is not None and self.domain.intent(intent).from_knowledge:
+            return self._knowledge(state, intent, knowledge, Reason.INTENT_KNOWLEDGE)
         state.fallbacks = 0
         missing = next((slot for slot in self.domain.intent(intent).slots if slot not in state.slots), None)
         if missing is not None:
@@ -192,6 +223,21 @@ class DialoguePolicy:
         if options:
             state.pending = PendingChoice(options, prediction.confidence)
         return Decision(Action.FALLBACK, prediction.label, prediction.confidence, reason, options=options), state
+
+    def _knowledge(self, state: SessionState, intent: str | None, hit: Hit, reason: Reason) -> tuple[Decision, SessionState]:
+        """Quote the passage; the next message may answer "Was this helpful?"."""
+        state.fallbacks = 0
+        state.pending = PendingFeedback(hit.passage.id)
+        return Decision(Action.KNOWLEDGE, intent, float(hit.score), reason, passage=hit.passage.id), state
+
+    def _feedback(self, state: SessionState, helpful: bool, passage: str | None) -> tuple[Decision, SessionState]:
+        if helpful:
+            return Decision(Action.KNOWLEDGE, None, 1.0, Reason.HELPFUL, passage=passage, helpful=True), state
+        state.fallbacks += 1
+        if state.fallbacks >= self.dialogue.handoff_after_fallbacks:
+            decision, state = self._handoff(state, None, 0.0, Reason.REPEATED_FALLBACK)
+            return replace(decision, passage=passage, helpful=False), state
+        return Decision(Action.FALLBACK, None, 0.0, Reason.NOT_HELPFUL, passage=passage, helpful=False), state
 
     def _handoff(self, state: SessionState, intent: str | None, confidence: float, reason: Reason) -> tuple[Decision, SessionState]:
         state.handed_off = True
@@ -264,6 +310,22 @@ def resolve_choice(text: str, options: Sequence[str], titles: Sequence[str]) -> 
         index = places.pop()
         if -len(options) <= index < len(options):
             return options[index]
+    return None
+
+
+_YES = {"yes", "yes thanks", "yes thank you", "yes it did", "it did", "yep", "yeah", "yes it helped", "it helped",
+        "helpful", "very helpful", "great thanks", "perfect", "thanks", "thank you", "yes please"}
+_NO = {"no", "nope", "no it didn't", "no it did not", "it didn't", "it did not", "not really", "no not really",
+       "not helpful", "no thanks", "didn't help", "it didn't help", "that didn't help", "no it didn't help"}
+
+
+def resolve_feedback(text: str, labels: tuple[str, str]) -> bool | None:
+    """The answer to "Was this helpful?": True / False, or None when the message is something else."""
+    said = _normal(text)
+    if said == _normal(labels[0]) or said in _YES:
+        return True
+    if said == _normal(labels[1]) or said in _NO:
+        return False
     return None
 
 

@@ -48,6 +48,7 @@ class IntentResponses:
     slot_prompts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     quick_replies: tuple[str, ...] = ()
     generic: bool = False  # built from the name: no written answer exists
+    from_knowledge: bool = False  # `answer: knowledge`: the text is quoted from the best help-centre article
 
     @property
     def slots(self) -> tuple[str, ...]:
@@ -69,6 +70,12 @@ class Domain:
     special: Mapping[str, str]  # role (greeting, goodbye, thanks, handoff) -> intent name
     dialogue: DialogueConfig = field(default_factory=DialogueConfig)  # suggestions, handoff after fallbacks, commit attempts
     source: str = "generic"
+    # Knowledge answers (docs/knowledge.md): {quote} from a passage, {title} of its article; then
+    # "Was this helpful?" with the two feedback quick replies (helpful, not helpful) and what follows each.
+    knowledge: tuple[str, ...] = ()
+    knowledge_feedback: tuple[str, str] = ("Yes", "No")
+    knowledge_helpful: tuple[str, ...] = ()
+    knowledge_not_helpful: tuple[str, ...] = ()
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -118,6 +125,10 @@ class Domain:
             special=special,
             dialogue=dialogue,
             source=source,
+            knowledge=_texts(data, generic, "knowledge", {"quote", "title", "shop_name"}, where, required=frozenset({"quote"})),
+            knowledge_feedback=_feedback(data.get("knowledge_feedback", generic["knowledge_feedback"]), where),
+            knowledge_helpful=_texts(data, generic, "knowledge_helpful", {"shop_name"}, where),
+            knowledge_not_helpful=_texts(data, generic, "knowledge_not_helpful", {"shop_name"}, where),
         )
 
     # ---- lookups ---------------------------------------------------------------------------
@@ -245,11 +256,26 @@ def _intent(name: str, body: Any, where: _Where) -> IntentResponses:
         if not isinstance(spec, dict) or "prompt" not in spec:
             raise ResponsesError(where(f"{place}.slots.{slot}", "expected 'prompt:' with a list of questions"))
         prompts[slot] = _text_list(spec["prompt"], f"{place}.slots.{slot}.prompt", {"shop_name"}, where)
-    texts = _text_list(body.get("text"), f"{place}.text", {"shop_name", *prompts}, where)
+    answer = body.get("answer", "text")
+    if answer not in ("text", "knowledge"):
+        raise ResponsesError(where(f"{place}.answer", "must be 'text' or 'knowledge'"))
+    if answer == "knowledge" and body.get("text") is None:  # its text comes from the articles; this one if none fits
+        texts: tuple[str, ...] = ()
+    else:
+        texts = _text_list(body.get("text"), f"{place}.text", {"shop_name", *prompts}, where)
     quick = body.get("quick_replies") or []
     if not isinstance(quick, list) or not all(isinstance(q, str) and q.strip() for q in quick):
         raise ResponsesError(where(f"{place}.quick_replies", "expected a list of texts"))
-    return IntentResponses(name, title.strip(), texts, prompts, tuple(q.strip() for q in quick))
+    return IntentResponses(
+        name, title.strip(), texts, prompts, tuple(q.strip() for q in quick), from_knowledge=answer == "knowledge"
+    )
+
+
+def _feedback(value: Any, where: _Where) -> tuple[str, str]:
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, str) and v.strip() for v in value) or value[0].strip() == value[1].strip()):
+        raise ResponsesError(where("knowledge_feedback", "expected two different texts: [helpful, not helpful]"))
+    return value[0].strip(), value[1].strip()
 
 
 def _special(value: Any, aliases: dict[str, list[str]], labels: list[str], intents: dict[str, Any], where: _Where) -> dict[str, str]:

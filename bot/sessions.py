@@ -23,7 +23,7 @@ from .errors import SupportbotError
 from .validation import MAX_SESSION_ID_CHARS, InvalidSessionId, check_session_id
 
 __all__ = [
-    "MAX_SESSION_ID_CHARS", "InvalidSessionId", "Pending", "PendingChoice", "PendingSlot", "SQLiteSessionStore",
+    "MAX_SESSION_ID_CHARS", "InvalidSessionId", "Pending", "PendingChoice", "PendingFeedback", "PendingSlot", "SQLiteSessionStore",
     "SessionConflict", "SessionState",
     "SessionStore", "SessionStoreError", "Turn", "check_session_id", "default_sessions_path",
 ]
@@ -65,7 +65,18 @@ class PendingSlot:
         return {"kind": self.KIND, "intent": self.intent, "slot": self.slot, "confidence": self.confidence}
 
 
-Pending = PendingChoice | PendingSlot
+@dataclass(frozen=True)
+class PendingFeedback:
+    """The bot quoted a help-centre passage and asked "Was this helpful?" (bot/knowledge.py)."""
+
+    passage: str | None
+    KIND: ClassVar[str] = "feedback"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "passage": self.passage}
+
+
+Pending = PendingChoice | PendingSlot | PendingFeedback
 
 
 def pending_from_dict(data: object) -> Pending | None:
@@ -83,6 +94,9 @@ def pending_from_dict(data: object) -> Pending | None:
         intent, slot = data.get("intent"), data.get("slot")
         if isinstance(intent, str) and isinstance(slot, str):
             return PendingSlot(intent, slot, confidence or 0.0)
+    if data.get("kind") == PendingFeedback.KIND:
+        passage = data.get("passage")
+        return PendingFeedback(passage if isinstance(passage, str) else None)
     return None
 
 
@@ -91,8 +105,8 @@ class SessionState:
     """What the dialogue remembers between messages.
 
     `pending` is what the bot is waiting for: a PendingChoice after a clarify question or
-    fallback suggestions, a PendingSlot after asking for a detail. `rev` is the store's
-    revision (0: never saved), used for compare-and-set.
+    fallback suggestions, a PendingSlot after asking for a detail, a PendingFeedback after a
+    knowledge answer. `rev` is the store's revision (0: never saved), used for compare-and-set.
     """
 
     handed_off: bool = False

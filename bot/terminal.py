@@ -87,6 +87,8 @@ class TerminalChat:
             self.say("(a person has this conversation, so the bot stays silent; /release gives it back to the bot)")
             return
         self.say(f"bot> {reply.text}")
+        for source in reply.sources:
+            self.say(f"     source: {source.title} <{source.url}>")
         if self.debug:
             top = ", ".join(f"{name} {p:.2f}" for name, p in reply.ranking[:3])
             self.say(f"     [{reply.action}: {reply.intent} {reply.confidence:.2f}; ranking {top}]")

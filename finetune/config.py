@@ -46,6 +46,25 @@ class CalibrationConfig(_Strict):
     max_gap: float = Field(default=0.3, ge=0, le=1)
 
 
+class RetrievalAdapterConfig(_Strict):
+    enabled: bool = Field(default=False, description="train a LoRA adapter that moves passage vectors towards the questions of questions/train.yaml")
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["query", "key", "value", "dense"]
+    epochs: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=16, ge=2)
+    lr: float = Field(default=5e-4, gt=0)
+
+
+class KnowledgeConfig(_Strict):
+    articles: str | None = Field(default=None, description="folder of help-centre articles (*.md); null: the domain pack's knowledge/ when it has one")
+    max_tokens: int = Field(default=128, ge=16, le=512, description="passage length limit in tokens, article title included")
+    wrong_answer_cost: float = Field(default=3.0, ge=0, description="what citing a wrong (or any, for an unanswerable question) article costs, in right answers, when fitting the retrieval floor")
+    floor: float | None = Field(default=None, ge=-1, le=1, description="a fixed retrieval floor instead of fitting it on questions/validation.yaml")
+    adapter: RetrievalAdapterConfig = RetrievalAdapterConfig()
+
+
 class TrainConfig(_Strict):
     """Everything that decides a training run; stored in the bundle as it was used."""
 
@@ -75,6 +94,7 @@ class TrainConfig(_Strict):
     head: HeadConfig = HeadConfig()
     lora: LoraConfig = LoraConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    knowledge: KnowledgeConfig = KnowledgeConfig()
 
     @field_validator("strategy")
     @classmethod

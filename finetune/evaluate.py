@@ -51,6 +51,7 @@ from .report_model import (
     Delta,
     Evaluation,
     EvaluationReport,
+    KnowledgeScores,
     Latency,
     McNemar,
     ModelInfo,
@@ -406,7 +407,7 @@ def cv_summary(per_fold: list[dict[str, Any]], k: int, recipe: TrainConfig) -> C
 
 def run(
     model: str | Path, spec: str, *, compare: str | Path | None = None, cv: int | None = None, worst: int = 20,
-    latency_sample: int = 200, progress: bool = True, require_out_of_scope: bool = False,
+    latency_sample: int = 200, progress: bool = True, require_out_of_scope: bool = False, questions: str | Path | None = None,
 ) -> Evaluation:
     """Evaluate (or cross-validate, or compare) one bundle on the data at `spec`; nothing is written yet.
 
@@ -430,5 +431,25 @@ def run(
     if len(splits) == 1 and Path(spec).is_file():
         split = "whole file"
     evaluation.report.data = DataInfo(spec=str(spec), split=split, n=len(dataset), out_of_scope=open_set)
+    evaluation.report.knowledge = knowledge_section(model, spec, questions, worst)
     evaluation.report.created = datetime.now(UTC).isoformat(timespec="seconds")
     return evaluation
+
+
+def knowledge_section(model: str | Path, spec: str, questions: str | Path | None, worst: int) -> KnowledgeScores | None:
+    """Knowledge metrics (docs/knowledge.md) on `questions`, else the data's pack's knowledge/questions/test.yaml."""
+    from .knowledge_train import QUESTIONS_DIR, evaluate_knowledge, knowledge_folder
+
+    named = Path(questions) if questions is not None else None
+    if named is None:
+        folder = knowledge_folder(str(spec), None)
+        default = folder / QUESTIONS_DIR / "test.yaml" if folder is not None else None
+        if default is None or not default.is_file():
+            return None
+        named = default
+    section = evaluate_knowledge(model, named, worst=worst)
+    if section is None:
+        if questions is not None:
+            raise data.DataError(f"--questions {named}: the bundle {model} has no help-centre articles (train it with --knowledge DIR)")
+        return None
+    return KnowledgeScores.model_validate(section)

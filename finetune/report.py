@@ -182,11 +182,45 @@ def _notes(report: Report) -> str:
     return "<h2>How these numbers were measured</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
 
 
+KNOWLEDGE_ROWS = (
+    ("recall_at_1", "recall@1"), ("recall_at_3", "recall@3"), ("mrr", "MRR"), ("floor", "retrieval floor"),
+    ("answered_right", "answered and right (answerable)"), ("answered_wrong", "answered wrong (answerable)"),
+    ("abstained", "abstained (answerable)"), ("unanswerable_abstained", "abstained on unanswerable"),
+)
+
+
+def knowledge_rows(report: Report) -> list[tuple[str, Any]]:
+    """(label, value) rows of the knowledge metrics, shared by the HTML report and the terminal."""
+    knowledge = report.knowledge
+    if knowledge is None:
+        return []
+    rows: list[tuple[str, Any]] = [("questions (answerable / unanswerable)",
+                                    f"{knowledge.n_answerable} / {knowledge.n_unanswerable}")]
+    return rows + [(label, getattr(knowledge, key)) for key, label in KNOWLEDGE_ROWS]
+
+
+def _knowledge(report: Report) -> str:
+    knowledge = report.knowledge
+    if knowledge is None:
+        return ""
+    misses = [[m.text, m.article or "(none)", m.cited, m.score, "yes" if m.answered else "no"] for m in knowledge.worst_misses]
+    actions = ", ".join(f"{name} {share:.1%}" for name, share in knowledge.dialogue_actions.items())
+    return (
+        f"<h2>Knowledge answers</h2><p>{knowledge.passages} passages, {html.escape(knowledge.retrieval)} retrieval; "
+        f"questions <code>{html.escape(knowledge.questions)}</code>. What the bot does with these questions: "
+        f"{html.escape(actions)}.</p>"
+        + _table(["metric", "value"], [[label, value] for label, value in knowledge_rows(report)])
+        + f"<h3>The {len(misses)} worst misses (most confident first)</h3>"
+        + (_table(["question", "right article", "cited", "score", "answered"], misses) if misses else "<p>None.</p>")
+        + f"<p>{html.escape(knowledge.note)}.</p>"
+    )
+
+
 def render_html(report: Report, images: dict[str, Path]) -> str:
     """A single self-contained page: tables and the PNGs embedded as base64."""
     sections = [
         _header(report), _gate(report), _summary(report), _cross_validation(report), _compare_intents(report),
-        _errors(report), _figures(images), _per_intent(report), _notes(report),
+        _knowledge(report), _errors(report), _figures(images), _per_intent(report), _notes(report),
     ]
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>supportbot evaluation '
@@ -228,6 +262,15 @@ def print_summary(report: Report, out_dir: Path) -> None:
         test = compare.mcnemar
         console.print(f"McNemar ({test.method}): this model alone right {test.model_only_right}, other alone right "
                       f"{test.other_only_right}, p = {test.p_value:.4g}: {test.verdict}")
+    if report.knowledge is not None:
+        knowledge_table = Table(title="knowledge answers", header_style="bold")
+        knowledge_table.add_column("metric")
+        knowledge_table.add_column("value", justify="right")
+        for label, value in knowledge_rows(report):
+            knowledge_table.add_row(label, _fmt(value))
+        console.print(knowledge_table)
+        for miss in report.knowledge.worst_misses[:3]:
+            console.print(f"miss: {miss.text!r} -> {miss.cited} ({miss.score:.3f}), right: {miss.article}")
     if report.confused_pairs:
         top = ", ".join(f"{p.a} / {p.b} ({p.count})" for p in report.confused_pairs[:3])
         console.print(f"most confused: {top}")

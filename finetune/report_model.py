@@ -79,6 +79,38 @@ class WorstError(_Model):
     fold: int | None = None
 
 
+class KnowledgeMiss(_Model):
+    text: str
+    article: str | None  # the right article's slug (None: no article answers the question)
+    cited: str  # the top passage's article
+    passage_id: str
+    score: float
+    answered: bool  # the score cleared the bundle's retrieval floor
+    rank_of_right_article: int | None = None
+
+
+class KnowledgeScores(_Model):
+    """Knowledge answers on help-centre questions (finetune/knowledge_train.py `evaluate_knowledge`)."""
+
+    questions: str
+    n: int
+    passages: int
+    retrieval: str
+    n_answerable: int
+    n_unanswerable: int
+    floor: float
+    recall_at_1: float
+    recall_at_3: float
+    mrr: float
+    answered_right: float
+    answered_wrong: float
+    abstained: float
+    unanswerable_abstained: float
+    dialogue_actions: dict[str, float]
+    worst_misses: list[KnowledgeMiss]
+    note: str
+
+
 class Latency(_Model):
     single_p50: float
     single_p95: float
@@ -168,7 +200,7 @@ class Scores(_Model):
 
 
 # Sections written only when they apply (absent from report.json otherwise, as before the schema).
-OPTIONAL_SECTIONS = ("latency_ms", "cross_validation", "compare", "data", "created", "gate")
+OPTIONAL_SECTIONS = ("latency_ms", "cross_validation", "compare", "data", "created", "gate", "knowledge")
 
 
 class EvaluationReport(Scores):
@@ -182,6 +214,7 @@ class EvaluationReport(Scores):
     data: DataInfo | None = None
     created: str | None = None
     gate: Gate | None = None
+    knowledge: KnowledgeScores | None = None
     files: list[str] = []
 
     def scalar_metrics(self) -> dict[str, float | None]:

@@ -33,6 +33,7 @@ from bot.heads import IntentHead
 from . import data
 from .calibrate import choose_thresholds, fit_temperature
 from .config import TrainConfig
+from .knowledge_train import knowledge_summary  # importing it registers the knowledge bundle hook
 from .loop import Fitted, Inputs, Prepared, Run, logits
 from .metrics import training_metrics
 from .strategies import BundleParts, Trained, TrainingStrategy, bundle_hooks, tensors_writer, training_strategy
@@ -105,7 +106,7 @@ def train(
     written = bundle_mod.load(cfg.output)
     if not run.accelerator.is_main_process:
         return TrainResult(written, {}, fitted.model)
-    summary = training_summary(trained, written, time.perf_counter() - started)
+    summary = training_summary(trained, written, time.perf_counter() - started) | knowledge_summary(written)
     if run.prepared.test is not None:
         summary.update({f"test_{k}": v for k, v in score_bundle(written.path, run.prepared.test, run.prepared.labels).items()})
     return TrainResult(written, summary, fitted.model)

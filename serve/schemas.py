@@ -46,6 +46,13 @@ class IntentScore(BaseModel):
     confidence: float = Field(..., ge=0, le=1, description="calibrated probability")
 
 
+class SourceModel(BaseModel):
+    title: str = Field(..., description="the help-centre article's title")
+    url: str = Field(..., description="the article's link")
+    score: float = Field(..., description="cosine similarity of the message and the passage")
+    passage_id: str = Field(..., description="which passage of the article was quoted (<slug>#<n>)")
+
+
 class ChatResponse(BaseModel):
     """The bot's reply to one message, the same on every channel (see the module docstring)."""
 
@@ -57,6 +64,9 @@ class ChatResponse(BaseModel):
     quick_replies: list[str] = Field(default_factory=list, description="suggested answers the customer can tap")
     handed_off: bool = Field(False, description="the conversation is now with a person")
     silent: bool = Field(False, description="the bot says nothing to this message")
+    sources: list[SourceModel] = Field(
+        default_factory=list, description='action "knowledge": the help-centre passage quoted, to show as a link; else []'
+    )
     model_version: str
 
     @classmethod
@@ -71,6 +81,7 @@ class ChatResponse(BaseModel):
             quick_replies=list(reply.quick_replies),
             handed_off=reply.handed_off,
             silent=reply.silent,
+            sources=[SourceModel(title=s.title, url=s.url, score=s.score, passage_id=s.passage_id) for s in reply.sources],
             model_version=reply.model_version,
         )
 

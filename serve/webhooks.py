@@ -338,10 +338,16 @@ def _chatwoot_actions(session: str, account: int, conversation: int, reply: Repl
     actions = []
     if reply.text and not reply.silent:
         actions.append(NewAction(session, chatwoot.KIND_MESSAGE,
-                                 chatwoot.message_payload(account, conversation, reply.text)))
+                                 chatwoot.message_payload(account, conversation, with_links(reply))))
     if reply.handed_off:
         actions.append(NewAction(session, chatwoot.KIND_OPEN, chatwoot.open_payload(account, conversation)))
     return actions
+
+
+def with_links(reply: Reply) -> str:
+    """The reply text, plus a Markdown link to each cited article (Chatwoot renders Markdown)."""
+    links = [f"[{source.title}]({source.url})" for source in reply.sources]
+    return "\n\n".join([reply.text, *links]) if links else reply.text
 
 
 def _why_not(event: MessageEvent) -> str:

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "or the name of another registered strategy (finetune/strategies.py)")
     train.add_argument("--output", metavar="DIR", help="bundle directory to write (replaced atomically)")
     train.add_argument("--seed", type=int, help="random seed (split, init, batches)")
+    train.add_argument("--knowledge", metavar="DIR", help="help-centre articles (*.md with front matter title, url) to answer from; "
+                       "default: the domain pack's knowledge/ folder when it has one (docs/knowledge.md)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override any recipe field, dotted for sections: --set lora.r=8 --set epochs=3")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cv", type=int, metavar="K", help="retrain the bundle's recipe on K stratified folds of --data and report mean ± sd per metric (no test set needed)")
     evaluate.add_argument("--min-accuracy", type=float, metavar="X", help="exit 1 when accuracy is below X (0-1)")
     evaluate.add_argument("--min-oos-recall", type=float, metavar="Y", help="exit 1 when out-of-scope recall is below Y (0-1)")
+    evaluate.add_argument("--questions", metavar="FILE", help="help-centre questions ({text, article: slug|null}) for the knowledge metrics; "
+                          "default: the pack's knowledge/questions/test.yaml when --data is a domain pack")
     evaluate.add_argument("--worst", type=int, default=20, metavar="N", help="how many worst errors to list (default 20)")
     evaluate.add_argument("--latency-sample", type=int, default=200, metavar="N",
                           help="how many texts to time one at a time for single-text latency (default 200)")
@@ -129,6 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    if args.knowledge is not None:
+        overrides.append(f"knowledge.articles={json.dumps(args.knowledge)}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
     print_summary("training summary", result.summary)
@@ -172,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     evaluation = evaluate.run(
         args.model, args.data, compare=args.compare, cv=args.cv, worst=args.worst, latency_sample=args.latency_sample,
-        progress=not args.quiet, require_out_of_scope=args.min_oos_recall is not None,
+        progress=not args.quiet, require_out_of_scope=args.min_oos_recall is not None, questions=args.questions,
     )
     evaluation.report.gate = gate(evaluation.report, args.min_accuracy, args.min_oos_recall)
     out_dir = write_outputs(Path(args.output), evaluation)

@@ -101,3 +101,14 @@ def pg_url(postgres, request) -> str:
 
     name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:6]
     return postgres.create_database(name)
+
+
+KNOWLEDGE_ARTICLES = ROOT / "tests" / "data" / "knowledge"
+
+
+@pytest.fixture(scope="session")
+def knowledge_bundle(tmp_path_factory) -> Path:
+    """The shop pack's intents (12 examples each, to train quickly) with the small test help centre
+    (tests/data/knowledge) as its articles."""
+    return train_bundle(tmp_path_factory.mktemp("bundles") / "shop-knowledge", f"knowledge.articles={KNOWLEDGE_ARTICLES}",
+                        "few_shot=12")

@@ -58,7 +58,12 @@
     return session;
   }
 
-  function addMessage(role, text) {
+  function safeUrl(url) {
+    // Only web links and same-site paths become links (never javascript: or data:).
+    return typeof url === "string" && (/^https?:\/\//i.test(url) || /^\/(?!\/)/.test(url));
+  }
+
+  function addMessage(role, text, sources) {
     const item = document.createElement("li");
     item.className = "message " + role;
     const who = document.createElement("span");
@@ -66,6 +71,16 @@
     who.textContent = role === "user" ? "You said: " : "Assistant: ";
     item.appendChild(who);
     item.appendChild(document.createTextNode(text));
+    for (const source of sources || []) {
+      if (!source || !safeUrl(source.url)) continue;
+      const cite = document.createElement("a");
+      cite.className = "source";
+      cite.href = source.url;
+      cite.target = "_blank";
+      cite.rel = "noopener noreferrer";
+      cite.textContent = source.title || source.url;
+      item.appendChild(cite);
+    }
     els.messages.appendChild(item);
     item.scrollIntoView({ block: "end" });
     return item;
@@ -144,7 +159,7 @@
         failed(response.status, body, response.headers);
         return;
       }
-      if (!body.silent && body.reply) addMessage("bot", body.reply);
+      if (!body.silent && body.reply) addMessage("bot", body.reply, body.sources);
       showQuickReplies(body.quick_replies);
       showHandoff(body.handed_off);
     } catch (_) {
@@ -168,7 +183,7 @@
       const body = await response.json();
       let lastBot = null;
       for (const turn of body.turns) {
-        addMessage(turn.role === "user" ? "user" : "bot", turn.text);
+        addMessage(turn.role === "user" ? "user" : "bot", turn.text, turn.metadata && turn.metadata.sources);
         if (turn.role === "bot") lastBot = turn;
       }
       const last = body.turns[body.turns.length - 1];

@@ -1,0 +1,160 @@
+"""Knowledge answers: retrieval quality (dense, dense + BM25, LoRA-adapted passages) and retrieval speed.
+
+    python bench/bench_knowledge.py --model models/default                 # quality and speed
+    python bench/bench_knowledge.py --model models/default --adapter       # + the retrieval adapter
+    python bench/bench_knowledge.py --model models/default --no-record     # print only
+
+Quality, on the questions of the knowledge folder the bundle was trained with (or --knowledge DIR):
+each variant's floor is fitted on validation.yaml exactly as training fits it, and scored on
+test.yaml (recall@1/@3, MRR; at the floor: answered-right, answered-wrong, abstention on
+unanswerable). Variants: the bundle's dense retrieval; dense + w x BM25 (rank-bm25, scores divided
+by the query's best, w chosen on validation); with --adapter, passages embedded by a LoRA
+adapter trained on train.yaml (finetune/knowledge_train.py `train_passage_adapter`).
+
+Speed: one process, the shop pack's test messages one at a time: the intent pass
+(`IntentClassifier.predict([text])`) and retrieval over 5,000 passages (the bundle's passages
+repeated with noise, unit rows) from the vector the intent pass made, timed in alternation; p50
+of each and their ratio. Appends a section to BENCHMARKS.md unless --no-record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from supportbot.cli import set_serving_openmp  # noqa: E402
+
+set_serving_openmp()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.bench_serve import shop_messages  # noqa: E402
+from bench.record import append_section, command_line  # noqa: E402
+from bot import bundle as bundle_mod  # noqa: E402
+from bot.classifier import IntentClassifier  # noqa: E402
+from bot.encoder import Encoder  # noqa: E402
+from bot.knowledge import KnowledgeBase, Passage, Question, read_questions  # noqa: E402
+from finetune import knowledge_train as kt  # noqa: E402
+
+KEYS = ("recall_at_1", "recall_at_3", "mrr", "answered_right", "answered_wrong", "abstained", "unanswerable_abstained")
+WEIGHTS = (0.02, 0.05, 0.1, 0.2, 0.3)
+
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def scored(name: str, val: torch.Tensor, test: torch.Tensor, passages: list[Passage], qs: dict[str, list[Question]],
+           cost: float) -> dict[str, float | str]:
+    floor = kt.fit_floor(val, passages, qs["validation"], cost)
+    return {"variant": name, **{k: v for k, v in kt.retrieval_metrics(test, passages, qs["test"], floor).items() if k in KEYS},
+            "floor": floor}
+
+
+def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, adapter: bool) -> list[dict[str, float | str]]:
+    slugs = sorted({p.article for p in base.passages})
+    qs = {split: read_questions(folder / "questions" / f"{split}.yaml", slugs) for split in ("validation", "test")}
+    cost = float(base.meta.get("wrong_answer_cost", 3.0))
+    query = {split: classifier.embed_and_logits([q.text for q in qs[split]])[0] for split in qs}
+    dense = {split: base.scores(query[split]) for split in qs}
+    rows = [scored("dense (served)", dense["validation"], dense["test"], base.passages, qs, cost)]
+
+    from rank_bm25 import BM25Okapi
+
+    bm25 = BM25Okapi([_tokens(p.context_text) for p in base.passages])
+
+    def lexical(split: str) -> torch.Tensor:
+        raw = torch.tensor(np.array([bm25.get_scores(_tokens(q.text)) for q in qs[split]]), dtype=torch.float32)
+        return raw / raw.max(dim=1, keepdim=True).values.clamp(min=1e-9)
+
+    lex = {split: lexical(split) for split in qs}
+    best_w = max(WEIGHTS, key=lambda w: kt.retrieval_metrics(dense["validation"] + w * lex["validation"], base.passages,
+                                                              qs["validation"], 0.0)["recall_at_1"])
+    rows.append(scored(f"dense + {best_w:g} x BM25", dense["validation"] + best_w * lex["validation"],
+                       dense["test"] + best_w * lex["test"], base.passages, qs, cost))
+    if adapter:
+        train = read_questions(folder / "questions" / "train.yaml", slugs)
+        serving = classifier.encoder
+        max_tokens = int(base.meta["max_tokens"])
+        started = time.perf_counter()
+        model = kt.train_passage_adapter(serving.model, serving, base.passages, train,
+                                         {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["query", "key", "value", "dense"]},
+                                         max_tokens=max_tokens, epochs=2, progress=True)
+        seconds = time.perf_counter() - started
+        merged = Encoder(model.merge_and_unload(), serving.tokenizer, max_tokens)
+        vectors = merged.embed([p.context_text for p in base.passages])
+        rows.append(scored(f"LoRA passages (r 8, 2 epochs, {len(train)} questions, {seconds:.0f} s)",
+                           query["validation"] @ vectors.T, query["test"] @ vectors.T, base.passages, qs, cost))
+    return rows
+
+
+def speed(classifier: IntentClassifier, base: KnowledgeBase, n_passages: int, repeats: int) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+    rows = base.vectors[torch.arange(n_passages) % len(base.passages)]
+    vectors = F.normalize(rows + 0.05 * torch.randn(rows.shape, generator=generator), dim=1)
+    passages = [replace(base.passages[i % len(base.passages)], id=f"p{i}", sentences=()) for i in range(n_passages)]
+    big = KnowledgeBase(passages, vectors, base.sentence_vectors[:0], base.floor)  # search reads no sentences
+    texts = shop_messages()[:repeats]
+    intent_ms, retrieval_ms = [], []
+    for text in texts[:10]:  # warm-up
+        big.best(classifier.predict([text])[0].embedding)
+    for text in texts:
+        started = time.perf_counter()
+        prediction = classifier.predict([text])[0]
+        middle = time.perf_counter()
+        big.best(prediction.embedding)
+        done = time.perf_counter()
+        intent_ms.append((middle - started) * 1000)
+        retrieval_ms.append((done - middle) * 1000)
+    intent, retrieval = statistics.median(intent_ms), statistics.median(retrieval_ms)
+    return {"messages": len(texts), "passages": n_passages, "intent_p50_ms": intent, "retrieval_p50_ms": retrieval,
+            "ratio": retrieval / intent}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a bundle trained with help-centre articles")
+    parser.add_argument("--knowledge", help="the articles' folder with questions/ (default: the shop pack's)")
+    parser.add_argument("--passages", type=int, default=5000, help="passages for the speed test (default 5000)")
+    parser.add_argument("--messages", type=int, default=300, help="messages timed (default 300)")
+    parser.add_argument("--adapter", action="store_true", help="also train and score the LoRA retrieval adapter (minutes)")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    parser.add_argument("--note", default="", help="a note for the record (e.g. 'measured under load')")
+    args = parser.parse_args()
+
+    classifier = IntentClassifier.from_bundle(args.model)
+    base = KnowledgeBase.from_bundle(bundle_mod.load(args.model))
+    if base is None:
+        parser.error(f"{args.model} has no help-centre articles; train it with --knowledge DIR")
+    folder = Path(args.knowledge) if args.knowledge else kt.knowledge_folder("pack:shop", None)
+    assert folder is not None
+    rows = quality(classifier, base, folder, args.adapter)
+    timing = speed(classifier, base, args.passages, args.messages)
+
+    header = "| variant | " + " | ".join(KEYS) + " | floor |\n|---|" + "---|" * (len(KEYS) + 1) + "\n"
+    table = header + "".join(
+        f"| {r['variant']} | " + " | ".join(f"{float(r[k]):.3f}" for k in KEYS) + f" | {float(r['floor']):.3f} |\n" for r in rows
+    )
+    speed_line = (f"Speed: {timing['messages']} messages one at a time, {timing['passages']:,} passages: intent pass p50 "
+                  f"{timing['intent_p50_ms']:.2f} ms, retrieval p50 {timing['retrieval_p50_ms']:.3f} ms "
+                  f"(ratio {timing['ratio']:.3f}).")
+    body = f"Questions: {folder}/questions (floor fitted on validation.yaml, scored on test.yaml).\n\n{table}\n{speed_line}\n"
+    if args.note:
+        body += f"\n{args.note}\n"
+    print(body)
+    if not args.no_record:
+        append_section("Knowledge answers: retrieval quality and speed", command_line("bench/bench_knowledge.py"), body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

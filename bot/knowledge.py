@@ -1,0 +1,346 @@
+"""Knowledge answers: help-centre articles as passages, retrieved by cosine on the intent encoder.
+
+Decisions, and why:
+- Articles are data: Markdown files with front matter (`title`, `url`, optional `tags`) in a
+  pack's `knowledge/` folder. They are split into passages by heading, then by paragraph (and by
+  sentence only when one paragraph alone is too long), so each passage fits the encoder's token
+  limit. The article title and the section heading are prepended to the text that is embedded:
+  "Opening hours" alone says little; "Stores. Opening hours. ..." places it.
+- One embedding path. Passages are embedded at training time by the same `Encoder.tokenize` and
+  `mean_pool` as intents, with the serving body (int8 or LoRA-merged, as the bundle serves). At run
+  time the query vector IS the vector the intent pass already computed (`Prediction.embedding`),
+  so retrieval costs one matrix-vector product over unit vectors (cosine), no second encoder pass.
+- Sentences of every passage are embedded at training time too, so the extractive quote (the
+  sentences most similar to the question) also costs a dot product, not an encoder pass.
+- Knowing when not to answer: the retrieval floor is fitted on validation questions (answerable
+  and unanswerable) at training time and stored in `knowledge.json` in the bundle, which is
+  checksummed like every other file. Nothing here holds a threshold.
+- A lexical hybrid (BM25) was measured side by side with dense retrieval and not kept
+  (docs/knowledge.md, BENCHMARKS.md): retrieval stays dense only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from .bundle import Bundle, BundleError
+from .errors import SupportbotError
+from .fileio import read_yaml
+
+KNOWLEDGE_JSON = "knowledge.json"
+KNOWLEDGE_VECTORS = "knowledge.safetensors"
+FORMAT = 1
+MAX_ARTICLE_BYTES = 1 << 20
+MAX_ARTICLES = 20_000
+
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.S)
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+_BULLET = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9£$€])")
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+class KnowledgeError(SupportbotError):
+    """Articles or questions that cannot be used; the message is one line naming the file and problem."""
+
+
+@dataclass(frozen=True)
+class Article:
+    slug: str  # the file stem: questions name their article by it
+    title: str
+    url: str
+    tags: tuple[str, ...]
+    body: str
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrievable piece of an article. `text` is what is quoted; `context_text` is what is embedded."""
+
+    id: str  # "<slug>#<n>"
+    article: str
+    title: str
+    url: str
+    heading: str
+    sentences: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.sentences)
+
+    @property
+    def context_text(self) -> str:
+        """The article title (and heading) as context, then the passage."""
+        head = f"{self.title}. {self.heading}." if self.heading and self.heading != self.title else f"{self.title}."
+        return f"{head} {self.text}"
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    article: str | None  # None: no article answers it
+
+
+@dataclass(frozen=True)
+class Source:
+    """A cited passage, as replies carry it (`sources`)."""
+
+    title: str
+    url: str
+    score: float
+    passage_id: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    passage: Passage
+    score: float
+    rank: int = 0
+
+    def source(self) -> Source:
+        return Source(self.passage.title, self.passage.url, round(float(self.score), 4), self.passage.id)
+
+
+# ---- reading articles ------------------------------------------------------------------------
+
+
+def read_articles(folder: str | Path) -> list[Article]:
+    """Every `*.md` in `folder` (not recursive), sorted by slug; front matter title and url required."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise KnowledgeError(f"{root}: no such knowledge folder")
+    files = sorted(p for p in root.glob("*.md") if p.is_file() and p.name.lower() != "readme.md")
+    if not files:
+        raise KnowledgeError(f"{root}: no articles (*.md with front matter title and url)")
+    if len(files) > MAX_ARTICLES:
+        raise KnowledgeError(f"{root}: {len(files)} articles; the limit is {MAX_ARTICLES}")
+    return [read_article(p) for p in files]
+
+
+def read_article(path: Path) -> Article:
+    slug = path.stem
+    if not _SLUG.match(slug):
+        raise KnowledgeError(f"{path}: the file name must be a slug (lowercase letters, digits, - and _)")
+    if path.stat().st_size > MAX_ARTICLE_BYTES:
+        raise KnowledgeError(f"{path}: larger than {MAX_ARTICLE_BYTES} bytes")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KnowledgeError(f"{path}: cannot read as UTF-8 text: {exc}") from None
+    match = _FRONT_MATTER.match(raw)
+    if match is None:
+        raise KnowledgeError(f"{path}: no front matter (a '---' block with title and url at the top)")
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        raise KnowledgeError(f"{path}: the front matter is not valid YAML") from None
+    if not isinstance(meta, dict):
+        raise KnowledgeError(f"{path}: the front matter must be a mapping with title and url")
+    title, url, tags = meta.get("title"), meta.get("url"), meta.get("tags") or []
+    if not isinstance(title, str) or not title.strip():
+        raise KnowledgeError(f"{path}: front matter 'title' must be a non-empty text")
+    if not isinstance(url, str) or not re.match(r"^(https?://\S+|/\S*)$", url.strip()):
+        raise KnowledgeError(f"{path}: front matter 'url' must be an http(s) URL or a path starting with /")
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise KnowledgeError(f"{path}: front matter 'tags' must be a list of texts")
+    body = raw[match.end() :]
+    if not body.strip():
+        raise KnowledgeError(f"{path}: the article has no text")
+    return Article(slug, title.strip(), url.strip(), tuple(t.strip() for t in tags), body)
+
+
+def read_questions(path: str | Path, slugs: Sequence[str] | None = None) -> list[Question]:
+    """`questions: [{text, article: slug | null}]`; an article that is not among `slugs` is an error."""
+    file = Path(path)
+    data = read_yaml(file, error=KnowledgeError, max_bytes=MAX_ARTICLE_BYTES * 8)
+    items = data.get("questions") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise KnowledgeError(f"{file}: expected 'questions:' with a list of {{text, article}}")
+    known = set(slugs) if slugs is not None else None
+    out = []
+    for n, item in enumerate(items, start=1):
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not item["text"].strip():
+            raise KnowledgeError(f"{file}: question {n}: expected a mapping with a non-empty 'text'")
+        article = item.get("article")
+        if article is not None and (not isinstance(article, str) or (known is not None and article not in known)):
+            raise KnowledgeError(f"{file}: question {n}: article {article!r} is not an article slug")
+        out.append(Question(" ".join(item["text"].split()), article))
+    return out
+
+
+# ---- splitting -------------------------------------------------------------------------------
+
+
+def plain(markdown: str) -> str:
+    """Markdown inline syntax removed: links keep their text, emphasis and code marks go."""
+    text = re.sub(r"!\[([^\]]*)\]\([^)]*\)", r"\1", markdown)
+    text = re.sub(r"\[([^\]]+)\]\([^)]*\)", r"\1", text)
+    text = re.sub(r"(\*\*|__|`)", "", text)
+    text = re.sub(r"(?<![\w*])\*(?!\s)([^*]+)(?<!\s)\*(?![\w*])", r"\1", text)
+    return " ".join(text.split())
+
+
+def sentences_of(paragraph: str) -> list[str]:
+    """A paragraph's sentences; each list item is one sentence (ending punctuation added)."""
+    out: list[str] = []
+    lines = paragraph.split("\n")
+    if any(_BULLET.match(line) for line in lines):
+        items: list[str] = []
+        for line in lines:
+            if _BULLET.match(line) or not items:
+                items.append(_BULLET.sub("", line))
+            else:
+                items[-1] += " " + line.strip()
+        for item in items:
+            text = plain(item)
+            if text:
+                out.append(text if text[-1] in ".!?:" else text + ".")
+        return out
+    for piece in _SENTENCE_END.split(plain(paragraph)):
+        if piece.strip():
+            out.append(piece.strip())
+    return out
+
+
+def _sections(body: str) -> list[tuple[str, list[str]]]:
+    """(heading, paragraphs) in order; text before the first heading has heading ""."""
+    sections: list[tuple[str, list[str]]] = [("", [])]
+    block: list[str] = []
+
+    def flush() -> None:
+        if block and any(line.strip() for line in block):
+            sections[-1][1].append("\n".join(line.rstrip() for line in block).strip())
+        block.clear()
+
+    for line in body.splitlines():
+        heading = _HEADING.match(line)
+        if heading:
+            flush()
+            sections.append((plain(heading.group(2)), []))
+        elif not line.strip():
+            flush()
+        else:
+            block.append(line)
+    flush()
+    return [(h, paras) for h, paras in sections if paras]
+
+
+def split_article(article: Article, count_tokens: Callable[[str], int], max_tokens: int) -> list[Passage]:
+    """Passages of at most `max_tokens` (title and heading included): whole sections when they fit,
+    else consecutive paragraphs, else consecutive sentences of an oversized paragraph."""
+    passages: list[Passage] = []
+    for heading, paragraphs in _sections(article.body):
+        units = [sentences_of(p) for p in paragraphs]
+        pending: list[str] = []
+
+        def emit(sentences: list[str], heading: str = heading) -> None:
+            if sentences:
+                pid = f"{article.slug}#{len(passages)}"
+                passages.append(Passage(pid, article.slug, article.title, article.url, heading, tuple(sentences)))
+
+        def fits(sentences: list[str], heading: str = heading) -> bool:
+            probe = Passage("", article.slug, article.title, article.url, heading, tuple(sentences))
+            return count_tokens(probe.context_text) <= max_tokens
+
+        for unit in units:
+            if fits(pending + unit):
+                pending += unit
+                continue
+            emit(pending)
+            pending = []
+            if fits(unit):
+                pending = list(unit)
+                continue
+            for sentence in unit:  # one paragraph alone is too long: pack its sentences
+                if pending and not fits([*pending, sentence]):
+                    emit(pending)
+                    pending = []
+                pending.append(sentence)  # a single over-long sentence stays whole (the encoder truncates it)
+        emit(pending)
+    return passages
+
+
+# ---- the runtime knowledge base ------------------------------------------------------------
+
+
+@dataclass
+class KnowledgeBase:
+    """Passages with their unit vectors, the sentences' vectors for quoting, and the fitted floor."""
+
+    passages: list[Passage]
+    vectors: torch.Tensor  # (passages, dim), unit rows
+    sentence_vectors: torch.Tensor  # (all sentences, dim), unit rows, passage by passage in order
+    floor: float
+    meta: dict[str, Any] = field(default_factory=dict)
+    _offsets: list[int] = field(init=False, repr=False)
+    _index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        offsets, total = [], 0
+        for passage in self.passages:
+            offsets.append(total)
+            total += len(passage.sentences)
+        if total != self.sentence_vectors.shape[0] or len(self.passages) != self.vectors.shape[0]:
+            raise ValueError("knowledge vectors do not match the passages")
+        self._offsets = offsets
+        self._index = {p.id: i for i, p in enumerate(self.passages)}
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> KnowledgeBase | None:
+        """The bundle's knowledge base, or None when it was trained without articles."""
+        meta_path, vectors_path = bundle.file(KNOWLEDGE_JSON), bundle.file(KNOWLEDGE_VECTORS)
+        if meta_path is None or vectors_path is None:
+            return None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            tensors = load_file(str(vectors_path))
+            passages = [
+                Passage(p["id"], p["article"], p["title"], p["url"], p["heading"], tuple(p["sentences"]))
+                for p in meta["passages"]
+            ]
+            return cls(passages, tensors["passages"].float(), tensors["sentences"].float(), float(meta["floor"]), meta)
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise BundleError(f"bundle {bundle.path}: {KNOWLEDGE_JSON} is not usable: {exc}") from None
+
+    def passage(self, passage_id: str) -> Passage | None:
+        index = self._index.get(passage_id)
+        return None if index is None else self.passages[index]
+
+    def scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each query (rows, unit length) with every passage: (queries, passages)."""
+        return queries.reshape(-1, self.vectors.shape[1]).float() @ self.vectors.T
+
+    def search(self, query: torch.Tensor, k: int = 3) -> list[Hit]:
+        """The k best passages for one query vector, best first (no floor applied)."""
+        row = self.scores(query)[0]
+        values, indices = row.topk(min(k, row.shape[0]))
+        return [Hit(self.passages[i], float(v), rank) for rank, (v, i) in enumerate(zip(values.tolist(), indices.tolist()))]
+
+    def best(self, query: torch.Tensor) -> Hit | None:
+        """The top passage for one query vector, floor or not (the policy applies the floor)."""
+        hits = self.search(query, 1)
+        return hits[0] if hits else None
+
+    def quote(self, hit: Hit, query: torch.Tensor, *, max_sentences: int = 2, max_chars: int = 480) -> str:
+        """The passage's sentences most similar to the question, in the passage's order (extractive)."""
+        index = self._index[hit.passage.id]
+        start, sentences = self._offsets[index], hit.passage.sentences
+        similarity = self.sentence_vectors[start : start + len(sentences)] @ query.reshape(-1).float()
+        ranked = similarity.argsort(descending=True).tolist()
+        chosen: list[int] = []
+        for i in ranked:
+            if len(chosen) == max_sentences:
+                break
+            if chosen and sum(len(sentences[j]) + 1 for j in chosen) + len(sentences[i]) > max_chars:
+                continue
+            chosen.append(i)
+        return " ".join(sentences[i] for i in sorted(chosen))

@@ -1,0 +1,457 @@
+"""Knowledge at training time: passages embedded into the bundle, the retrieval floor fitted.
+
+`build()` reads a knowledge folder (articles plus `questions/validation.yaml`), splits the articles
+into passages (bot/knowledge.py), embeds passages and their sentences with the body the bundle will
+serve, fits the retrieval floor on the validation questions and returns the bundle files
+(`knowledge.safetensors`: the passage and sentence matrices; `knowledge.json`: passages, floor,
+validation metrics). The bundle checksums them like every other file, so model, answers and
+articles are versioned together.
+
+The floor is chosen like the intent floor (finetune/calibrate.py): the value that maximises
+right answers minus `wrong_answer_cost` x wrong answers on validation, where a wrong answer is
+citing the wrong article or citing anything for a question no article answers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from bot.bundle import Bundle
+from bot.encoder import Encoder
+from bot.knowledge import (
+    FORMAT,
+    KNOWLEDGE_JSON,
+    KNOWLEDGE_VECTORS,
+    Article,
+    KnowledgeBase,
+    KnowledgeError,
+    Passage,
+    Question,
+    read_articles,
+    read_questions,
+    split_article,
+)
+from bot.precision import apply_precision
+
+from .cache import EmbeddingCache, default_cache_dir
+from .config import KnowledgeConfig
+from .strategies import BundleParts, EncoderClassifier, Trained, register_bundle_hook
+
+QUESTIONS_DIR = "questions"
+
+# How texts become vectors: `Encoder.embed` by default; training passes the embedding cache for a frozen base.
+Embedder = Callable[[Encoder, Sequence[str]], torch.Tensor]
+
+
+def plain_embed(encoder: Encoder, texts: Sequence[str]) -> torch.Tensor:
+    return encoder.embed(texts)
+
+
+@dataclass
+class KnowledgeBuild:
+    base: KnowledgeBase
+    meta: dict[str, Any]  # summary for bundle.json
+    writers: dict[str, Callable[[Path], None]]
+    summary: dict[str, Any]
+
+
+def knowledge_folder(data_spec: str, configured: str | None) -> Path | None:
+    """The articles to use: the configured folder, else the data's domain pack's `knowledge/` when it has one."""
+    if configured:
+        return Path(configured).expanduser()
+    if data_spec.startswith("pack:"):
+        from bot.domains import pack_path
+
+        try:
+            folder = pack_path(data_spec[5:].rsplit(":", 1)[0]) / "knowledge"
+        except KeyError:
+            return None
+    else:
+        plain = Path(data_spec)
+        folder = (plain if plain.is_dir() else plain.parent) / "knowledge"
+        if not (plain.is_dir() and (plain / "nlu.yaml").is_file()):
+            return None  # only a domain pack brings its own knowledge folder
+    return folder if folder.is_dir() else None
+
+
+def passage_encoder(serving: Encoder, max_tokens: int) -> Encoder:
+    """The serving encoder's body and tokenizer with the passage token limit (same tokenize, same pooling)."""
+    return Encoder(serving.model, serving.tokenizer, max_length=max_tokens)
+
+
+def token_counter(encoder: Encoder) -> Callable[[str], int]:
+    counter = Encoder(encoder.model, encoder.tokenizer, max_length=100_000)
+
+    def count(text: str) -> int:
+        return len(counter.tokenize([text], pad=False)["input_ids"][0])
+
+    return count
+
+
+def split_all(articles: Sequence[Article], encoder: Encoder, max_tokens: int) -> list[Passage]:
+    count = token_counter(encoder)
+    passages: list[Passage] = []
+    for article in articles:
+        passages += split_article(article, count, max_tokens)
+    return passages
+
+
+# ---- measuring retrieval ---------------------------------------------------------------------
+
+
+def ranks(scores: torch.Tensor, passages: Sequence[Passage], questions: Sequence[Question]) -> np.ndarray:
+    """Rank (0 = first) of the first passage of the right article per question; -1 when unanswerable."""
+    order = scores.argsort(dim=1, descending=True).numpy()
+    articles = np.array([p.article for p in passages])
+    out = np.full(len(questions), -1)
+    for q, question in enumerate(questions):
+        if question.article is not None:
+            hits = np.nonzero(articles[order[q]] == question.article)[0]
+            out[q] = int(hits[0]) if len(hits) else len(passages)
+    return out
+
+
+def retrieval_metrics(
+    scores: torch.Tensor, passages: Sequence[Passage], questions: Sequence[Question], floor: float
+) -> dict[str, Any]:
+    """recall@1/@3 and MRR on answerable questions; at the floor, answered-right/-wrong/abstained
+    (answerable), and abstention on unanswerable questions."""
+    rank = ranks(scores, passages, questions)
+    top = scores.max(dim=1).values.numpy() if len(questions) else np.zeros(0)
+    answerable = rank >= 0
+    answered = top >= floor
+    right = answerable & (rank == 0)
+    n_ans, n_un = int(answerable.sum()), int((~answerable).sum())
+    out: dict[str, Any] = {
+        "n_answerable": n_ans,
+        "n_unanswerable": n_un,
+        "floor": float(floor),
+        "recall_at_1": float((rank[answerable] == 0).mean()) if n_ans else 0.0,
+        "recall_at_3": float((rank[answerable] < 3).mean()) if n_ans else 0.0,
+        "mrr": float((1.0 / (rank[answerable] + 1)).mean()) if n_ans else 0.0,
+        "answered_right": float((answered & right)[answerable].mean()) if n_ans else 0.0,
+        "answered_wrong": float((answered & ~right)[answerable].mean()) if n_ans else 0.0,
+        "abstained": float((~answered)[answerable].mean()) if n_ans else 0.0,
+        "unanswerable_abstained": float((~answered)[~answerable].mean()) if n_un else 1.0,
+    }
+    return out
+
+
+def fit_floor(scores: torch.Tensor, passages: Sequence[Passage], questions: Sequence[Question], cost: float) -> float:
+    """The floor maximising right - cost x wrong over validation questions (wrong: a wrong article, or
+    any citation for an unanswerable question); between two candidate scores, their midpoint."""
+    if not questions:
+        raise KnowledgeError("no validation questions to fit the retrieval floor on")
+    rank = ranks(scores, passages, questions)
+    top = scores.max(dim=1).values.numpy()
+    gain = np.where(rank == 0, 1.0, -cost)  # answering question q gains this
+    order = np.argsort(-top)
+    cumulative = np.concatenate([[0.0], np.cumsum(gain[order])])  # answer the k most confident
+    k = int(np.argmax(cumulative))  # first maximum: the fewest answers for the best utility
+    sorted_top = top[order]
+    if k == 0:
+        return float(min(1.0, sorted_top[0] + 1e-4))
+    if k == len(sorted_top):
+        return float(max(-1.0, sorted_top[-1] - 1e-4))
+    return float((sorted_top[k - 1] + sorted_top[k]) / 2)
+
+
+# ---- the bundle files ----------------------------------------------------------------------
+
+
+@register_bundle_hook
+def knowledge_parts(trained: Trained) -> BundleParts:
+    """The bundle hook: the pack's (or --knowledge) articles embedded by the body that will serve."""
+    run, cfg = trained.run, trained.run.cfg
+    folder = knowledge_folder(cfg.data, cfg.knowledge.articles)
+    if folder is None:
+        return BundleParts()
+    if isinstance(trained.serving_model, EncoderClassifier):
+        body = trained.serving_model.body  # lora / full (at int8: the converted copy calibration used)
+    else:  # head strategy: the frozen base at the serving precision
+        body = apply_precision(run.encoder.model, cfg.precision) if cfg.precision != "fp32" else run.encoder.model
+    body.eval()
+    serving = Encoder(body, run.encoder.tokenizer, cfg.max_length)
+
+    def embed(encoder: Encoder, texts: Sequence[str]) -> torch.Tensor:
+        if cfg.strategy != "head":  # a trained body: nothing to reuse
+            return encoder.embed(texts, batch_size=cfg.embed_batch_size, progress=run.progress)
+        cache = EmbeddingCache(cfg.cache_dir or default_cache_dir(), run.base_sha256, encoder.max_length, cfg.precision)
+        try:
+            return cache.embed(encoder, texts, batch_size=cfg.embed_batch_size, progress=run.progress)[0]
+        finally:
+            cache.close()
+
+    built = build(cfg.knowledge, folder, serving, embed=embed, adapter_body=run.encoder.model if cfg.strategy == "head" else None,
+                  precision=cfg.precision, progress=run.progress, log=run.log)
+    return BundleParts(built.writers, {"knowledge": built.meta})
+
+
+def knowledge_summary(written: Bundle) -> dict[str, Any]:
+    """Rows for the training summary table: passages, floor, validation figures."""
+    meta = written.meta.get("knowledge")
+    if not isinstance(meta, dict):
+        return {}
+    out: dict[str, Any] = {"knowledge_passages": meta["passages"], "knowledge_floor": meta["floor"]}
+    validation = meta.get("validation") or {}
+    for key in ("recall_at_1", "answered_right", "answered_wrong", "unanswerable_abstained"):
+        if key in validation:
+            out[f"knowledge_val_{key}"] = validation[key]
+    return out
+
+
+def build(
+    cfg: KnowledgeConfig, folder: Path, serving: Encoder, *, embed: Embedder = plain_embed,
+    adapter_body: torch.nn.Module | None = None, precision: str = "fp32", progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> KnowledgeBuild:
+    """Split, embed, fit the floor; the bundle's knowledge files and a summary.
+
+    `adapter_body`: the fp32 frozen body the optional retrieval adapter trains on (None: no adapter possible).
+    """
+    articles = read_articles(folder)
+    slugs = [a.slug for a in articles]
+    passages = split_all(articles, serving, cfg.max_tokens)
+    log(f"knowledge: {len(articles)} articles, {len(passages)} passages (<= {cfg.max_tokens} tokens each)")
+    passage_side, passage_embed, adapter = serving, embed, None
+    if cfg.adapter.enabled:
+        passage_side, adapter = _adapted(cfg, folder, serving, passages, slugs, adapter_body, precision, progress, log)
+        passage_embed = plain_embed  # adapted vectors are not the frozen base's: nothing to cache
+    vectors = passage_embed(passage_encoder(passage_side, cfg.max_tokens), [p.context_text for p in passages])
+    # sentences are compared with the message's vector: the question side, never adapted
+    sentence_vectors = embed(passage_encoder(serving, cfg.max_tokens), [s for p in passages for s in p.sentences])
+    questions_file = folder / QUESTIONS_DIR / "validation.yaml"
+    validation: dict[str, Any] | None = None
+    if cfg.floor is not None:
+        floor, method = float(cfg.floor), "configured"
+    elif questions_file.is_file():
+        questions = read_questions(questions_file, slugs)
+        query_vectors = embed(serving, [q.text for q in questions])  # as queries are embedded when serving
+        scores = query_vectors @ vectors.T
+        floor, method = fit_floor(scores, passages, questions, cfg.wrong_answer_cost), "fitted on validation questions"
+        validation = retrieval_metrics(scores, passages, questions, floor)
+    else:
+        raise KnowledgeError(
+            f"{folder}: no {QUESTIONS_DIR}/validation.yaml to fit the retrieval floor on; "
+            "write some validation questions or set knowledge.floor"
+        )
+    knowledge_meta = {
+        "format": FORMAT,
+        "floor": floor,
+        "floor_method": method,
+        "max_tokens": cfg.max_tokens,
+        "wrong_answer_cost": cfg.wrong_answer_cost,
+        "retrieval": "dense",
+        "adapter": adapter["meta"] if adapter else None,
+        "articles": [{"slug": a.slug, "title": a.title, "url": a.url, "tags": list(a.tags)} for a in articles],
+        "passages": [
+            {"id": p.id, "article": p.article, "title": p.title, "url": p.url, "heading": p.heading,
+             "sentences": list(p.sentences)}
+            for p in passages
+        ],
+        "validation": validation,
+    }
+    tensors = {"passages": vectors.contiguous(), "sentences": sentence_vectors.contiguous()}
+    writers: dict[str, Callable[[Path], None]] = {
+        KNOWLEDGE_JSON: lambda p: _write_json(p, knowledge_meta),
+        KNOWLEDGE_VECTORS: lambda p: save_file(tensors, str(p)),
+    }
+    if adapter:
+        state = adapter["state"]
+        writers[ADAPTER_FILE] = lambda p: save_file(state, str(p))
+    base = KnowledgeBase(passages, vectors, sentence_vectors, floor, knowledge_meta)
+    meta = {"articles": len(articles), "passages": len(passages), "floor": floor, "floor_method": method,
+            "max_tokens": cfg.max_tokens, "retrieval": "dense", "adapter": adapter["meta"] if adapter else None,
+            "validation": validation}
+    summary: dict[str, Any] = {"knowledge_passages": len(passages), "knowledge_floor": floor}
+    if validation is not None:
+        summary["knowledge_val_recall_at_1"] = validation["recall_at_1"]
+        summary["knowledge_val_answered_right"] = validation["answered_right"]
+        summary["knowledge_val_unanswerable_abstained"] = validation["unanswerable_abstained"]
+    return KnowledgeBuild(base, meta, writers, summary)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---- the retrieval adapter (passage side) ----------------------------------------------------
+
+ADAPTER_FILE = "knowledge_adapter.safetensors"  # kept for the record: the passage vectors already carry it
+
+
+def _adapted(
+    cfg: KnowledgeConfig, folder: Path, serving: Encoder, passages: Sequence[Passage], slugs: Sequence[str],
+    body: torch.nn.Module | None, precision: str, progress: bool, log: Callable[[str], None],
+) -> tuple[Encoder, dict[str, Any]]:
+    """Train the passage-side adapter; (the encoder that embeds passages, its weights and summary)."""
+    import time
+
+    from peft import get_peft_model_state_dict
+
+    if body is None:
+        raise KnowledgeError("knowledge.adapter needs the head strategy: it adapts passages to the frozen base's questions")
+    train_file = folder / QUESTIONS_DIR / "train.yaml"
+    if not train_file.is_file():
+        raise KnowledgeError(f"{folder}: knowledge.adapter needs {QUESTIONS_DIR}/train.yaml (questions with their article)")
+    questions = read_questions(train_file, slugs)
+    settings = cfg.adapter.model_dump()
+    started = time.perf_counter()
+    model = train_passage_adapter(
+        body, serving, passages, questions, settings, max_tokens=cfg.max_tokens, epochs=cfg.adapter.epochs,
+        batch_size=cfg.adapter.batch_size, lr=cfg.adapter.lr, progress=progress,
+    )
+    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    merged: torch.nn.Module = model.merge_and_unload()
+    merged.eval()
+    if precision != "fp32":
+        merged = apply_precision(merged, precision)
+    seconds = round(time.perf_counter() - started, 1)
+    log(f"knowledge: retrieval adapter trained on {len(questions)} questions in {seconds} s")
+    meta = {**settings, "train_questions": len(questions), "seconds": seconds}
+    return Encoder(merged, serving.tokenizer, serving.max_length), {"state": state, "meta": meta}
+
+
+
+def train_passage_adapter(
+    body: torch.nn.Module,
+    serving: Encoder,
+    passages: Sequence[Passage],
+    questions: Sequence[Question],
+    settings: dict[str, Any],
+    *,
+    max_tokens: int,
+    epochs: int = 4,
+    batch_size: int = 16,
+    lr: float = 5e-4,
+    scale: float = 20.0,
+    seed: int = 42,
+    progress: bool = False,
+) -> Any:
+    """LoRA on a copy of the fp32 `body`, trained so that passages move towards the questions they answer.
+
+    Only the passage side adapts: questions are embedded once by the serving encoder (the intent
+    pass serves them), so serving cost does not change. Loss: cross-entropy over in-batch
+    passages (each question's positive passage plus its hardest wrong passage under the frozen
+    model), passages of the question's own article masked out of the negatives.
+    Returns the peft-wrapped body (a peft PeftModel: call `.merge_and_unload()` to embed with it).
+    """
+    import copy
+    import random
+
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+
+    from bot.strategies import lora_config
+
+    answerable = [q for q in questions if q.article is not None]
+    if not answerable:
+        raise KnowledgeError("no training questions with an article to train the retrieval adapter on")
+    query_vectors = serving.embed([q.text for q in answerable])
+    frozen_passages = passage_encoder(serving, max_tokens).embed([p.context_text for p in passages])
+    articles = np.array([p.article for p in passages])
+    scores = (query_vectors @ frozen_passages.T).numpy()
+    positives, negatives = [], []
+    for i, question in enumerate(answerable):
+        own = articles == question.article
+        positives.append(int(np.argmax(np.where(own, scores[i], -np.inf))))
+        negatives.append(int(np.argmax(np.where(own, -np.inf, scores[i]))))
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(body).float(), lora_config(settings))
+    model.train()
+    encoder = Encoder(model, serving.tokenizer, max_length=max_tokens)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    rng = random.Random(seed)
+    order = list(range(len(answerable)))
+    bar = tqdm(total=epochs * ((len(order) + batch_size - 1) // batch_size), desc="retrieval adapter", unit="step",
+               disable=None if progress else True)
+    for _ in range(epochs):
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            ids = list(dict.fromkeys([positives[i] for i in batch] + [negatives[i] for i in batch]))
+            features = encoder.tokenize([passages[j].context_text for j in ids])
+            vectors = encoder.forward(model, features)
+            logits = scale * query_vectors[batch] @ vectors.T
+            column = {j: c for c, j in enumerate(ids)}
+            same = torch.tensor([[articles[j] == answerable[i].article for j in ids] for i in batch])
+            target = torch.tensor([column[positives[i]] for i in batch])
+            keep = torch.nn.functional.one_hot(target, len(ids)).bool()
+            logits = logits.masked_fill(same & ~keep, float("-inf"))
+            loss = torch.nn.functional.cross_entropy(logits, target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    return model
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+
+def evaluate_knowledge(model: str | Path, questions_file: Path, *, worst: int = 20) -> dict[str, Any] | None:
+    """Knowledge metrics of a bundle on held-out questions, through the serving path; None without articles.
+
+    Retrieval alone (recall@1/@3, MRR; at the bundle's floor: answered-right / answered-wrong /
+    abstained, and abstention on unanswerable questions), the dialogue's action for each question
+    as the first message of a conversation (an intent may answer it before the articles are asked),
+    and the worst misses: the most confident wrong citations.
+    """
+    from bot.chatbot import load_domain
+    from bot.classifier import IntentClassifier
+    from bot.policy import DialoguePolicy
+    from bot.sessions import SessionState
+
+    classifier = IntentClassifier.from_bundle(model)
+    base = KnowledgeBase.from_bundle(classifier.bundle)
+    if base is None:
+        return None
+    questions = read_questions(questions_file, sorted({p.article for p in base.passages}))
+    texts = [q.text for q in questions]
+    vectors, logits = classifier.embed_and_logits(texts) if texts else (torch.zeros(0, 1), torch.zeros(0, 1))
+    scores = base.scores(vectors) if texts else torch.zeros(0, len(base.passages))
+    metrics = retrieval_metrics(scores, base.passages, questions, base.floor)
+    rank = ranks(scores, base.passages, questions)
+    predictions = classifier.predictions_from_logits(logits, embeddings=vectors) if texts else []
+    policy = DialoguePolicy(load_domain(classifier.bundle), floor=classifier.confidence_floor,
+                            gap=classifier.ambiguity_gap, knowledge_floor=base.floor)
+    actions: dict[str, int] = {}
+    misses: list[dict[str, Any]] = []
+    for i, (question, prediction) in enumerate(zip(questions, predictions)):
+        hit = base.best(vectors[i])
+        decision, _ = policy.step(SessionState(), question.text, prediction, hit)
+        actions[decision.action] = actions.get(decision.action, 0) + 1
+        assert hit is not None
+        answered = hit.score >= base.floor
+        wrong = answered and (question.article is None or hit.passage.article != question.article)
+        if wrong or (question.article is not None and rank[i] != 0):
+            misses.append({
+                "text": question.text, "article": question.article, "cited": hit.passage.article,
+                "passage_id": hit.passage.id, "score": round(hit.score, 4), "answered": bool(answered),
+                "rank_of_right_article": int(rank[i]) + 1 if question.article is not None else None,
+            })
+    misses.sort(key=lambda m: (not m["answered"], -float(m["score"])))
+    n = max(len(questions), 1)
+    return {
+        "questions": str(questions_file),
+        "n": len(questions),
+        "passages": len(base.passages),
+        "retrieval": base.meta.get("retrieval", "dense"),
+        **metrics,
+        "dialogue_actions": {action: count / n for action, count in sorted(actions.items())},
+        "worst_misses": misses[:worst],
+        "note": "retrieval metrics score the top passage's article; answered = top cosine >= the bundle's "
+        "retrieval floor (fitted on validation questions); dialogue_actions: what the bot does with each "
+        "question as a first message (intents answer confidently before the articles are asked)",
+    }

@@ -1,0 +1,216 @@
+"""Knowledge answers with the real encoder: articles split into passages, embedded into a real
+bundle, retrieved by the chatbot when the intents would fall back, cited, and judged helpful or not.
+
+The articles and questions are small ones written for these tests (tests/data/knowledge); the
+shop pack's own help centre is measured by `supportbot evaluate` (docs/knowledge.md).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import KNOWLEDGE_ARTICLES as ARTICLES
+
+from bot import bundle as bundle_mod
+from bot.bundle import BundleError
+from bot.chatbot import Chatbot, load_domain
+from bot.classifier import IntentClassifier
+from bot.encoder import Encoder
+from bot.knowledge import KNOWLEDGE_JSON, KnowledgeBase, KnowledgeError, read_article, read_articles, split_article
+from bot.policy import Action, resolve_feedback
+from bot.responses import Domain
+from bot.sessions import SQLiteSessionStore
+from finetune.knowledge_train import token_counter
+
+WOOL_URL = "https://help.example.test/articles/wool-care"
+
+
+@pytest.fixture(scope="module")
+def classifier(knowledge_bundle) -> IntentClassifier:
+    return IntentClassifier.from_bundle(knowledge_bundle)
+
+
+@pytest.fixture()
+def bot(classifier, tmp_path):
+    with SQLiteSessionStore(tmp_path / "sessions.sqlite3") as store:
+        yield Chatbot(classifier, store, load_domain(classifier.bundle), knowledge=KnowledgeBase.from_bundle(classifier.bundle))
+
+
+# ---- articles as data --------------------------------------------------------------------------
+
+
+def test_articles_split_by_heading_within_the_token_limit_with_the_title_as_context():
+    encoder = Encoder.load("sentence-transformers/all-MiniLM-L6-v2")
+    count = token_counter(encoder)
+    wool = read_article(ARTICLES / "wool-care.md")
+    passages = split_article(wool, count, 128)
+    assert [p.heading for p in passages] == ["Washing wool", "Drying and storing"]
+    assert all(p.context_text.startswith("Caring for wool. ") for p in passages)
+    assert passages[0].sentences[-1] == "Never put wool in the tumble dryer, because the heat shrinks it."
+    small = split_article(wool, count, 40)  # a tighter limit splits sections into sentence groups
+    assert len(small) > len(passages) and all(count(p.context_text) <= 40 for p in small)
+    assert [p.id for p in small] == [f"wool-care#{i}" for i in range(len(small))]
+    student = read_article(ARTICLES / "student-discount.md")  # no heading: the title is the context
+    assert split_article(student, count, 128)[0].context_text.startswith("Student discount. Students get 15%")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("no front matter here", "no front matter"),
+        ("---\ntitle: X\n---\nbody", "'url' must be"),
+        ("---\nurl: https://x.test/a\n---\nbody", "'title' must be"),
+        ("---\ntitle: X\nurl: javascript:alert(1)\n---\nbody", "'url' must be"),
+        ("---\ntitle: [\n---\nbody", "not valid YAML"),
+    ],
+)
+def test_a_bad_article_is_refused_with_one_line_naming_the_file(tmp_path, text, problem):
+    path = tmp_path / "bad-article.md"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(KnowledgeError) as caught:
+        read_article(path)
+    assert problem in str(caught.value) and str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_folder_without_articles_is_refused(tmp_path):
+    with pytest.raises(KnowledgeError, match="no articles"):
+        read_articles(tmp_path)
+
+
+# ---- the bundle -------------------------------------------------------------------------------
+
+
+def test_training_embeds_the_passages_into_the_bundle_with_a_fitted_floor(knowledge_bundle, tmp_path):
+    loaded = bundle_mod.load(knowledge_bundle)
+    assert {"knowledge.json", "knowledge.safetensors"} <= set(loaded.meta["files"])
+    summary = loaded.meta["knowledge"]
+    assert summary["articles"] == 3 and summary["floor_method"] == "fitted on validation questions"
+    base = KnowledgeBase.from_bundle(loaded)
+    assert base is not None and base.floor == summary["floor"] and len(base.passages) == summary["passages"]
+    norms = base.vectors.norm(dim=1)
+    assert float((norms - 1).abs().max()) < 1e-4  # unit rows: a dot product is the cosine
+    assert summary["validation"]["unanswerable_abstained"] == 1.0
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in [*loaded.meta["files"], "bundle.json"]:
+        (damaged / name).write_bytes((knowledge_bundle / name).read_bytes())
+    meta = json.loads((damaged / KNOWLEDGE_JSON).read_text())
+    meta["floor"] = -1.0  # answer everything: exactly what the checksum must catch
+    (damaged / KNOWLEDGE_JSON).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"knowledge\.json is damaged"):
+        bundle_mod.load(damaged)
+
+
+def test_retrieval_uses_the_vector_of_the_intent_pass(classifier):
+    base = KnowledgeBase.from_bundle(classifier.bundle)
+    prediction = classifier.predict(["can I put my wool jumper in the tumble dryer?"])[0]
+    assert prediction.embedding is not None
+    hit = base.best(prediction.embedding)
+    assert hit is not None and hit.passage.article == "wool-care" and hit.score >= base.floor
+    again = classifier.encoder.embed(["can I put my wool jumper in the tumble dryer?"])[0]
+    assert float((again - prediction.embedding).abs().max()) < 1e-5
+
+
+# ---- the dialogue -----------------------------------------------------------------------------
+
+
+def test_a_help_centre_question_is_answered_from_its_article_with_a_link(bot):
+    reply = bot.respond("k1", "can I put my wool jumper in the tumble dryer?")
+    assert reply.action == Action.KNOWLEDGE and reply.reason == "knowledge"
+    assert [(s.title, s.url) for s in reply.sources] == [("Caring for wool", WOOL_URL)]
+    assert reply.sources[0].passage_id == "wool-care#0" and reply.sources[0].score >= bot.knowledge.floor
+    assert "Never put wool in the tumble dryer, because the heat shrinks it." in reply.text  # quoted, not written
+    assert "Caring for wool" in reply.text and "Was this helpful?" in reply.text
+    assert reply.quick_replies == list(bot.domain.knowledge_feedback)
+    assert reply.to_dict()["sources"] == [{"title": "Caring for wool", "url": WOOL_URL,
+                                          "score": reply.sources[0].score, "passage_id": "wool-care#0"}]
+
+
+def test_the_answer_to_was_this_helpful_is_stored_with_the_turn(bot):
+    first = bot.respond("k2", "how long is my gift card valid for?")
+    assert first.action == Action.KNOWLEDGE and first.sources[0].url.endswith("/gift-cards")
+    thanks = bot.respond("k2", first.quick_replies[0])
+    assert thanks.action == Action.KNOWLEDGE and thanks.reason == "helpful" and thanks.sources == []
+    again = bot.respond("k2", "how do I keep moths away from my knitwear?")
+    assert again.action == Action.KNOWLEDGE and again.sources[0].passage_id == "wool-care#1"
+    sorry = bot.respond("k2", "no, not really")
+    assert sorry.reason == "not_helpful" and sorry.quick_replies  # the way to a person is offered
+    turns = bot.transcript("k2")
+    feedback = [t["metadata"].get("feedback") for t in turns if t["role"] == "user"]
+    assert feedback == [None, {"helpful": True, "passage_id": first.sources[0].passage_id}, None,
+                        {"helpful": False, "passage_id": again.sources[0].passage_id}]
+    cited = [t["metadata"].get("sources") for t in turns if t["role"] == "bot" and t["action"] == Action.KNOWLEDGE]
+    assert cited[0][0]["url"].endswith("/gift-cards")
+
+
+@pytest.mark.parametrize("text", ["what is the capital of France", "who won the football last night"])
+def test_a_question_no_article_answers_gets_no_citation(bot, text):
+    reply = bot.respond("k3", text)
+    assert reply.action != Action.KNOWLEDGE and reply.sources == []
+
+
+def test_a_confident_intent_still_answers_with_its_own_text(bot):
+    reply = bot.respond("k4", "where is my order #48213?")
+    assert (reply.action, reply.intent, reply.sources) == ("answer", "order_status", [])
+
+
+def test_an_intent_may_take_its_answer_from_its_best_article(classifier, tmp_path):
+    source = classifier.bundle.file("responses.yaml")
+    assert source is not None
+    import yaml
+
+    data = yaml.safe_load(source.read_text())
+    data["intents"]["discount_code"] = {"title": "Discount codes", "answer": "knowledge"}
+    domain = Domain.from_mapping(data, labels=classifier.labels, source="test")
+    with SQLiteSessionStore(tmp_path / "s.sqlite3") as store:
+        bot = Chatbot(classifier, store, domain, knowledge=KnowledgeBase.from_bundle(classifier.bundle))
+        reply = bot.respond("k5", "can I use a discount code with my student discount?")
+        assert (reply.action, reply.intent, reply.reason) == (Action.KNOWLEDGE, "discount_code", "intent_knowledge")
+        assert reply.sources[0].url == "/help/student-discount"
+        plain = Chatbot(classifier, store, domain)  # no articles: the generic answer, never an error
+        assert plain.respond("k6", "can I use a discount code with my student discount?").action == "answer"
+
+
+def test_feedback_words_are_recognised_and_other_messages_are_not():
+    labels = ("Yes, thanks", "No, not really")
+    assert resolve_feedback("Yes, thanks", labels) is True
+    assert resolve_feedback("nope", labels) is False
+    assert resolve_feedback("no, not really!", labels) is False
+    assert resolve_feedback("yes but how do I return it", labels) is None
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+
+def test_evaluate_reports_knowledge_metrics_in_json_html_and_console(knowledge_bundle, tmp_path, capsys):
+    from supportbot.cli import main
+
+    messages = tmp_path / "messages.csv"
+    messages.write_text("text,label\nwhere is my order #48213,order_status\nhello there,greet\n"
+                        "I want to talk to a person,talk_to_human\nthanks a lot,thanks\n", encoding="utf-8")
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--model", str(knowledge_bundle), "--data", str(messages), "--output", str(out),
+                 "--questions", str(ARTICLES / "questions" / "test.yaml"), "--latency-sample", "3", "--quiet"])
+    assert code == 0
+    knowledge = json.loads((out / "report.json").read_text())["knowledge"]
+    assert (knowledge["n_answerable"], knowledge["n_unanswerable"]) == (3, 1)
+    assert knowledge["recall_at_1"] == 1.0 and knowledge["recall_at_3"] == 1.0 and knowledge["mrr"] == 1.0
+    shares = knowledge["answered_right"] + knowledge["answered_wrong"] + knowledge["abstained"]
+    assert shares == pytest.approx(1.0) and knowledge["unanswerable_abstained"] == 1.0
+    assert knowledge["floor"] == bundle_mod.load(knowledge_bundle).meta["knowledge"]["floor"]
+    assert set(knowledge["dialogue_actions"]) <= {"answer", "clarify", "fallback", "handoff", "knowledge"}
+    page = (out / "report.html").read_text()
+    assert "Knowledge answers" in page and "recall@1" in page and "abstained on unanswerable" in page
+    printed = capsys.readouterr().out
+    assert "knowledge answers" in printed and "recall@3" in printed
+
+
+def test_evaluate_questions_for_a_bundle_without_articles_is_one_line(banking_head_bundle, banking_slice, tmp_path, capsys):
+    from supportbot.cli import main
+
+    code = main(["evaluate", "--model", str(banking_head_bundle), "--data", str(banking_slice["test"]),
+                 "--output", str(tmp_path / "e"), "--questions", str(ARTICLES / "questions" / "test.yaml"), "--latency-sample", "1", "--quiet"])
+    assert code == 2
+    assert "has no help-centre articles" in capsys.readouterr().err
