@@ -207,10 +207,43 @@ def test_evaluate_reports_knowledge_metrics_in_json_html_and_console(knowledge_b
     assert "knowledge answers" in printed and "recall@3" in printed
 
 
-def test_evaluate_questions_for_a_bundle_without_articles_is_one_line(banking_head_bundle, banking_slice, tmp_path, capsys):
+def test_evaluate_questions_for_a_bundle_without_articles_is_one_line(knowledge_bundle, tmp_path, capsys):
+    import shutil
+
     from supportbot.cli import main
 
-    code = main(["evaluate", "--model", str(banking_head_bundle), "--data", str(banking_slice["test"]),
-                 "--output", str(tmp_path / "e"), "--questions", str(ARTICLES / "questions" / "test.yaml"), "--latency-sample", "1", "--quiet"])
+    source = bundle_mod.load(knowledge_bundle)  # the same model written again without its articles
+    kept = [name for name in source.meta["files"] if not name.startswith("knowledge")]
+    writers = {name: (lambda target, name=name: shutil.copyfile(source.path / name, target)) for name in kept}
+    meta = {k: v for k, v in source.meta.items() if k != "knowledge"}
+    plain = bundle_mod.write(tmp_path / "no-articles", meta, writers).path
+    messages = tmp_path / "messages.csv"
+    messages.write_text("text,label\nwhere is my order #48213,order_status\nhello there,greet\n", encoding="utf-8")
+    code = main(["evaluate", "--model", str(plain), "--data", str(messages), "--output", str(tmp_path / "e"),
+                 "--questions", str(ARTICLES / "questions" / "test.yaml"), "--latency-sample", "1", "--quiet"])
     assert code == 2
     assert "has no help-centre articles" in capsys.readouterr().err
+
+
+# ---- the retrieval adapter ----------------------------------------------------------------------
+
+
+def test_the_retrieval_adapter_moves_passages_towards_the_training_questions(tmp_path):
+    from finetune.config import KnowledgeConfig, RetrievalAdapterConfig
+    from finetune.knowledge_train import ADAPTER_FILE, build
+
+    encoder = Encoder.load("sentence-transformers/all-MiniLM-L6-v2", max_length=64)
+    frozen = build(KnowledgeConfig(), ARTICLES, encoder, log=lambda _m: None)
+    adapted_cfg = KnowledgeConfig(adapter=RetrievalAdapterConfig(enabled=True, epochs=2, lr=1e-3))
+    adapted = build(adapted_cfg, ARTICLES, encoder, adapter_body=encoder.model, log=lambda _m: None)
+    assert ADAPTER_FILE in adapted.writers and adapted.meta["adapter"]["train_questions"] == 6
+    assert [p.id for p in adapted.base.passages] == [p.id for p in frozen.base.passages]
+    moved = (adapted.base.vectors - frozen.base.vectors).norm(dim=1)
+    assert float(moved.min()) > 1e-4  # every passage vector changed ...
+    assert float((adapted.base.vectors.norm(dim=1) - 1).abs().max()) < 1e-4  # ... and stays a unit vector
+    assert float((adapted.base.sentence_vectors - frozen.base.sentence_vectors).abs().max()) < 1e-5  # question side untouched
+    for name, write in adapted.writers.items():
+        write(tmp_path / name)
+    assert (tmp_path / ADAPTER_FILE).stat().st_size > 0
+    with pytest.raises(KnowledgeError, match="head strategy"):
+        build(adapted_cfg, ARTICLES, encoder, adapter_body=None, log=lambda _m: None)
