@@ -147,7 +147,8 @@ def main() -> int:
     speed_line = (f"Speed: {timing['messages']} messages one at a time, {timing['passages']:,} passages: intent pass p50 "
                   f"{timing['intent_p50_ms']:.2f} ms, retrieval p50 {timing['retrieval_p50_ms']:.3f} ms "
                   f"(ratio {timing['ratio']:.3f}).")
-    body = f"Questions: {folder}/questions (floor fitted on validation.yaml, scored on test.yaml).\n\n{table}\n{speed_line}\n"
+    shown = folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
+    body = f"Questions: {shown}/questions (floor fitted on validation.yaml, scored on test.yaml).\n\n{table}\n{speed_line}\n"
     if args.note:
         body += f"\n{args.note}\n"
     print(body)
