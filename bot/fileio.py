@@ -9,11 +9,17 @@ files with their own loops.
 `DataError`, `ResponsesError`, `SettingsError`), so each caller keeps its own error type while
 the message has one shape: `<file>: cannot read: <reason>`, `<file>: not UTF-8 text`,
 `<file>: line N: not valid YAML`, `<file>: larger than N MiB`.
+
+`atomic_write_text` is the one way to replace a small file a person may be relying on (discovery
+output, review corrections): a temporary file in the same folder, flushed and fsynced, then
+`os.replace`d, so a reader sees the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,21 @@ import yaml
 from .errors import SupportbotError
 
 CHUNK = 1 << 20
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically: temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def sha256_file(path: str | Path) -> str:

@@ -111,6 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=["upgrade"], help="upgrade: apply pending migrations")
     db.add_argument("--config", metavar="FILE", help="serving settings YAML (for database_url)")
 
+    discover = sub.add_parser(
+        "discover", help="propose intents from unlabelled messages (clusters + a draft domain pack)",
+        description="Embed unlabelled messages with the frozen base, cluster them (a Ward tree; the number of intents "
+        "is the first peak of the silhouette over k), name each cluster by its key terms and write DIR/assignments.csv "
+        "(text,cluster; -1 = noise), DIR/clusters.json and a draft pack DIR/pack that `supportbot train --data "
+        "DIR/pack` accepts. Labels in SPEC, if any, are ignored; a .txt file is read as one message a line.",
+        epilog=EPILOG_SPEC, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    discover.add_argument("--data", metavar="SPEC", required=True, help="the messages (see below), or a .txt file with one message a line")
+    discover.add_argument("--output", metavar="DIR", required=True, help="where assignments.csv, clusters.json and pack/ go")
+    discover.add_argument("--known", metavar="MODEL", help="a bundle: messages it answers confidently (at its own fitted "
+                          "confidence floor) are set aside in known.csv, so only new intents are proposed")
+    discover.add_argument("--k-min", type=int, default=10, metavar="K", help="fewest clusters tried (default 10)")
+    discover.add_argument("--k-max", type=int, default=300, metavar="K", help="most clusters tried (default 300)")
+    discover.add_argument("--k-step", type=int, default=10, metavar="N", help="step between the k tried (default 10)")
+    discover.add_argument("--min-cluster-size", type=int, default=3, metavar="N",
+                          help="smaller clusters are noise, -1 in assignments.csv (default 3)")
+    discover.add_argument("--quiet", action="store_true", help="no progress bars")
+
     chat = sub.add_parser("chat", help="talk to the bot in the terminal",
                           description="A terminal conversation; quick replies are shown as numbered options.")
     chat.add_argument("--model", metavar="DIR", help="bundle directory (default: the default shop model, trained if missing)")
@@ -237,6 +256,62 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    from finetune.data import DataError
+    from finetune.discover import DiscoverConfig, discover, read_texts, write_outputs
+
+    for name in ("k_min", "k_max", "k_step", "min_cluster_size"):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number")
+    if args.k_min > args.k_max:
+        raise DataError(f"--k-min {args.k_min} is above --k-max {args.k_max}")
+    if args.known and not (Path(args.known) / "bundle.json").is_file():
+        raise DataError(f"--known {args.known}: not a model bundle (no bundle.json)")
+    texts = read_texts(args.data)
+    bar: Any = None
+
+    def progress(stage: str, done: int, total: int) -> None:
+        nonlocal bar
+        if args.quiet:
+            return
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=stage, unit="k", leave=False, disable=None)
+        bar.update(done - bar.n)
+
+    cfg = DiscoverConfig(k_min=args.k_min, k_max=args.k_max, k_step=args.k_step, min_cluster_size=args.min_cluster_size,
+                         progress=progress)
+    result = discover(texts, cfg, known_model=args.known, progress=not args.quiet)
+    if bar is not None:
+        bar.close()
+    written = write_outputs(result, Path(args.output))
+    print_clusters(result)
+    noise = sum(1 for c in result.assignments if c < 0)
+    print_summary("discovery summary", {
+        "messages": len(texts), "set aside as known": len(result.known), "clustered": len(result.texts),
+        "k chosen (silhouette)": result.k, "silhouette": result.silhouettes[result.k],
+        "candidate intents": len(result.clusters), "noise (-1)": noise,
+        "assignments": str(written["assignments"]), "draft pack": str(written["pack"].parent),
+    })
+    return 0
+
+
+def print_clusters(result: Any, limit: int = 30) -> None:
+    """The largest candidate intents: name, size, key terms, one representative and one borderline example."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"candidate intents (largest {min(limit, len(result.clusters))} of {len(result.clusters)})",
+                  header_style="bold")
+    for column in ("cluster", "name", "size", "representative", "borderline"):
+        table.add_column(column, justify="right" if column in ("cluster", "size") else "left")
+    for info in result.clusters[:limit]:
+        table.add_row(str(info.cluster), info.name, str(info.size), info.representative[0] if info.representative else "",
+                      info.borderline[0] if info.borderline else "")
+    Console().print(table)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from bot.terminal import run
 
@@ -294,7 +369,7 @@ def one_line(exc: BaseException) -> str:
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve, "chat": cmd_chat,
-            "promote": cmd_promote, "db": cmd_db}
+            "promote": cmd_promote, "db": cmd_db, "discover": cmd_discover}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,284 @@
+"""Intent discovery: candidate intents from unlabelled messages, on the frozen encoder's embeddings.
+
+`supportbot discover --data SPEC --output DIR [--known MODEL]` embeds every message through the one
+embedding path (bot/encoder.py, through finetune's embedding cache), clusters the vectors, names each
+cluster by its key terms and writes:
+
+- `DIR/assignments.csv` (`text,cluster`; -1 marks noise: a message in a cluster too small to train on),
+- `DIR/clusters.json` (per cluster: name, size, key terms, representative and borderline examples),
+- `DIR/known.csv` with `--known` (messages the existing model answers confidently, set aside),
+- `DIR/pack/nlu.yaml`, a draft domain pack that `supportbot train --data DIR/pack` accepts as it is.
+
+How the number of intents is chosen (decision, by measurement on BANKING77, 77 intents, labels hidden;
+BENCHMARKS.md, "Intent discovery"): one Ward tree over the vectors (Euclidean on unit vectors, so
+cosine), cut at k = k_min, k_min + step, ...; each cut is scored by its cosine silhouette and the first
+peak is kept (the first k whose silhouette the next k does not beat). Measured on BANKING77 test
+(3,080 messages): the silhouette's global maximum keeps rising with k to the end of any range tried
+(k-means and Ward both picked k = 140-160, ARI 49, clustering accuracy 54-56), HDBSCAN left 47% of the
+messages as noise (NMI 59 at min_cluster_size 5), while Ward's first peak lands at k = 90 with
+NMI 81.2 and ARI 53.2, above k-means told the true k (NMI 80.4, ARI 52.9). Ward is deterministic (no
+seed) and one tree serves every k, so scanning k costs one silhouette per cut.
+Names are class-based TF-IDF: each cluster's texts form one document, so a term scores high when it
+is frequent in that cluster and rare in the others. Representative examples are the members closest
+to their centroid; borderline ones are those whose cosine to their own centroid exceeds the cosine to
+the next centroid by the least (the messages a reviewer should check first).
+
+`--known MODEL`: a message MODEL would answer (the bot's own answer rule at that bundle's fitted
+confidence floor and ambiguity gap) is understood already and is set aside before clustering, so only
+new intents are proposed. Limit, measured (tests/test_discover.py): a closed-set softmax is confident
+on much that it never saw, so with a bundle trained without out-of-scope examples about 40% of the
+messages of new intents are set aside too (and 98% of the known ones); what is proposed is mostly new.
+A bundle trained with `oos` examples has a stricter floor.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydantic import BaseModel
+
+from bot.encoder import DEFAULT_BASE, Encoder, base_weights_sha256, resolve_base
+from bot.fileio import atomic_write_text
+
+from . import data
+from .cache import EmbeddingCache, default_cache_dir
+
+MIN_K = 2
+NOISE_LABEL = -1
+MAX_DISCOVER_TEXTS = 15_000  # Ward linkage keeps all pairwise distances: 15,000 texts take ~0.9 GB
+
+
+class ClusterInfo(BaseModel):
+    """One candidate intent."""
+
+    cluster: int
+    name: str
+    size: int
+    terms: list[str]
+    representative: list[str]
+    borderline: list[str]
+
+
+class Discovery(BaseModel):
+    """What `discover` found: the chosen k, each k's silhouette, the clusters and per-text assignments."""
+
+    method: str
+    k: int
+    silhouettes: dict[int, float]
+    clusters: list[ClusterInfo]
+    texts: list[str]  # the texts that were clustered (after --known set some aside)
+    assignments: list[int]  # one per text; NOISE_LABEL for noise
+    known: list[tuple[str, str, float]] = []  # (text, intent, confidence) set aside by --known
+
+
+@dataclass
+class DiscoverConfig:
+    """Knobs of a discovery run; the defaults are the ones measured in BENCHMARKS.md."""
+
+    k_min: int = 10
+    k_max: int = 300
+    k_step: int = 10
+    min_cluster_size: int = 3  # smaller clusters are noise: too few examples to train and validate on
+    examples: int = 3  # representative and borderline examples shown per cluster
+    terms: int = 3
+    base: str = DEFAULT_BASE
+    max_length: int = 64  # the training recipe's default, so discovery and `head` training share cached vectors
+    cache_dir: str | None = None
+    progress: Callable[[str, int, int], None] | None = field(default=None, repr=False)  # (stage, done, total)
+
+
+def read_texts(spec: str) -> list[str]:
+    """Unlabelled messages from a data SPEC: a .txt file (one message a line), or any labelled SPEC
+    (finetune/data.py) whose labels are ignored. Duplicates are kept once, in first-seen order."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".txt" and path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise data.DataError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+        for number, line in enumerate(lines, start=1):
+            if len(line) > data.MAX_TEXT_CHARS:
+                raise data.DataError(f"{path}: line {number}: longer than {data.MAX_TEXT_CHARS} characters")
+        texts = [line.strip() for line in lines]
+    else:
+        splits = data.load(spec)
+        texts = [str(t).strip() for name in splits for t in splits[name]["text"]]
+    unique = list(dict.fromkeys(t for t in texts if t))
+    if len(unique) < 2 * MIN_K:
+        raise data.DataError(f"{spec}: {len(unique)} distinct messages; discovery needs at least {2 * MIN_K}")
+    if len(unique) > MAX_DISCOVER_TEXTS:
+        raise data.DataError(f"{spec}: {len(unique):,} messages; discover takes at most {MAX_DISCOVER_TEXTS:,} (sample them)")
+    return unique
+
+
+def embed(texts: Sequence[str], cfg: DiscoverConfig, *, progress: bool = False) -> np.ndarray:
+    """L2-normalised sentence vectors of the frozen base, through the embedding cache."""
+    encoder = Encoder.load(cfg.base, max_length=cfg.max_length)
+    cache = EmbeddingCache(cfg.cache_dir or default_cache_dir(), base_weights_sha256(resolve_base(cfg.base)), cfg.max_length)
+    try:
+        vectors, _computed = cache.embed(encoder, texts, progress=progress)
+    finally:
+        cache.close()
+    return vectors.numpy().astype(np.float32)
+
+
+def choose_k(vectors: np.ndarray, cfg: DiscoverConfig) -> tuple[int, np.ndarray, dict[int, float]]:
+    """Cut one Ward tree at each k of the range, score each cut by its cosine silhouette, and keep the
+    first k whose silhouette is not beaten by the next k (the first peak; the last k when it only rises)."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from sklearn.metrics import silhouette_score
+
+    n = len(vectors)
+    ks = [k for k in range(max(MIN_K, cfg.k_min), min(cfg.k_max, n - 1) + 1, cfg.k_step)] or [max(MIN_K, min(n - 1, cfg.k_min))]
+    tree = linkage(vectors.astype(np.float64), method="ward")
+    scores: dict[int, float] = {}
+    cuts: dict[int, np.ndarray] = {}
+    chosen: int | None = None
+    for done, k in enumerate(ks):
+        labels = fcluster(tree, k, criterion="maxclust").astype(int) - 1
+        cuts[k] = labels
+        scores[k] = round(float(silhouette_score(vectors, labels, metric="cosine")) if len(set(labels)) > 1 else -1.0, 5)
+        if cfg.progress:
+            cfg.progress("clustering", done + 1, len(ks))
+        if done > 0 and scores[k] < scores[ks[done - 1]]:
+            chosen = ks[done - 1]
+            break
+    if chosen is None:
+        chosen = ks[len(scores) - 1]
+    return chosen, cuts[chosen], scores
+
+
+def key_terms(texts: Sequence[str], labels: np.ndarray, clusters: Sequence[int], count: int) -> dict[int, list[str]]:
+    """Class-based TF-IDF: the terms most particular to each cluster's texts against the others'."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    documents = [" ".join(t for t, c in zip(texts, labels) if c == cluster) for cluster in clusters]
+    vectorizer = TfidfVectorizer(stop_words="english", ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z]+\b")
+    try:
+        matrix = vectorizer.fit_transform(documents).toarray()
+    except ValueError:  # nothing but stop words
+        return {cluster: [] for cluster in clusters}
+    vocabulary = vectorizer.get_feature_names_out()
+    terms: dict[int, list[str]] = {}
+    for row, cluster in zip(matrix, clusters):
+        chosen: list[str] = []
+        for index in np.argsort(-row):
+            if row[index] <= 0 or len(chosen) == count:
+                break
+            term = str(vocabulary[index])
+            if any(term in c or c in term for c in chosen):  # "card" after "lost card" adds nothing
+                continue
+            chosen.append(term)
+        terms[cluster] = chosen
+    return terms
+
+
+def _name(terms: list[str], cluster: int, taken: set[str]) -> str:
+    base = re.sub(r"[^a-z0-9]+", "_", "_".join(terms[:2]).lower()).strip("_") or "cluster"
+    name = f"{base}_{cluster}" if base in taken or base == "cluster" else base
+    taken.add(name)
+    return name
+
+
+def describe(texts: Sequence[str], vectors: np.ndarray, labels: np.ndarray, cfg: DiscoverConfig) -> tuple[list[ClusterInfo], np.ndarray]:
+    """Clusters of at least min_cluster_size members, named and with examples; smaller ones become noise."""
+    labels = labels.copy()
+    ids, sizes = np.unique(labels, return_counts=True)
+    for cluster, size in zip(ids, sizes):
+        if size < cfg.min_cluster_size:
+            labels[labels == cluster] = NOISE_LABEL
+    kept = sorted({int(c) for c in labels if c != NOISE_LABEL}, key=lambda c: (-int((labels == c).sum()), c))
+    if not kept:
+        return [], labels
+    centroids = np.stack([vectors[labels == c].mean(axis=0) for c in kept])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True).clip(min=1e-9)
+    similarity = vectors @ centroids.T  # cosine (rows are unit vectors)
+    terms = key_terms(texts, labels, kept, cfg.terms)
+    taken: set[str] = set()
+    infos: list[ClusterInfo] = []
+    for column, cluster in enumerate(kept):
+        members = np.flatnonzero(labels == cluster)
+        own = similarity[members, column]
+        others = np.delete(similarity[members], column, axis=1)
+        margin = own - (others.max(axis=1) if others.shape[1] else 0.0)
+        representative = [texts[i] for i in members[np.argsort(-own)][: cfg.examples]]
+        borderline = [texts[i] for i in members[np.argsort(margin)][: cfg.examples] if texts[i] not in representative]
+        infos.append(ClusterInfo(cluster=cluster, name=_name(terms[cluster], cluster, taken), size=len(members),
+                                 terms=terms[cluster], representative=representative, borderline=borderline))
+    return infos, labels
+
+
+def set_aside_known(texts: list[str], model: str | Path) -> tuple[list[str], list[tuple[str, str, float]]]:
+    """Split texts into those MODEL would not answer and those it would: the bot's own answer rule
+    (bot.policy.decision_masks) at the bundle's fitted confidence floor and ambiguity gap."""
+    from bot.classifier import IntentClassifier
+    from bot.policy import decision_masks
+
+    classifier = IntentClassifier.from_bundle(model)
+    predictions = classifier.predict(texts, top_k=2)
+    top1 = [p.confidence for p in predictions]
+    top2 = [p.ranking[1][1] if len(p.ranking) > 1 else 0.0 for p in predictions]
+    _clarify, answer = decision_masks(top1, top2, classifier.confidence_floor, classifier.ambiguity_gap)
+    unknown = [t for t, yes in zip(texts, answer) if not yes]
+    known = [(t, p.label, round(p.confidence, 4)) for t, p, yes in zip(texts, predictions, answer) if yes]
+    return unknown, known
+
+
+def discover(texts: list[str], cfg: DiscoverConfig, *, known_model: str | Path | None = None, progress: bool = False) -> Discovery:
+    """Set aside what `known_model` understands, embed the rest, choose k, cluster, name, describe."""
+    known: list[tuple[str, str, float]] = []
+    if known_model is not None:
+        texts, known = set_aside_known(texts, known_model)
+        if len(texts) < 2 * MIN_K:
+            raise data.DataError(f"only {len(texts)} messages are not understood by {known_model}: too few to cluster")
+    vectors = embed(texts, cfg, progress=progress)
+    k, labels, scores = choose_k(vectors, cfg)
+    clusters, labels = describe(texts, vectors, labels, cfg)
+    return Discovery(method="ward+silhouette-first-peak", k=k, silhouettes=scores, clusters=clusters, texts=texts,
+                     assignments=[int(c) for c in labels], known=known)
+
+
+def draft_pack(discovery: Discovery) -> dict[str, object]:
+    """nlu.yaml content: one intent per cluster, every member an example, key terms as the description."""
+    by_cluster: dict[int, list[str]] = {}
+    for text, cluster in zip(discovery.texts, discovery.assignments):
+        by_cluster.setdefault(cluster, []).append(text)
+    intents = {
+        info.name: {"description": f"draft from discovery; key terms: {', '.join(info.terms) or '-'}",
+                    "examples": by_cluster[info.cluster]}
+        for info in discovery.clusters
+    }
+    return {"version": 1, "language": "en", "intents": intents}
+
+
+def write_outputs(discovery: Discovery, output: Path) -> dict[str, Path]:
+    """assignments.csv, clusters.json, known.csv (with --known) and pack/nlu.yaml, each written atomically."""
+    import io
+
+    output.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+
+    def table(rows: list[list[object]]) -> str:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(rows)
+        return buffer.getvalue()
+
+    written["assignments"] = output / "assignments.csv"
+    atomic_write_text(written["assignments"], table([["text", "cluster"], *[[t, c] for t, c in zip(discovery.texts, discovery.assignments)]]))
+    written["clusters"] = output / "clusters.json"
+    atomic_write_text(written["clusters"], discovery.model_dump_json(include={"method", "k", "silhouettes", "clusters"}, indent=2) + "\n")
+    if discovery.known:
+        written["known"] = output / "known.csv"
+        atomic_write_text(written["known"], table([["text", "intent", "confidence"], *[list(row) for row in discovery.known]]))
+    pack = output / "pack"
+    pack.mkdir(exist_ok=True)
+    written["pack"] = pack / "nlu.yaml"
+    header = "# Draft domain pack written by `supportbot discover`: review the names and examples before training.\n"
+    atomic_write_text(written["pack"], header + yaml.safe_dump(draft_pack(discovery), sort_keys=False, allow_unicode=True))
+    return written
