@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[test,bench,lint]'
+	$(BIN)/pip install --quiet -e '.[export,test,bench,lint]'
 	touch $@
 
 # Train the default shop model if models/default has none, then serve it on http://127.0.0.1:8000

@@ -90,6 +90,15 @@ class TrainingRecord(_Section):
     seconds: float | None = None
 
 
+class OnnxGraph(_Section):
+    """The ONNX serving graph (finetune/export.py, bot/onnx_backend.py); a bundle without it serves on torch."""
+
+    file: str = "model.onnx"
+    opset: int | None = None
+    exporter: str = ""
+    parity: dict[str, Any] = {}  # texts, max_abs_diff, tolerance, argmax_disagreements: what the export gate measured
+
+
 class ManifestBody(_Section):
     """What a trainer writes into bundle.json; `write` adds the stamp fields of `Manifest`.
 
@@ -107,6 +116,7 @@ class ManifestBody(_Section):
     calibration: Calibration
     metrics: dict[str, Any] = {}
     training: TrainingRecord = TrainingRecord()
+    onnx: OnnxGraph | None = None
 
 
 class Manifest(ManifestBody):

@@ -92,9 +92,13 @@ class Chatbot:
         self._locks_guard = threading.Lock()
 
     @classmethod
-    def from_bundle(cls, path: str | Path, store: SessionStore, **kwargs: Any) -> Chatbot:
-        """Load a verified bundle; its responses.yaml (if any) gives the texts, its knowledge files the articles."""
-        classifier = IntentClassifier.from_bundle(path)
+    def from_bundle(
+        cls, path: str | Path, store: SessionStore, *, backend: str | None = None, num_threads: int | None = None,
+        **kwargs: Any,
+    ) -> Chatbot:
+        """Load a verified bundle on `backend` (bot/classifier.py); its responses.yaml (if any) gives the texts,
+        its knowledge files the articles."""
+        classifier = IntentClassifier.from_bundle(path, backend=backend, num_threads=num_threads)
         knowledge = KnowledgeBase.from_bundle(classifier.bundle)
         return cls(classifier, store, load_domain(classifier.bundle), knowledge=knowledge, **kwargs)
 

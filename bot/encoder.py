@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -102,13 +102,12 @@ class Encoder:
 
     @classmethod
     def load(cls, base: str, *, max_length: int = 128) -> Encoder:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a 0.1 s "Loading weights" bar on every load is noise
-        resolved = resolve_base(base)
-        tokenizer = AutoTokenizer.from_pretrained(resolved)
-        model = AutoModel.from_pretrained(resolved)
+        tokenizer = load_tokenizer(base)
+        model = AutoModel.from_pretrained(resolve_base(base))
         model.eval()
         return cls(model=model, tokenizer=tokenizer, max_length=max_length)
 
@@ -119,20 +118,11 @@ class Encoder:
 
     def tokenize(self, texts: Sequence[str], *, pad: bool = True) -> Any:
         """The one tokenizer call used by training and inference."""
-        return self.tokenizer(
-            list(texts),
-            truncation=True,
-            max_length=self.max_length,
-            padding=pad,
-            return_tensors="pt" if pad else None,
-            return_token_type_ids=False,
-        )
+        return tokenize(self.tokenizer, texts, self.max_length, pad=pad)
 
     def pad(self, features: dict[str, list[Any]], indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Pad a subset of pre-tokenised texts (from `tokenize(pad=False)`) into tensors."""
-        rows = [{key: values[i] for key, values in features.items()} for i in indices]
-        padded: dict[str, torch.Tensor] = self.tokenizer.pad(rows, return_tensors="pt")
-        return padded
+        return pad_rows(self.tokenizer, features, indices)
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled sentence vectors from `model` (this encoder's body, or a peft wrapper of it)."""
@@ -141,24 +131,72 @@ class Encoder:
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """Embed texts with length-sorted batching; rows come back in input order."""
-        out = torch.empty(len(texts), self.dim)
-        if not texts:
-            return out
-        features = self.tokenize(texts, pad=False)
-        lengths = [len(ids) for ids in features["input_ids"]]
-        batches = list(length_sorted_batches(lengths, batch_size))
         device = next(self.model.parameters()).device
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(texts), desc="embedding", unit="text", leave=False, disable=None)  # None: off when not a terminal
+        def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.forward(self.model, {k: v.to(device) for k, v in batch.items()}).float().cpu()
+
         with torch.inference_mode():
-            for indices in batches:
-                batch = {k: v.to(device) for k, v in self.pad(features, indices).items()}
-                out[indices] = self.forward(self.model, batch).float().cpu()
-                if bar is not None:
-                    bar.update(len(indices))
-        if bar is not None:
-            bar.close()
+            return run_batched(
+                self.tokenizer, self.max_length, texts, run, self.dim, batch_size=batch_size, progress=progress
+            )
+
+
+def load_tokenizer(base: str) -> Any:
+    """The tokenizer of a base model (a transformers tokenizer; untyped library)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_base(base))
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, *, pad: bool = True) -> Any:
+    """The one tokenizer call used by training and inference, whichever backend runs the model."""
+    return tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        padding=pad,
+        return_tensors="pt" if pad else None,
+        return_token_type_ids=False,
+    )
+
+
+def pad_rows(tokenizer: Any, features: dict[str, list[Any]], indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Pad a subset of pre-tokenised texts (from `tokenize(pad=False)`) into tensors."""
+    rows = [{key: values[i] for key, values in features.items()} for i in indices]
+    padded: dict[str, torch.Tensor] = tokenizer.pad(rows, return_tensors="pt")
+    return padded
+
+
+def run_batched(
+    tokenizer: Any,
+    max_length: int,
+    texts: Sequence[str],
+    run: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    width: int,
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> torch.Tensor:
+    """`run` over length-sorted padded batches of `texts` (rows of `width` floats), back in input order.
+
+    The torch encoder (`Encoder.embed`) and the ONNX backend (bot/onnx_backend.py) both batch
+    through here, so they see the same token ids in the same batches.
+    """
+    out = torch.empty(len(texts), width)
+    if not texts:
         return out
+    features = tokenize(tokenizer, texts, max_length, pad=False)
+    lengths = [len(ids) for ids in features["input_ids"]]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc="embedding", unit="text", leave=False, disable=None)  # None: off when not a terminal
+    for indices in length_sorted_batches(lengths, batch_size):
+        out[indices] = run(pad_rows(tokenizer, features, indices))
+        if bar is not None:
+            bar.update(len(indices))
+    if bar is not None:
+        bar.close()
+    return out

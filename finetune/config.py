@@ -79,6 +79,10 @@ class TrainConfig(_Strict):
         "fp32", description="encoder precision at inference: int8 serves about 2x faster on a CPU; "
         "the head (head strategy) and the calibration are fitted on the int8 model"
     )
+    onnx: bool = Field(
+        default=True, description="after training, export the ONNX serving graph behind the parity gate (finetune/export.py); "
+        "without it, or when the gate fails, the bundle serves on PyTorch"
+    )
     val_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     few_shot: int | None = Field(default=None, ge=2, description="keep at most this many training examples per label")
     epochs: int | None = Field(default=None, ge=1)

@@ -26,7 +26,7 @@ from torch import nn
 
 from bot import bundle as bundle_mod
 from bot.bundle import BaseWeights, Bundle, Calibration, EncoderSettings, HeadSettings, ManifestBody, TrainingRecord
-from bot.classifier import configure_threads
+from bot.classifier import choose_backend, configure_threads
 from bot.encoder import Encoder, base_weights_sha256, resolve_base
 from bot.heads import IntentHead
 
@@ -102,6 +102,7 @@ def train(
         parts = bundle_parts(trained, strategy)
         body = ManifestBody.model_validate({**manifest(trained, strategy, train_seconds).model_dump(), **parts.meta})
         bundle_mod.write(cfg.output, body, parts.files)
+        export_serving_graph(cfg, Path(cfg.output), list(run.prepared.val["text"]), log)
     run.accelerator.wait_for_everyone()
     written = bundle_mod.load(cfg.output)
     if not run.accelerator.is_main_process:
@@ -176,6 +177,19 @@ def bundle_parts(trained: Trained, strategy: TrainingStrategy) -> BundleParts:
     return parts
 
 
+def export_serving_graph(cfg: TrainConfig, path: Path, val_texts: list[str], log: Callable[[str], None]) -> None:
+    """Add the ONNX serving graph to the written bundle (finetune/export.py); when export is off, the
+    exporter is missing or the parity gate fails, the bundle stays as written and serves on PyTorch."""
+    if not cfg.onnx or cfg.precision != "fp32":
+        return
+    from .export import ExportError, export_bundle
+
+    try:
+        export_bundle(path, texts=val_texts, log=log)
+    except ExportError as exc:
+        log(f"ONNX export: {exc}; the bundle serves on PyTorch")
+
+
 def training_summary(trained: Trained, written: Bundle, seconds: float) -> dict[str, Any]:
     """The table `supportbot train` prints."""
     cfg, fitted, metrics, thresholds = trained.run.cfg, trained.fitted, trained.metrics, trained.thresholds
@@ -194,6 +208,7 @@ def training_summary(trained: Trained, written: Bundle, seconds: float) -> dict[
         "seconds": round(seconds, 2),
         "bundle": str(written.path),
         "version": written.version,
+        "backend": choose_backend(written),
     }
     if "oos_recall" in metrics:
         summary["val_in_scope_accuracy"] = metrics["in_scope_accuracy"]

@@ -185,7 +185,7 @@ class Runtime:
                 self._fail(_load_failure(exc))
                 return
         self._swap(chatbot)
-        log.info("serving model %s from %s", chatbot.version, self.model_path)
+        log.info("serving model %s from %s on %s", chatbot.version, self.model_path, chatbot.classifier.backend_name)
         if self.fleet is not None:
             self.fleet.start()
 
@@ -200,7 +200,8 @@ class Runtime:
         if expect_sha256 is not None and sha256 != expect_sha256:
             raise BundleError(f"bundle {path}: bundle.json differs from the promoted one (sha256 {str(sha256)[:12]}, "
                               f"promoted {expect_sha256[:12]})")
-        chatbot = Chatbot.from_bundle(path, self.store, max_message_chars=self.settings.max_message_chars)
+        chatbot = Chatbot.from_bundle(path, self.store, backend=self.settings.backend, num_threads=self.settings.threads,
+                                      max_message_chars=self.settings.max_message_chars)
         chatbot.manifest_sha256 = sha256  # type: ignore[attr-defined]
         texts = list(WARMUP_TEXTS)
         for size in (1, len(texts), min(self.settings.batch_max_size, 64)):

@@ -111,7 +111,12 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(32, ge=1, le=1024, description="most texts in one forward pass")
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits for more requests")
     max_queue: int = Field(2048, ge=1, description="texts waiting for the model before new requests get 503")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: every core)")
+    threads: int | None = Field(
+        None, ge=1, description="intra-op threads of torch and ONNX Runtime (default: the cores this process may use)"
+    )
+    backend: Literal["onnx", "torch"] | None = Field(
+        None, description="what runs the model: onnx (the bundle's ONNX graph) or torch; default onnx when the bundle has a graph"
+    )
 
     # Protection.
     max_message_chars: int = Field(

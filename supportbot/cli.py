@@ -130,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="smaller clusters are noise, -1 in assignments.csv (default 3)")
     discover.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    export = sub.add_parser(
+        "export", help="add the ONNX serving graph to an existing bundle",
+        description="Export the bundle's encoder (LoRA merged), pooling and head as one ONNX graph, check that ONNX "
+        "Runtime reproduces the PyTorch probabilities on the validation texts (the parity gate), and add the graph "
+        "to the bundle (checksummed in bundle.json). The bundle then serves on ONNX Runtime by default. If the "
+        "gate fails, the bundle is left as it was and keeps serving on PyTorch (exit 1). `supportbot train` "
+        "does this at the end of training.",
+        epilog=EPILOG_SPEC, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("model", metavar="DIR", help="bundle directory")
+    export.add_argument("--data", metavar="SPEC", help="texts for the parity check (default: the bundle's own validation "
+                        "split, re-read from its recipe's data)")
+    export.add_argument("--tolerance", type=float, default=1e-4, metavar="X",
+                        help="largest allowed |p_onnx - p_torch| over texts and intents (default 1e-4)")
+
     chat = sub.add_parser("chat", help="talk to the bot in the terminal",
                           description="A terminal conversation; quick replies are shown as numbered options.")
     chat.add_argument("--model", metavar="DIR", help="bundle directory (default: the default shop model, trained if missing)")
@@ -139,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Print one JSON line per TEXT: label, calibrated confidence, out-of-scope flag, ranking.")
     predict.add_argument("--model", metavar="DIR", required=True, help="bundle directory")
     predict.add_argument("--top-k", type=int, default=3, help="how many intents to rank (default 3)")
+    predict.add_argument("--backend", choices=["onnx", "torch"], help="what runs the model (default: $SUPPORTBOT_BACKEND, "
+                         "else onnx when the bundle has a graph)")
     predict.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify ('-' reads lines from stdin)")
     return parser
 
@@ -165,9 +182,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
     texts = [t for t in texts if t.strip()]
-    classifier = IntentClassifier.from_bundle(args.model)
+    classifier = IntentClassifier.from_bundle(args.model, backend=args.backend)
     for text, prediction in zip(texts, classifier.predict(texts, top_k=args.top_k)):
         print(json.dumps({"text": text, **prediction.to_dict(), "model_version": classifier.version}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from finetune.export import ParityError, export_bundle
+
+    if not 0 < args.tolerance < 1:
+        print("supportbot export: error: --tolerance must be between 0 and 1", file=sys.stderr)
+        return 2
+    try:
+        _, summary = export_bundle(args.model, data=args.data, tolerance=args.tolerance,
+                                   log=lambda msg: print(msg, file=sys.stderr))
+    except ParityError as exc:
+        print(f"supportbot export: {one_line(exc)}; {args.model} keeps serving on PyTorch", file=sys.stderr)
+        return 1
+    print_summary("export summary", summary)
     return 0
 
 
@@ -368,7 +401,7 @@ def one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve, "chat": cmd_chat,
+COMMANDS = {"train": cmd_train, "export": cmd_export, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve, "chat": cmd_chat,
             "promote": cmd_promote, "db": cmd_db, "discover": cmd_discover}
 
 

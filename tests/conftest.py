@@ -50,10 +50,11 @@ def write_slice(source: Path, out: Path, *, labels: int, per_label: int, skip: i
 
 
 def train_bundle(output: Path, *overrides: str) -> Path:
+    """Train a bundle; without the ONNX export (seconds each) unless `onnx=true` is among the overrides."""
     from finetune.config import load_config
     from finetune.train import train
 
-    cfg = load_config(None, [f"output={output}", *overrides])
+    cfg = load_config(None, [f"output={output}", "onnx=false", *overrides])
     return train(cfg, progress=False, log=lambda _msg: None).bundle.path
 
 
@@ -75,8 +76,8 @@ def banking_head_bundle(tmp_path_factory, banking_slice) -> Path:
 
 @pytest.fixture(scope="session")
 def shop_bundle(tmp_path_factory) -> Path:
-    """The default model: the shop domain pack, `head` strategy, default recipe."""
-    return train_bundle(tmp_path_factory.mktemp("bundles") / "shop")
+    """The default model: the shop domain pack, `head` strategy, default recipe (ONNX serving graph included)."""
+    return train_bundle(tmp_path_factory.mktemp("bundles") / "shop", "onnx=true")
 
 
 @pytest.fixture(scope="session")

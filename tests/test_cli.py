@@ -33,7 +33,7 @@ def test_train_help_documents_data_specs_and_overrides():
 def test_train_then_predict(tmp_path, banking_slice):
     out = tmp_path / "model"
     run = supportbot("train", "--data", str(banking_slice["train"]), "--eval-data", str(banking_slice["test"]),
-                     "--output", str(out), "--quiet", "--set", "epochs=40")
+                     "--output", str(out), "--quiet", "--set", "epochs=40", "--set", "onnx=false")
     assert run.returncode == 0, run.stderr
     assert "training summary" in run.stdout and "test_accuracy" in run.stdout and "val_accuracy" in run.stdout
     run = supportbot("predict", "--model", str(out), "how do I activate my new card", "can I pay with apple pay")

@@ -411,3 +411,7 @@ def test_access_log_leaves_message_text_out_by_default(http, caplog):
     assert ok["session_id"] == reply.json()["session_id"] and ok["ms"] > 0
     assert all("Elm Street" not in json.dumps(line) and "xxxxxxxx" not in json.dumps(line) for line in lines)
     assert any(line["status"] == 422 for line in lines)
+
+
+def test_the_default_model_serves_on_onnx_runtime(server):
+    assert server.runtime.chatbot.classifier.backend_name == "onnx"

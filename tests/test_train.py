@@ -59,7 +59,7 @@ def test_batched_prediction_matches_one_by_one(banking_head_bundle, banking_slic
 
 def test_same_seed_same_model_and_second_run_uses_the_cache(tmp_path, banking_slice):
     logs_a, logs_b = [], []
-    cfg = load_config(None, [f"data={banking_slice['train']}", f"output={tmp_path / 'a'}", "epochs=30"])
+    cfg = load_config(None, [f"data={banking_slice['train']}", f"output={tmp_path / 'a'}", "epochs=30", "onnx=false"])
     a = train(cfg, progress=False, log=logs_a.append)
     b = train(cfg.model_copy(update={"output": str(tmp_path / "b")}), progress=False, log=logs_b.append)
     assert a.bundle.version == b.bundle.version
@@ -79,7 +79,7 @@ def test_lora_trains_adapters_only_and_leaves_the_base_bit_identical(tmp_path, b
     original = AutoModel.from_pretrained(resolve_base("sentence-transformers/all-MiniLM-L6-v2")).state_dict()
     cfg = load_config(None, [
         f"data={banking_slice['train']}", "strategy=lora", f"output={tmp_path / 'lora'}",
-        "epochs=2", "max_length=32", "lora.r=4", "batch_size=16",
+        "epochs=2", "max_length=32", "lora.r=4", "batch_size=16", "onnx=false",
     ])
     result = train(cfg, progress=False, log=lambda _m: None)
     peft_body = result.model.body
