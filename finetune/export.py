@@ -23,6 +23,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -260,7 +261,10 @@ def quantize_graph(graph: Path, out: Path, tokenizer: Any, max_length: int, cali
         def rewind(self) -> None:
             self.position = 0
 
-    with tempfile.TemporaryDirectory(prefix=".onnx-quantize-", dir=out.parent) as tmp:
+    out = out.resolve()
+    graph = graph.resolve()
+    # contextlib.chdir: onnxruntime.quantization leaves a uuid-named external-data file in the working directory
+    with tempfile.TemporaryDirectory(prefix=".onnx-quantize-", dir=out.parent) as tmp, contextlib.chdir(tmp):
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(graph), str(prepared), skip_symbolic_shape=True)  # symbolic inference fails on BERT's mask ops
         quantize_static(
