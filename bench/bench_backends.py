@@ -25,6 +25,7 @@ Prints the figures and appends a section to BENCHMARKS.md (unless --no-record).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -78,7 +80,7 @@ def int8_onnx_copy(fp32_bundle: Path, out: Path) -> Path:
     from bot.encoder import load_tokenizer
     from bot.onnx_backend import GRAPH_FILE
     from finetune.evaluate import recipe_of
-    from finetune.export import add_files, quantize_graph
+    from finetune.export import add_files
     from finetune.train import prepare_data
 
     if (out / "bundle.json").is_file():
@@ -98,6 +100,57 @@ def int8_onnx_copy(fp32_bundle: Path, out: Path) -> Path:
         info = {**copy.meta["onnx"], "precision": "int8 (ONNX Runtime static QDQ, bench copy)"}
         add_files(copy, {GRAPH_FILE: graph}, {"onnx": info})
     return out
+
+
+def quantize_graph(graph: Path, out: Path, tokenizer: Any, max_length: int, calibration_texts: list[str]) -> None:
+    """Static int8 quantisation of a serving graph with ONNX Runtime: QDQ, weights int8 per output channel,
+    activations uint8 with scales calibrated (MinMax) on `calibration_texts` (training texts).
+
+    Static, not dynamic: an activation's scale is fixed at calibration, so a text's answer cannot depend on
+    which other texts share its batch (dynamic quantisation takes one scale per tensor, over the batch).
+    Only MatMul/Gemm with constant weights are quantised; LayerNorm, softmax, GELU and pooling stay fp32.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from bot.encoder import tokenize
+
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = []
+            for start in range(0, len(calibration_texts), 32):
+                batch = tokenize(tokenizer, calibration_texts[start : start + 32], max_length)
+                self.feeds.append({"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()})
+            self.position = 0
+
+        def get_next(self) -> dict[str, Any] | None:
+            if self.position >= len(self.feeds):
+                return None
+            self.position += 1
+            return self.feeds[self.position - 1]
+
+        def rewind(self) -> None:
+            self.position = 0
+
+    out = out.resolve()
+    graph = graph.resolve()
+    # contextlib.chdir: onnxruntime.quantization leaves a uuid-named external-data file in the working directory
+    with tempfile.TemporaryDirectory(prefix=".onnx-quantize-", dir=out.parent) as tmp, contextlib.chdir(tmp):
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(graph), str(prepared), skip_symbolic_shape=True)  # symbolic inference fails on BERT's mask ops
+        quantize_static(
+            str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"],
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False},
+        )
 
 
 def variants(workdir: Path, dataset: str) -> dict[str, tuple[Path, str, bool]]:

@@ -23,7 +23,6 @@ Decisions:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ from torch import nn
 from bot import bundle as bundle_mod
 from bot.bundle import Bundle, BundleError
 from bot.classifier import IntentClassifier, TorchBackend, configure_threads, serving_threads
-from bot.encoder import Encoder, tokenize
+from bot.encoder import Encoder
 from bot.heads import IntentHead
 from bot.onnx_backend import GRAPH_FILE, MANIFEST_KEY, OnnxBackend
 
@@ -225,51 +224,3 @@ def add_files(bundle: Bundle, files: dict[str, Path], meta_update: dict[str, Any
     return bundle_mod.write(bundle.path, meta, {name: copier(source) for name, source in sources.items()})
 
 
-
-def quantize_graph(graph: Path, out: Path, tokenizer: Any, max_length: int, calibration_texts: list[str]) -> None:
-    """Static int8 quantisation of a serving graph with ONNX Runtime: QDQ, weights int8 per output channel,
-    activations uint8 with scales calibrated (MinMax) on `calibration_texts` (training texts).
-
-    Static, not dynamic: an activation's scale is fixed at calibration, so a text's answer cannot depend on
-    which other texts share its batch (dynamic quantisation takes one scale per tensor, over the batch).
-    Only MatMul/Gemm with constant weights are quantised; LayerNorm, softmax, GELU and pooling stay fp32.
-    """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = []
-            for start in range(0, len(calibration_texts), 32):
-                batch = tokenize(tokenizer, calibration_texts[start : start + 32], max_length)
-                self.feeds.append({"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()})
-            self.position = 0
-
-        def get_next(self) -> dict[str, Any] | None:
-            if self.position >= len(self.feeds):
-                return None
-            self.position += 1
-            return self.feeds[self.position - 1]
-
-        def rewind(self) -> None:
-            self.position = 0
-
-    out = out.resolve()
-    graph = graph.resolve()
-    # contextlib.chdir: onnxruntime.quantization leaves a uuid-named external-data file in the working directory
-    with tempfile.TemporaryDirectory(prefix=".onnx-quantize-", dir=out.parent) as tmp, contextlib.chdir(tmp):
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(graph), str(prepared), skip_symbolic_shape=True)  # symbolic inference fails on BERT's mask ops
-        quantize_static(
-            str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm"],
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False},
-        )

@@ -72,7 +72,7 @@ def test_head_bundle_onnx_reproduces_torch_on_held_out_texts(exported_head_bundl
 
 def test_lora_bundle_trains_with_its_graph_and_onnx_reproduces_torch(tmp_path, banking_slice):
     path = train_bundle(
-        tmp_path / "lora", f"data={banking_slice['train']}", "strategy=lora", "epochs=1", "max_length=32",
+        tmp_path / "lora", f"data={banking_slice['train']}", "strategy=lora", "few_shot=12", "epochs=1", "max_length=32",
         "lora.r=4", "batch_size=16", "onnx=true",
     )
     meta = json.loads((path / "bundle.json").read_text())

@@ -10,7 +10,7 @@ import torch
 from conftest import train_bundle
 from torch import nn
 
-from bot.classifier import IntentClassifier
+from bot.classifier import IntentClassifier, TorchBackend
 from bot.precision import Int8Linear, apply_precision
 from finetune.calibrate import fit_temperature
 from finetune.config import load_config
@@ -68,7 +68,8 @@ def test_int8_head_bundle_serves_int8_and_agrees_with_fp32(int8_head_bundle, ban
     meta = json.loads((int8_head_bundle / "bundle.json").read_text())
     assert meta["encoder"]["precision"] == "int8"
     int8 = IntentClassifier.from_bundle(int8_head_bundle)
-    linears = [type(m).__name__ for m in int8.encoder.model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
+    assert isinstance(int8.backend, TorchBackend)  # int8 bundles have no ONNX graph: bot/precision.py runs in torch
+    linears = [type(m).__name__ for m in int8.backend.encoder.model.modules() if isinstance(m, (nn.Linear, Int8Linear))]
     assert linears and set(linears) == {"Int8Linear"}
     texts, gold = _test_rows(banking_slice["test"])
     quick = int8.predict(texts)
@@ -120,3 +121,11 @@ def test_the_embedding_cache_keeps_int8_vectors_apart_from_fp32(tmp_path):
     assert computed == 3 and not torch.equal(exact, quick)  # not served the fp32 vectors
     again, computed = int8_cache.embed(int8, texts, progress=False)
     assert computed == 0 and torch.equal(again, quick)
+
+
+def test_an_int8_bundle_gets_no_onnx_graph_and_serves_on_torch(int8_head_bundle):
+    from finetune.export import ExportError, export_bundle
+
+    assert "onnx" not in json.loads((int8_head_bundle / "bundle.json").read_text())
+    with pytest.raises(ExportError, match="served by PyTorch only"):
+        export_bundle(int8_head_bundle, texts=["where is my order"])
