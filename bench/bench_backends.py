@@ -95,8 +95,8 @@ def int8_onnx_copy(fp32_bundle: Path, out: Path) -> Path:
     copy = bundle_mod.load(out)
     with tempfile.TemporaryDirectory(prefix="bench-quantize-", dir=out.parent) as tmp:
         graph = Path(tmp) / GRAPH_FILE
-        quantize_graph(fp32_bundle / GRAPH_FILE, graph, load_tokenizer(bundle.meta["base"]["id"]),
-                       int(bundle.meta["encoder"]["max_length"]), texts[:CALIBRATION_TEXTS])
+        quantize_graph(fp32_bundle / GRAPH_FILE, graph, load_tokenizer(bundle.manifest.base.id),
+                       bundle.manifest.encoder.max_length, texts[:CALIBRATION_TEXTS])
         info = {**copy.meta["onnx"], "precision": "int8 (ONNX Runtime static QDQ, bench copy)"}
         add_files(copy, {GRAPH_FILE: graph}, {"onnx": info})
     return out

@@ -33,7 +33,6 @@ from .bundle import Bundle, BundleError
 from .encoder import load_tokenizer, run_batched
 
 GRAPH_FILE = "model.onnx"
-MANIFEST_KEY = "onnx"  # bundle.json's section for the graph (bot/bundle.py: OnnxGraph); absent: serve on torch
 
 # Whether idle ORT workers spin. Off for serving (see the module docstring); bench/bench_backends.py
 # turns it on in one child process to measure what it would cost.

@@ -37,11 +37,11 @@ import torch
 from torch import nn
 
 from bot import bundle as bundle_mod
-from bot.bundle import Bundle, BundleError
+from bot.bundle import Bundle, BundleError, OnnxGraph
 from bot.classifier import IntentClassifier, TorchBackend, configure_threads, serving_threads
 from bot.encoder import Encoder
 from bot.heads import IntentHead
-from bot.onnx_backend import GRAPH_FILE, MANIFEST_KEY, OnnxBackend
+from bot.onnx_backend import GRAPH_FILE, OnnxBackend
 
 OPSET = 18
 DEFAULT_TOLERANCE = 1e-4
@@ -153,7 +153,7 @@ def export_bundle(
     started = time.perf_counter()
     configure_threads()
     bundle = bundle_mod.load(path)
-    precision = bundle.meta["encoder"].get("precision", "fp32")
+    precision = bundle.manifest.encoder.precision
     if precision != "fp32":
         raise ExportError(f"bundle {bundle.path} runs its encoder at {precision} (bot/precision.py): served by PyTorch only")
     if texts is None:
@@ -184,16 +184,13 @@ def export_bundle(
             )
         import onnx as onnx_pkg
 
-        info = {
-            "file": GRAPH_FILE,
-            "opset": OPSET,
-            "exporter": f"torch.onnx (dynamo) {torch.__version__.split('+')[0]}, onnx {onnx_pkg.__version__}",
-            "inputs": ["input_ids", "attention_mask"],
-            "output": "logits",
-            "parity": parity.as_dict(),
-        }
+        info = OnnxGraph(
+            file=GRAPH_FILE, opset=OPSET,
+            exporter=f"torch.onnx (dynamo) {torch.__version__.split('+')[0]}, onnx {onnx_pkg.__version__}",
+            parity=parity.as_dict(),
+        )
         del onnx
-        rewritten = add_files(bundle, {GRAPH_FILE: graph_file}, {MANIFEST_KEY: info})
+        rewritten = add_files(bundle, {GRAPH_FILE: graph_file}, {"onnx": info.model_dump(mode="json")})
     summary = {
         "bundle": str(rewritten.path),
         "graph": GRAPH_FILE,
@@ -212,7 +209,7 @@ def add_files(bundle: Bundle, files: dict[str, Path], meta_update: dict[str, Any
     """Rewrite `bundle` (atomically, through bot/bundle.py) with `files` added and `meta_update` merged."""
     meta = {k: v for k, v in bundle.meta.items() if k not in ("format_version", "version", "files")}
     meta.update(meta_update)
-    sources = {name: bundle.path / name for name in bundle.meta["files"]}
+    sources = {name: bundle.path / name for name in bundle.manifest.files}
     sources.update(files)
 
     def copier(source: Path) -> Callable[[Path], None]:

@@ -126,6 +126,6 @@ def test_the_embedding_cache_keeps_int8_vectors_apart_from_fp32(tmp_path):
 def test_an_int8_bundle_gets_no_onnx_graph_and_serves_on_torch(int8_head_bundle):
     from finetune.export import ExportError, export_bundle
 
-    assert "onnx" not in json.loads((int8_head_bundle / "bundle.json").read_text())
+    assert json.loads((int8_head_bundle / "bundle.json").read_text()).get("onnx") is None
     with pytest.raises(ExportError, match="served by PyTorch only"):
         export_bundle(int8_head_bundle, texts=["where is my order"])
