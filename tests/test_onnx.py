@@ -36,9 +36,11 @@ def assert_backends_agree(bundle: Path, texts: list[str]) -> None:
     onnx = IntentClassifier.from_bundle(bundle)
     reference = IntentClassifier.from_bundle(bundle, backend="torch")
     assert isinstance(onnx.backend, OnnxBackend) and isinstance(reference.backend, TorchBackend)
-    p_onnx = onnx.probabilities(onnx.logits(texts))
-    p_torch = reference.probabilities(reference.logits(texts))
+    v_onnx, l_onnx = onnx.embed_and_logits(texts)
+    v_torch, l_torch = reference.embed_and_logits(texts)
+    p_onnx, p_torch = onnx.probabilities(l_onnx), reference.probabilities(l_torch)
     assert float((p_onnx - p_torch).abs().max()) <= TOLERANCE
+    assert float((v_onnx - v_torch).abs().max()) <= TOLERANCE  # the vectors knowledge retrieval searches with
     assert torch.equal(p_onnx.argmax(-1), p_torch.argmax(-1))
     assert [p.label for p in onnx.predict(texts[:5])] == [p.label for p in reference.predict(texts[:5])]
 
