@@ -104,7 +104,7 @@ def test_every_quick_reply_is_understood_by_the_default_model(shop_bundle, respo
     """A button the model does not understand is a broken button: each quick reply must be
     answered (not a fallback) by the trained default model at its own thresholds."""
     from bot.classifier import IntentClassifier
-    from bot.policy import ANSWER, decide
+    from bot.policy import Action, decide
 
     classifier = IntentClassifier.from_bundle(shop_bundle)
     buttons = sorted({q for body in responses["intents"].values() for q in body.get("quick_replies") or []})
@@ -112,6 +112,6 @@ def test_every_quick_reply_is_understood_by_the_default_model(shop_bundle, respo
     broken = {}
     for text, prediction in zip(buttons, classifier.predict(buttons)):
         top2 = prediction.ranking[1][1] if len(prediction.ranking) > 1 else 0.0
-        if decide(prediction.confidence, top2, classifier.confidence_floor, classifier.ambiguity_gap) != ANSWER:
+        if decide(prediction.confidence, top2, classifier.confidence_floor, classifier.ambiguity_gap) != Action.ANSWER:
             broken[text] = prediction.ranking[:2]
     assert broken == {}
