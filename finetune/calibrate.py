@@ -63,6 +63,8 @@ def choose_thresholds(
     median best floor, then the median best gap at that floor), so each threshold sits as far as the
     validation data allow from the examples that decide it, instead of on the edge of one of them.
     """
+    if cfg.target_oos_recall is not None and oos_probs is not None and len(oos_probs):
+        return _floor_for_oos_recall(probs, targets, oos_probs, cfg, cfg.target_oos_recall)
     in_score = _utility_grid(probs, targets, cfg)
     score = in_score.mean(axis=0)
     method = f"max right - {cfg.wrong_answer_cost:g} x wrong (+/-{cfg.clarify_value:g} per clarify) on validation"
@@ -74,6 +76,33 @@ def choose_thresholds(
     best_cells = score >= best - 1e-9
     fi = _median_index(np.flatnonzero(best_cells.any(axis=1)))
     gi = _median_index(np.flatnonzero(best_cells[fi]))
+    return Thresholds(float(floors[fi]), float(gaps[gi]), method, float(best))
+
+
+def oos_recall(oos_probs: np.ndarray, floor: float) -> float:
+    """Share of out-of-scope messages whose top confidence is below the floor (the evaluation's rule)."""
+    return float((oos_probs.max(axis=1) < floor).mean()) if len(oos_probs) else 0.0
+
+
+def _floor_for_oos_recall(
+    probs: np.ndarray, targets: np.ndarray, oos_probs: np.ndarray, cfg: CalibrationConfig, target: float
+) -> Thresholds:
+    """The lowest grid floor whose validation out-of-scope recall reaches `target`; the gap as usual at that floor.
+
+    A team that must rarely answer an out-of-scope message asks for the recall it needs; every
+    higher floor would also reach it, but sends more in-scope messages to fallback, so the lowest
+    one wins. When no floor up to `max_floor` reaches the target, `max_floor` is used and the method
+    says so (the bundle records what was asked and what was had).
+    """
+    floors, gaps = _grid(cfg)
+    recalls = np.array([oos_recall(oos_probs, float(f)) for f in floors])
+    reached = np.flatnonzero(recalls >= target - 1e-12)
+    fi = int(reached[0]) if len(reached) else len(floors) - 1
+    score = _utility_grid(probs, targets, cfg).mean(axis=0)[fi] + _utility_grid(oos_probs, None, cfg).mean(axis=0)[fi]
+    best = score.max()
+    gi = _median_index(np.flatnonzero(score >= best - 1e-9))
+    verdict = "reached" if len(reached) else f"not reached (max_floor {floors[fi]:g} gives {recalls[fi]:.4f})"
+    method = f"lowest floor with out-of-scope recall >= {target:g} on validation: {verdict}"
     return Thresholds(float(floors[fi]), float(gaps[gi]), method, float(best))
 
 

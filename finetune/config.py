@@ -44,6 +44,11 @@ class CalibrationConfig(_Strict):
     min_floor: float = Field(default=0.0, ge=0, le=1)
     max_floor: float = Field(default=0.9, ge=0, le=1)
     max_gap: float = Field(default=0.3, ge=0, le=1)
+    target_oos_recall: float | None = Field(
+        default=None, gt=0, le=1,
+        description="with out-of-scope validation examples: the lowest floor whose out-of-scope recall reaches this "
+        "(None: the balanced point that maximises in-scope utility + out-of-scope recall)",
+    )
 
 
 class RetrievalAdapterConfig(_Strict):

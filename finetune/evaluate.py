@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 from scipy import stats
-from sklearn.metrics import f1_score, precision_recall_fscore_support
+from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
 from tqdm.auto import tqdm
 
 from bot import bundle as bundle_mod
@@ -61,6 +61,7 @@ from .report_model import (
 
 PREDICT_CHUNK = 256  # texts per progress-bar step; the classifier batches 64 at a time inside
 CONFUSED_PAIRS = 10
+CURVE_FLOORS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the operating curve's table; the plot sweeps finely
 EXACT_MCNEMAR_BELOW = 25  # discordant pairs; below this the exact binomial test replaces chi-squared
 
 
@@ -167,7 +168,7 @@ def build_report(records: list[Record], *, worst: int) -> Scores:
         "weighted_f1": float(f1_score(gold, predicted, labels=intents, average="weighted", zero_division=0)),
         "top3_accuracy": top3_accuracy(records),
         "per_intent": per_intent(gold, predicted, intents),
-        "out_of_scope": out_of_scope(gold, predicted),
+        "out_of_scope": out_of_scope(gold, predicted, records),
         "actions": {action: sum(r["action"] == action for r in records) / max(len(records), 1) for action in policy.ACTIONS},
         "answer_accuracy": answer_accuracy(records),
         "calibration": calibration(records),
@@ -190,8 +191,8 @@ def per_intent(gold: list[str], predicted: list[str], intents: list[str]) -> dic
     }
 
 
-def out_of_scope(gold: list[str], predicted: list[str]) -> dict[str, Any] | None:
-    """In-scope accuracy and OOS recall / precision; None when the data has no `oos` examples."""
+def out_of_scope(gold: list[str], predicted: list[str], records: list[Record]) -> dict[str, Any] | None:
+    """In-scope accuracy, OOS recall / precision, the operating curve and AUROC; None without `oos` examples."""
     gold_a, pred_a = np.array(gold, dtype=object), np.array(predicted, dtype=object)
     is_oos, said_oos = gold_a == data.OOS_LABEL, pred_a == data.OOS_LABEL
     if not is_oos.any():
@@ -204,7 +205,37 @@ def out_of_scope(gold: list[str], predicted: list[str]) -> dict[str, Any] | None
         "n_out_of_scope": int(is_oos.sum()),
         "n_in_scope": int(in_scope.sum()),
         "rule": "predicted oos when the calibrated top confidence is below the bundle's confidence floor",
+        "auroc": oos_auroc(records),
+        "curve": operating_curve(records),
     }
+
+
+def operating_curve(records: list[Record], floors: Sequence[float] = CURVE_FLOORS) -> list[dict[str, float]]:
+    """In-scope answered-and-right against out-of-scope recall, for each confidence floor.
+
+    answered-and-right: share of in-scope messages whose top confidence reaches the floor and whose
+    top intent is the gold one; recall: share of `oos` messages below the floor (the evaluation's rule).
+    """
+    confidence = np.array([r["confidence"] for r in records], dtype=float)
+    is_oos = np.array([r["gold"] == data.OOS_LABEL for r in records], dtype=bool)
+    right = np.array([r["top3"][0][0] == r["gold"] for r in records], dtype=bool)
+    points = []
+    for floor in floors:
+        kept = confidence >= floor
+        points.append({
+            "floor": float(floor),
+            "in_scope_answered_right": float((kept & right)[~is_oos].mean()) if (~is_oos).any() else 0.0,
+            "oos_recall": float((~kept)[is_oos].mean()) if is_oos.any() else 0.0,
+        })
+    return points
+
+
+def oos_auroc(records: list[Record]) -> float | None:
+    """AUROC of the top confidence separating in-scope (positive) from `oos` messages; None with one class only."""
+    is_in = np.array([r["gold"] != data.OOS_LABEL for r in records], dtype=bool)
+    if is_in.all() or not is_in.any():
+        return None
+    return float(roc_auc_score(is_in, [r["confidence"] for r in records]))
 
 
 def answer_accuracy(records: list[Record]) -> float | None:

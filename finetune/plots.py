@@ -190,13 +190,44 @@ def threshold_sweep_png(records: list[Record], floor: float, path: Path) -> Path
     return _save(fig, path)
 
 
+def operating_curve_png(records: list[Record], floor: float, auroc: float | None, path: Path) -> Path:
+    """In-scope answered-and-right against out-of-scope recall as the floor sweeps 0..1; the bundle's floor marked."""
+    confidence, _, correct = _in_scope(records)
+    oos = _oos_confidence(records)
+    grid = np.union1d(np.linspace(0, 1, 201), [floor])
+    answered_right = ((confidence[None, :] >= grid[:, None]) & correct[None, :]).mean(axis=1)
+    recall = (oos[None, :] < grid[:, None]).mean(axis=1)
+    at = int(np.searchsorted(grid, floor))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot(recall, answered_right, color="tab:blue", label="floors 0 to 1")
+    for f in (0.2, 0.4, 0.6, 0.8):
+        i = int(np.searchsorted(grid, f))
+        ax.annotate(f"{f:.1f}", (recall[i], answered_right[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.plot(recall[i], answered_right[i], ".", color="tab:blue")
+    ax.plot(recall[at], answered_right[at], "o", color="black",
+            label=f"bundle's floor {floor:.2f}: {answered_right[at]:.3f} right, {recall[at]:.3f} oos recall")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("out-of-scope recall (share of oos messages below the floor)")
+    ax.set_ylabel("in-scope answered and right")
+    title = "Operating curve across confidence floors"
+    ax.set_title(title + (f" (AUROC {auroc:.3f})" if auroc is not None else ""), fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def write_all(records: list[Record], report: EvaluationReport, out_dir: Path) -> dict[str, Path]:
-    """Every picture of the report, by file name."""
+    """Every picture of the report, by file name (the operating curve only when the data has `oos` examples)."""
     floor = report.floor_marked  # under cross-validation each fold has its own floor: their mean
-    return {
+    pictures = {
         "confusion_matrix.png": confusion_matrix_png(records, out_dir / "confusion_matrix.png"),
         "reliability_diagram.png": reliability_png(records, report.calibration, out_dir / "reliability_diagram.png"),
         "confidence_histogram.png": confidence_histogram_png(records, floor, out_dir / "confidence_histogram.png"),
         "threshold_sweep.png": threshold_sweep_png(records, floor, out_dir / "threshold_sweep.png"),
     }
+    if report.out_of_scope is not None:
+        auroc = report.out_of_scope.auroc
+        pictures["operating_curve.png"] = operating_curve_png(records, floor, auroc, out_dir / "operating_curve.png")
+    return pictures
 

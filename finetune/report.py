@@ -20,6 +20,7 @@ CAPTIONS = {
     "reliability_diagram.png": "Reliability: accuracy against confidence, before and after temperature scaling (in-scope messages).",
     "confidence_histogram.png": "Confidence of right and wrong predictions; the dashed line is the bundle's confidence floor.",
     "threshold_sweep.png": "What moving the confidence floor would do to coverage, accuracy and out-of-scope recall.",
+    "operating_curve.png": "In-scope answered-and-right against out-of-scope recall across confidence floors; the dot is the bundle's floor.",
 }
 
 
@@ -158,6 +159,19 @@ def _per_intent(report: Report) -> str:
     )
 
 
+def _operating_curve(report: Report) -> str:
+    oos = report.out_of_scope
+    if oos is None or not oos.curve:
+        return ""
+    auroc = f"{oos.auroc:.4f}" if oos.auroc is not None else "n/a"
+    return (
+        f"<h2>Out-of-scope operating curve</h2><p>AUROC (in scope vs out of scope by top confidence): <b>{auroc}</b>; "
+        f"the bundle's floor is {report.floor_marked:.2f}.</p>"
+        + _table(["confidence floor", "in-scope answered and right", "out-of-scope recall"],
+                 [[p.floor, p.in_scope_answered_right, p.oos_recall] for p in oos.curve])
+    )
+
+
 def _figures(images: dict[str, Path]) -> str:
     parts = ["<h2>Pictures</h2>"]
     for name, path in images.items():
@@ -220,7 +234,7 @@ def render_html(report: Report, images: dict[str, Path]) -> str:
     """A single self-contained page: tables and the PNGs embedded as base64."""
     sections = [
         _header(report), _gate(report), _summary(report), _cross_validation(report), _compare_intents(report),
-        _knowledge(report), _errors(report), _figures(images), _per_intent(report), _notes(report),
+        _knowledge(report), _errors(report), _operating_curve(report), _figures(images), _per_intent(report), _notes(report),
     ]
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>supportbot evaluation '

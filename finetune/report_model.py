@@ -46,6 +46,14 @@ class IntentScores(_Model):
     support: int
 
 
+class OperatingPoint(_Model):
+    """One confidence floor on the out-of-scope operating curve."""
+
+    floor: float
+    in_scope_answered_right: float
+    oos_recall: float
+
+
 class OutOfScope(_Model):
     in_scope_accuracy: float
     recall: float
@@ -53,6 +61,8 @@ class OutOfScope(_Model):
     n_out_of_scope: int
     n_in_scope: int
     rule: str
+    auroc: float | None = None  # in-scope vs oos by calibrated top confidence; null in reports written before it
+    curve: list[OperatingPoint] = []
 
 
 class CalibrationScores(_Model):

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import BANKING77, CLINC150, ROOT, train_bundle, write_slice
 from matplotlib import image as mpimg
-from sklearn.metrics import f1_score, precision_recall_fscore_support
+from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
 
 from bot import bundle as bundle_mod
 from bot.classifier import IntentClassifier
@@ -339,3 +339,43 @@ def test_cross_validation_needs_enough_examples_per_label(capsys, tmp_path, bank
     data = write_slice(BANKING77 / "train.csv", tmp_path / "tiny.csv", labels=3, per_label=2)
     code, _, err = run_cli(capsys, "--model", str(banking_head_bundle), "--data", str(data), "--cv", "3", "--output", str(tmp_path / "o"))
     assert code == 2 and "3-fold cross-validation needs at least 3 per label" in err
+
+
+def test_clinc_report_carries_the_operating_curve_and_auroc(clinc_eval):
+    report, records = read_output(clinc_eval)
+    oos = report["out_of_scope"]
+    is_in = np.array([r["gold"] != "oos" for r in records])
+    confidence = np.array([r["confidence"] for r in records])
+    right = np.array([r["top3"][0][0] == r["gold"] for r in records])
+    assert oos["auroc"] == pytest.approx(roc_auc_score(is_in, confidence)) and 0.5 < oos["auroc"] <= 1.0
+    floors = [p["floor"] for p in oos["curve"]]
+    assert len(floors) >= 5 and floors == sorted(floors)
+    for point in oos["curve"]:
+        kept = confidence >= point["floor"]
+        assert point["in_scope_answered_right"] == pytest.approx(np.mean((kept & right)[is_in]))
+        assert point["oos_recall"] == pytest.approx(np.mean(~kept[~is_in]))
+    recalls = [p["oos_recall"] for p in oos["curve"]]
+    assert recalls == sorted(recalls)  # a higher floor never catches fewer oos messages
+    assert (clinc_eval / "operating_curve.png").stat().st_size > 0 and mpimg.imread(clinc_eval / "operating_curve.png").ndim == 3
+    page = (clinc_eval / "report.html").read_text()
+    assert "Out-of-scope operating curve" in page and "AUROC" in page
+
+
+def _validation_oos_recall(bundle_dir: Path, slice_path: Path) -> float:
+    classifier = IntentClassifier.from_bundle(bundle_dir)
+    texts = [text for text, _ in json.loads(slice_path.read_text())["oos_val"]]
+    floor = classifier.confidence_floor
+    return float(np.mean([p.confidence < floor for p in classifier.predictions_from_logits(classifier.logits(texts), top_k=3)]))
+
+
+def test_a_higher_oos_recall_target_gives_a_floor_at_least_as_high(tmp_path, clinc_slice, clinc_bundle):
+    floors = {}
+    for target in (0.1, 0.25):  # four distinct intents: oos messages look confident, 0.3 is the most any floor reaches
+        bundle_dir = train_bundle(tmp_path / f"target-{target}", f"data={clinc_slice}", f"calibration.target_oos_recall={target}")
+        calibration = bundle_mod.load(bundle_dir).calibration
+        assert "lowest floor with out-of-scope recall" in calibration.method and "not reached" not in calibration.method
+        assert _validation_oos_recall(bundle_dir, clinc_slice) >= target
+        floors[target] = calibration.confidence_floor
+    assert floors[0.25] >= floors[0.1]
+    balanced = bundle_mod.load(clinc_bundle).calibration  # no target: today's balanced point
+    assert "out-of-scope recall on validation" in balanced.method and "lowest floor" not in balanced.method
