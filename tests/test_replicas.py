@@ -185,7 +185,10 @@ def test_chatwoot_run_across_two_replicas_with_repeats_failures_and_a_sigkill(fl
 
     assert chatwoot.wait_for(lambda: replied() >= total, timeout=90), f"{replied()} of {total} replies"
     time.sleep(1.0)  # room for a wrong extra send
-    assert outcomes["accepted"] == total, dict(outcomes)
+    # A delivery r1 committed just before its SIGKILL is acknowledged to no one; the retry on r0 finds
+    # it a duplicate. So "accepted" may fall short by the few in flight at the kill; the transcripts
+    # below prove each message was processed exactly once.
+    assert total - 12 <= outcomes["accepted"] <= total, dict(outcomes)
     assert outcomes["duplicate"] >= 0.2 * total, "the repeats reached the other replica and were recognised"
     engine = open_database(url)
     store = PostgresSessionStore(engine)
