@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from bot import paths
 from bot.encoder import DEFAULT_BASE
 from bot.errors import SupportbotError
 from bot.fileio import read_yaml
@@ -77,7 +78,7 @@ class TrainConfig(_Strict):
     data: str = "pack:shop"
     eval_data: str | None = None
     strategy: str = Field(default="head", description="a registered training strategy (finetune/strategies.py): head, lora, full, ...")
-    output: str = "models/default"
+    output: str = str(paths.DEFAULT_MODEL_DIR)  # where the CLI looks for the default model (bot.paths)
     seed: int = 42
     max_length: int = Field(default=64, ge=8, le=512)
     precision: Precision = Field(

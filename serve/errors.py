@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from bot.errors import SupportbotError
+from bot.sessions import SessionConflict
 from bot.validation import (
     InvalidMessage,
     InvalidSessionId,
@@ -33,6 +34,16 @@ from bot.validation import (
 )
 
 from .database import DatabaseUnavailable
+from .runtime_errors import (
+    NothingToReload,
+    NotReady,
+    Overloaded,
+    ReloadFailed,
+    ReloadInProgress,
+    ServingError,
+    SessionNotFound,
+    ShuttingDown,
+)
 
 log = logging.getLogger("supportbot.serve")
 
@@ -69,21 +80,37 @@ class ApiError(SupportbotError):
 
 @dataclass(frozen=True)
 class ErrorRule:
-    """How one domain error is answered over HTTP."""
+    """How one domain error is answered over HTTP.
+
+    `message` replaces the error's own text when that is not for clients (a SessionConflict names
+    revisions). A `transient` refusal (retry later, with `retry_after` seconds) answers 503 on the
+    API; a route that marks itself with `transient_status` (the webhooks: Chatwoot retries a
+    delivery only on 429) answers that status instead."""
 
     status: int
     code: str
-    retry_after: str | None = None  # sent as Retry-After: the condition passes by itself
+    message: str | None = None
+    transient: bool = False
+    retry_after: int = 1
 
 
 # The one table from domain errors to HTTP. A subclass not listed answers like its nearest listed
-# base (the lookup walks the class's MRO), so list a subclass before nothing: order is irrelevant.
+# base (the lookup walks the class's MRO), so the order of the entries does not matter.
 ERRORS: dict[type[Exception], ErrorRule] = {
     InvalidMessage: ErrorRule(422, "invalid_request"),
     MessageTooLong: ErrorRule(422, "message_too_long"),
     UnprintableMessage: ErrorRule(422, "invalid_message"),
     InvalidSessionId: ErrorRule(422, "invalid_request"),
-    DatabaseUnavailable: ErrorRule(503, "database_unavailable", retry_after="2"),
+    SessionConflict: ErrorRule(503, "session_busy", "this conversation is busy with another message; retry",
+                               transient=True),
+    NotReady: ErrorRule(503, "not_ready", transient=True),
+    Overloaded: ErrorRule(503, "overloaded", transient=True),
+    ShuttingDown: ErrorRule(503, "shutting_down", transient=True),
+    SessionNotFound: ErrorRule(404, "session_not_found"),
+    ReloadInProgress: ErrorRule(409, "reload_in_progress"),
+    ReloadFailed: ErrorRule(422, "bundle_error"),
+    NothingToReload: ErrorRule(422, "invalid_request"),
+    DatabaseUnavailable: ErrorRule(503, "database_unavailable", transient=True, retry_after=2),
 }
 
 
@@ -96,12 +123,28 @@ def rule_for(exc: BaseException) -> ErrorRule | None:
     return None
 
 
-def as_api_error(exc: Exception) -> ApiError:
-    """The domain error `exc` as the ApiError the table says (a 500 for one not in the table)."""
+def as_api_error(exc: Exception, *, transient_status: int | None = None) -> ApiError:
+    """The domain error `exc` as the table answers it (a 500 for one not in the table).
+
+    `transient_status` is the status a transient refusal gets on this route (default: the table's)."""
     rule = rule_for(exc)
     if rule is None:
         return ApiError(500, "internal_error", "the server failed to handle this request; it has been logged")
-    return ApiError(rule.status, rule.code, str(exc), {"Retry-After": rule.retry_after} if rule.retry_after else None)
+    status = transient_status if rule.transient and transient_status is not None else rule.status
+    headers = {}
+    if rule.transient:
+        retry_after = exc.retry_after if isinstance(exc, ServingError) and exc.retry_after else rule.retry_after
+        headers["Retry-After"] = str(retry_after)
+    return ApiError(status, rule.code, rule.message or str(exc), headers)
+
+
+def answer_transient_with(status: int) -> Callable[[Request], Awaitable[None]]:
+    """A route dependency: transient refusals on this route answer `status` (with Retry-After)."""
+
+    async def mark(request: Request) -> None:
+        request.state.transient_status = status
+
+    return mark
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
@@ -128,7 +171,7 @@ async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
-    return await _api_error(request, as_api_error(exc))
+    return await _api_error(request, as_api_error(exc, transient_status=getattr(request.state, "transient_status", None)))
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

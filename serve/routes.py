@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from bot.validation import check_message
+from bot.validation import SESSION_ID_PATTERN, check_message
 
 from .access import Caller, chat_session, check_classify, check_transcript, identify
 from .batching import ClientBusy
@@ -19,7 +19,6 @@ from .errors import ApiError
 from .protection import check_admin_token, check_metrics_token
 from .runtime import Runtime, get_runtime
 from .schemas import (
-    SESSION_ID_PATTERN,
     ChatRequest,
     ChatResponse,
     ClassifyPrediction,
@@ -185,8 +184,6 @@ def build_router() -> APIRouter:
             raise refused(runtime, exc) from None
         log_fields(request, session_id=session_id)
         turns = await runtime.transcript(session_id)
-        if not turns:
-            raise ApiError(404, "session_not_found", "no conversation has this session id")
         return TranscriptResponse(session_id=session_id, turns=[Turn.model_validate(t) for t in turns])
 
     @router.get("/healthz", response_model=HealthResponse, tags=["operations"])

@@ -10,6 +10,9 @@ The stores come from `SUPPORTBOT_DATABASE_URL` (serve/database.py): unset, SQLit
 data folder; set, PostgreSQL shared with the other replicas, its schema upgraded here at start-up.
 While that database does not answer, /readyz says 503 and chat answers 503 `database_unavailable`
 with Retry-After; a probe every second brings readiness back when the database returns.
+
+The runtime speaks no HTTP: it raises domain errors (serve/runtime_errors.py, and bot's own such
+as InvalidMessage or SessionConflict), and serve/errors.py's one table answers them.
 """
 
 from __future__ import annotations
@@ -24,16 +27,24 @@ from typing import Any, Literal
 from fastapi import Request
 
 from bot.bundle import BundleError
-from bot.chatbot import Chatbot, InvalidMessage, Reply
+from bot.chatbot import Chatbot, Reply
 from bot.classifier import Prediction, configure_threads
-from bot.sessions import InvalidSessionId, SessionConflict, SessionStore, SQLiteSessionStore
+from bot.sessions import SessionStore, SQLiteSessionStore
 
 from .access import SessionTokens
 from .batching import Batcher, BatcherStopped, ClientBudget, QueueFull, split_bulk
 from .database import DatabaseUnavailable, Health, is_postgres, open_database
-from .errors import ApiError
 from .fleet import FLEET_FILE, FleetStore, FleetWatcher, manifest_sha256
 from .metrics import Metrics
+from .runtime_errors import (
+    NothingToReload,
+    NotReady,
+    Overloaded,
+    ReloadFailed,
+    ReloadInProgress,
+    SessionNotFound,
+    ShuttingDown,
+)
 from .schemas import ReloadResponse
 from .settings import Settings
 
@@ -41,18 +52,20 @@ log = logging.getLogger("supportbot.serve")
 
 Hook = Callable[["Runtime"], Awaitable[None]]
 
-# Warm-up runs these through the model at the batch sizes traffic will use, so the first
-# customers do not pay for lazy initialisation inside torch and the tokenizer.
-WARMUP_TEXTS = (
-    "hi",
-    "where is my order",
-    "I want to return the shoes I bought last week, they do not fit",
-    "can I pay with paypal",
-    "Hello, I placed an order ten days ago for a lamp and it still has not arrived. Could you check what happened?",
-    "change my delivery address",
-    "thanks",
-    "talk to a human please",
-)
+WARMUP_SHORT = 6
+WARMUP_LONG = 2
+
+
+def warmup_texts(chatbot: Chatbot) -> list[str]:
+    """Texts to warm a bundle with, taken from the bundle itself: its intents' titles (short, like
+    most messages) and its two longest answer texts (long ones), in the bundle's own language and
+    domain. Warm-up runs them at the batch sizes traffic will use, so the first customers do not
+    pay for lazy initialisation inside torch and the tokenizer; a bank's bundle is not warmed with
+    a shop's phrases."""
+    domain, labels = chatbot.domain, list(chatbot.classifier.labels)
+    short = [domain.title(label) for label in labels[:WARMUP_SHORT]]
+    answers = sorted({text for label in labels for text in domain.intent(label).texts}, key=len, reverse=True)
+    return short + answers[:WARMUP_LONG]
 
 
 class Runtime:
@@ -145,11 +158,11 @@ class Runtime:
             await asyncio.to_thread(self.health.probe)
             await asyncio.sleep(1.0)
 
-    def database_down(self, exc: DatabaseUnavailable) -> ApiError:
-        """Record the outage and the answer to give: 503 database_unavailable with Retry-After."""
+    def database_down(self, exc: DatabaseUnavailable) -> DatabaseUnavailable:
+        """Record the outage (readiness turns 503) and the error to raise in its place: its text is for
+        clients, the cause stays in the log (serve/errors.py answers 503 database_unavailable)."""
         self.health.failed(str(exc))
-        return ApiError(503, "database_unavailable", "the database is unavailable; retry shortly",
-                        {"Retry-After": "2"})
+        return DatabaseUnavailable("the database is unavailable; retry shortly")
 
     async def wait_ready(self, timeout: float = 120.0) -> bool:
         """Wait for the start-up load; True when a model is being served."""
@@ -203,7 +216,7 @@ class Runtime:
         chatbot = Chatbot.from_bundle(path, self.store, backend=self.settings.backend, num_threads=self.settings.threads,
                                       max_message_chars=self.settings.max_message_chars)
         chatbot.manifest_sha256 = sha256  # type: ignore[attr-defined]
-        texts = list(WARMUP_TEXTS)
+        texts = warmup_texts(chatbot)
         for size in (1, len(texts), min(self.settings.batch_max_size, 64)):
             chatbot.classifier.predict((texts * (size // len(texts) + 1))[:size])
         return chatbot
@@ -237,15 +250,14 @@ class Runtime:
 
     @property
     def chatbot(self) -> Chatbot:
-        """The chatbot being served; 503 while none is loaded."""
+        """The chatbot being served; NotReady while none is loaded."""
         chatbot = self._chatbot
         if chatbot is None:
-            detail = self.load_error or "the model is still loading"
-            raise ApiError(503, "not_ready", f"not ready: {detail}", {"Retry-After": "1"})
+            raise NotReady(f"not ready: {self.load_error or 'the model is still loading'}")
         return chatbot
 
     def _require_model(self) -> None:
-        """Refuse (503) before queueing when no model is loaded."""
+        """Refuse (NotReady) before queueing when no model is loaded."""
         _ = self.chatbot
 
     def _predict(self, texts: list[str]) -> tuple[Chatbot, list[Prediction]]:
@@ -264,11 +276,6 @@ class Runtime:
 
         try:
             reply: Reply = await self._submit([text], finish)
-        except (InvalidMessage, InvalidSessionId) as exc:
-            raise ApiError(422, "invalid_request", str(exc)) from None
-        except SessionConflict:
-            raise ApiError(503, "session_busy", "this conversation is busy with another message; retry",
-                           {"Retry-After": "1"}) from None
         except DatabaseUnavailable as exc:
             raise self.database_down(exc) from None
         self.metrics.predictions.labels(intent=reply.intent or "none", action=reply.action).inc()
@@ -301,15 +308,19 @@ class Runtime:
             return await self.batcher.submit(texts, finish, bulk=bulk)
         except QueueFull:
             self.metrics.rejected.labels(reason="overloaded").inc()
-            raise ApiError(503, "overloaded", "the server is busy; retry in a moment", {"Retry-After": "1"}) from None
+            raise Overloaded("the server is busy; retry in a moment") from None
         except BatcherStopped:
-            raise ApiError(503, "shutting_down", "the server is shutting down", {"Retry-After": "1"}) from None
+            raise ShuttingDown("the server is shutting down") from None
 
     async def transcript(self, session_id: str) -> list[dict]:
+        """The session's turns, oldest first; SessionNotFound when it has none."""
         try:
-            return await asyncio.to_thread(self.chatbot.transcript, session_id)
+            turns = await asyncio.to_thread(self.chatbot.transcript, session_id)
         except DatabaseUnavailable as exc:
             raise self.database_down(exc) from None
+        if not turns:
+            raise SessionNotFound("no conversation has this session id")
+        return turns
 
     # ------------------------------------------------------------------ reload
 
@@ -320,11 +331,11 @@ class Runtime:
         leaves the old model serving; the error goes to the caller.
         """
         if self._reload_lock.locked():
-            raise ApiError(409, "reload_in_progress", "a reload is already running; try again when it has finished")
+            raise ReloadInProgress("a reload is already running; try again when it has finished")
         async with self._reload_lock:
             target = path or self.model_path
             if target is None:
-                raise ApiError(422, "invalid_request", "no model to reload: name a bundle directory in `model`")
+                raise NothingToReload("no model to reload: name a bundle directory in `model`")
             previous = self.model_version
             started = time.perf_counter()
             try:
@@ -333,7 +344,7 @@ class Runtime:
                 self.metrics.reloads.labels(result="failed").inc()
                 message = _load_failure(exc)
                 log.error("reload of %s failed; still serving %s: %s", target, previous, message)
-                raise ApiError(422, "bundle_error", f"{message} (still serving {previous})") from None
+                raise ReloadFailed(f"{message} (still serving {previous})") from None
             self._swap(chatbot)
             self.model_path = target
             self.metrics.reloads.labels(result="ok").inc()

@@ -30,19 +30,20 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from bot.chatbot import Reply
-from bot.validation import check_message, describe_validation_errors, identifier_pattern
+from bot.sessions import SessionConflict
+from bot.validation import UnprintableMessage, check_message, describe_validation_errors, identifier_pattern
 
 from . import chatwoot, signing
 from .callbacks import CallbackPolicy, CallbackRefused, callback_client
 from .chatwoot import ChatwootClient, ConversationChange, Ignored, Invalid, MessageEvent
 from .database import DatabaseUnavailable
-from .errors import ApiError
+from .errors import ApiError, answer_transient_with
 from .outbox import (
     Action,
     Checker,
@@ -57,6 +58,7 @@ from .outbox import (
 )
 from .routes import check_metadata, log_fields
 from .runtime import Runtime
+from .runtime_errors import NotReady
 from .schemas import ChatResponse
 from .settings import Settings
 
@@ -64,7 +66,6 @@ log = logging.getLogger("supportbot.webhooks")
 
 OUTBOX_FILE = "outbox.sqlite3"
 KIND_CALLBACK = "generic.callback"
-TRANSIENT = {"not_ready", "overloaded", "session_busy", "shutting_down", "database_unavailable"}
 ID_PATTERN = identifier_pattern(100)  # a platform id; prefixed ("generic:"), it is a session id
 MAX_DELIVERY_ID = 200
 
@@ -150,7 +151,7 @@ class Webhooks:
 
     def require_outbox(self) -> Outbox:
         if self.outbox is None:
-            raise ApiError(429, "not_ready", "the webhook outbox is starting; retry", {"Retry-After": "3"})
+            raise NotReady("the webhook outbox is starting; retry", retry_after=3)
         return self.outbox
 
     async def _send_callback(self, action: Action) -> httpx.Response:
@@ -245,29 +246,14 @@ async def _conversation(webhooks: Webhooks, outbox: Outbox, session: str) -> Asy
         async with outbox.conversation(session):
             yield
     except DatabaseUnavailable as exc:
-        webhooks.runtime.health.failed(str(exc))
-        raise ApiError(429, "database_unavailable", "the database is unavailable; retry", {"Retry-After": "3"}) from None
+        raise webhooks.runtime.database_down(exc) from None
     except TimeoutError:
-        raise ApiError(429, "session_busy", "this conversation is busy with another delivery; retry",
-                       {"Retry-After": "1"}) from None
-
-
-async def _respond(runtime: Runtime, session_id: str, text: str, metadata: dict[str, Any]) -> Reply:
-    """The Chatbot's reply; a transient refusal becomes 429 so the platform retries the delivery."""
-    try:
-        return await runtime.respond(session_id, text, metadata=metadata)
-    except ApiError as exc:
-        if exc.code in TRANSIENT:
-            raise ApiError(429, exc.code, exc.message, {"Retry-After": exc.headers.get("Retry-After", "3")}) from None
-        raise
+        raise SessionConflict(f"the lock of conversation {session} stayed busy") from None
 
 
 async def _apply(runtime: Runtime, command: str, session_id: str) -> None:
     """handoff / release / reset on the current chatbot (read at use time: reloads swap it)."""
-    try:
-        chatbot = runtime.chatbot
-    except ApiError as exc:
-        raise ApiError(429, exc.code, exc.message, {"Retry-After": "3"}) from None
+    chatbot = runtime.chatbot
     await asyncio.to_thread(getattr(chatbot, command), session_id)
 
 
@@ -309,7 +295,10 @@ async def _chatwoot_message(request: Request, webhooks: Webhooks, event: Message
     session = chatwoot.session_id(account, conversation)
     keys = [*delivery_keys, f"chatwoot:message:{account}:{event.id}"]
     text = event.content or ""
-    check_message(text, limit=webhooks.settings.max_message_chars, name="content")
+    try:
+        check_message(text, limit=webhooks.settings.max_message_chars, name="content")
+    except UnprintableMessage:
+        return await _chatwoot_unprintable(webhooks, session, account, conversation, keys)
     outbox = webhooks.require_outbox()
     log_fields(request, session_id=session, message_text=text)
     async with _conversation(webhooks, outbox, session):
@@ -318,7 +307,7 @@ async def _chatwoot_message(request: Request, webhooks: Webhooks, event: Message
             return JSONResponse({"status": "duplicate"})
         metadata = {"channel": "chatwoot", "account_id": account, "conversation_id": conversation,
                     "message_id": event.id}
-        reply = await _respond(webhooks.runtime, session, text, metadata)
+        reply = await webhooks.runtime.respond(session, text, metadata)
         actions = _chatwoot_actions(session, account, conversation, reply)
         outcome = await outbox.submit(keys, actions)
     log_fields(request, intent=reply.intent, action=reply.action, model_version=reply.model_version)
@@ -327,6 +316,25 @@ async def _chatwoot_message(request: Request, webhooks: Webhooks, event: Message
         return JSONResponse({"status": "duplicate"})
     webhooks.count("chatwoot", "accepted")
     return JSONResponse({"status": "accepted", "action": reply.action, "queued": len(actions)})
+
+
+async def _chatwoot_unprintable(webhooks: Webhooks, session: str, account: int, conversation: int,
+                                keys: list[str]) -> JSONResponse:
+    """A Chatwoot message holding control characters: acknowledged (200) and handed to a person.
+
+    A 4xx would make Chatwoot count a failed delivery; ignoring it would leave the customer
+    waiting in a conversation the bot owns. So the bot neither classifies nor stores the text
+    (the turn is not recorded), goes silent in the conversation, and opens it to agents, who
+    see the message in Chatwoot itself. Deduplicated like any delivery."""
+    outbox = webhooks.require_outbox()
+    async with _conversation(webhooks, outbox, session):
+        if await outbox.seen(keys) is not None:
+            webhooks.count("chatwoot", "duplicate")
+            return JSONResponse({"status": "duplicate"})
+        await _apply(webhooks.runtime, "handoff", session)
+        await outbox.submit(keys, [NewAction(session, chatwoot.KIND_OPEN, chatwoot.open_payload(account, conversation))])
+    webhooks.count("chatwoot", "unprintable")
+    return JSONResponse({"status": "handed_off", "reason": "the message holds control characters; a person takes over"})
 
 
 def _chatwoot_actions(session: str, account: int, conversation: int, reply: Reply) -> list[NewAction]:
@@ -482,7 +490,7 @@ async def _generic_message(request: Request, webhooks: Webhooks, body: GenericDe
             return JSONResponse({**(first.result or {}), "status": "duplicate"})
         metadata = {**(body.metadata or {}), "channel": "generic", "conversation_id": body.conversation_id,
                     "message_id": body.message_id}
-        reply = await _respond(webhooks.runtime, session, body.text, metadata)
+        reply = await webhooks.runtime.respond(session, body.text, metadata)
         answer, actions = _generic_outcome(body, reply)
         outcome = await outbox.submit(keys, actions, result=answer)
     log_fields(request, intent=reply.intent, action=reply.action, model_version=reply.model_version)
@@ -525,7 +533,8 @@ _ERRORS = {status: {"description": text} for status, text in [
 
 
 def build_webhook_router() -> APIRouter:
-    router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+    # Chatwoot retries a delivery only on 429 (and 500): transient refusals answer 429 here.
+    router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], dependencies=[Depends(answer_transient_with(429))])
     router.add_api_route(
         "/chatwoot", handle_chatwoot, methods=["POST"], summary="Chatwoot Agent Bot events",
         description="Chatwoot's Agent Bot deliveries (message and conversation events), verified with "

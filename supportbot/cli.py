@@ -179,9 +179,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from bot.classifier import IntentClassifier
+    from bot.validation import check_message
 
     texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
-    texts = [t for t in texts if t.strip()]
+    # Blank lines are skipped; any other text must pass the message rule of every entry point.
+    texts = [check_message(t, name=f"text {n}") for n, t in enumerate(texts, start=1) if t.strip()]
     classifier = IntentClassifier.from_bundle(args.model, backend=args.backend)
     for text, prediction in zip(texts, classifier.predict(texts, top_k=args.top_k)):
         print(json.dumps({"text": text, **prediction.to_dict(), "model_version": classifier.version}))
