@@ -1,0 +1,102 @@
+"""Intent discovery on BANKING77 test, labels hidden and the number of intents not given (finetune/discover.py).
+
+    python bench/bench_discover.py              # BANKING77 test (3,080 messages, 77 intents)
+    python bench/bench_discover.py --no-record  # print only
+
+The messages are embedded once (the frozen base, through the embedding cache, max length 64 as
+`discover` does), then clustered two ways on the same vectors:
+
+- discover: the Ward tree cut at the silhouette's first peak, small clusters as noise, exactly as
+  `supportbot discover` (deterministic: no seed, one run);
+- the baseline: k-means told the true k (77), seeds 1, 2, 3.
+
+Scores against the hidden labels: NMI, ARI, and clustering accuracy (each cluster mapped to one
+intent by the Hungarian method, scipy.optimize.linear_sum_assignment; noise and unmapped clusters count
+as wrong). Appends a section to BENCHMARKS.md unless --no-record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.record import append_section, command_line  # noqa: E402
+from finetune import data  # noqa: E402
+from finetune.discover import DiscoverConfig, choose_k, describe, embed  # noqa: E402
+
+DATA = "../shared/data/banking77:test"
+SEEDS = (1, 2, 3)
+
+
+def clustering_accuracy(truth: np.ndarray, clusters: np.ndarray) -> float:
+    """Share of messages whose cluster maps to their intent under the best one-to-one mapping."""
+    from scipy.optimize import linear_sum_assignment
+
+    kept = clusters >= 0
+    ids = {c: i for i, c in enumerate(sorted(set(clusters[kept].tolist())))}
+    counts = np.zeros((len(ids), int(truth.max()) + 1))
+    for cluster, label in zip(clusters[kept], truth[kept]):
+        counts[ids[int(cluster)], label] += 1
+    rows, cols = linear_sum_assignment(-counts)
+    return float(counts[rows, cols].sum() / len(truth))
+
+
+def scores(truth: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    return {"NMI": 100 * normalized_mutual_info_score(truth, clusters), "ARI": 100 * adjusted_rand_score(truth, clusters),
+            "ACC": 100 * clustering_accuracy(truth, clusters)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=DATA, help=f"labelled data SPEC (default {DATA})")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+
+    from sklearn.cluster import KMeans
+
+    split = data.load(args.data)
+    _name, rows = data.evaluation_split(split)
+    texts, labels = list(rows["text"]), list(rows["label"])
+    names = sorted(set(labels))
+    truth = np.array([names.index(label) for label in labels])
+    cfg = DiscoverConfig()
+    vectors = embed(texts, cfg, progress=True)
+
+    k, raw, _silhouettes = choose_k(vectors, cfg)
+    clusters, assigned = describe(texts, vectors, raw, cfg)
+    found = scores(truth, np.asarray(assigned))
+    noise = float(np.mean(np.asarray(assigned) < 0) * 100)
+
+    baseline = [scores(truth, KMeans(n_clusters=len(names), n_init=10, random_state=seed).fit_predict(vectors)) for seed in SEEDS]
+    mean = {m: statistics.mean(b[m] for b in baseline) for m in ("NMI", "ARI", "ACC")}
+    sd = {m: statistics.stdev(b[m] for b in baseline) for m in ("NMI", "ARI", "ACC")}
+
+    lines = [
+        f"BANKING77 test ({len(texts):,} messages, {len(names)} intents; labels hidden, k not given).",
+        "",
+        "| method | k | NMI | ARI | clustering accuracy | noise |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| discover (Ward, silhouette first peak; deterministic) | {k} (found; {len(clusters)} kept) | {found['NMI']:.1f} | "
+        f"{found['ARI']:.1f} | {found['ACC']:.1f} | {noise:.1f}% |",
+        f"| k-means told the true k, seeds {', '.join(map(str, SEEDS))} (mean ± sd) | {len(names)} (given) | "
+        f"{mean['NMI']:.1f} ± {sd['NMI']:.1f} | {mean['ARI']:.1f} ± {sd['ARI']:.1f} | {mean['ACC']:.1f} ± {sd['ACC']:.1f} | 0% |",
+        "",
+        "k-means per seed: " + "; ".join(f"seed {s}: NMI {b['NMI']:.1f}, ARI {b['ARI']:.1f}, ACC {b['ACC']:.1f}"
+                                         for s, b in zip(SEEDS, baseline)),
+    ]
+    print("\n".join(lines))
+    if not args.no_record:
+        append_section("Intent discovery: BANKING77 test, labels hidden", command_line("bench/bench_discover.py"), "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
