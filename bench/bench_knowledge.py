@@ -83,7 +83,7 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
                        dense["test"] + best_w * lex["test"], base.passages, qs, cost))
     if adapter:
         train = read_questions(folder / "questions" / "train.yaml", slugs)
-        serving = classifier.encoder
+        serving = classifier.backend.encoder  # the torch backend's encoder (the adapter trains in PyTorch)
         max_tokens = int(base.meta["max_tokens"])
         started = time.perf_counter()
         model = kt.train_passage_adapter(serving.model, serving, base.passages, train,
