@@ -22,6 +22,7 @@ from matplotlib import image as mpimg
 from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
 
 from bot import bundle as bundle_mod
+from bot import policy
 from bot.classifier import IntentClassifier
 from bot.policy import decide
 from finetune.evaluate import mcnemar
@@ -118,7 +119,7 @@ def assert_report_matches_records(report: dict, records: list[dict]) -> None:
         row = report["per_intent"][name]
         assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx((precision[i], recall[i], f1[i], support[i]))
     counts = Counter(r["action"] for r in records)
-    assert report["actions"] == pytest.approx({a: counts[a] / len(records) for a in ("answer", "clarify", "fallback", "handoff")})
+    assert report["actions"] == pytest.approx({a: counts[a] / len(records) for a in policy.ACTIONS})
     in_scope = [r for r in records if r["gold"] != "oos"]
     right = np.array([r["top3"][0][0] == r["gold"] for r in in_scope], dtype=float)
     assert report["calibration"]["ece_raw"] == pytest.approx(expected_calibration_error(np.array([r["confidence_raw"] for r in in_scope]), right, 15))
