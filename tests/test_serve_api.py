@@ -65,7 +65,8 @@ def test_chat_answers_and_continues_the_session(http, server):
     assert first.status_code == 200, first.text
     body = first.json()
     assert set(body) == {"session_id", "reply", "action", "intent", "ranking", "quick_replies", "handed_off", "silent",
-                         "model_version"}
+                         "model_version", "sources"}
+    assert body["sources"] == []  # only knowledge answers cite articles
     assert body["action"] == "answer" and body["intent"]["name"] == "order_status"
     assert "48213" in body["reply"]
     assert body["ranking"][0]["name"] == "order_status" and 0 < body["intent"]["confidence"] <= 1
