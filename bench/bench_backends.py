@@ -79,7 +79,7 @@ def int8_onnx_copy(fp32_bundle: Path, out: Path) -> Path:
     from bot import bundle as bundle_mod
     from bot.encoder import load_tokenizer
     from bot.onnx_backend import GRAPH_FILE
-    from finetune.evaluate import recipe_of
+    from finetune.config import recipe_of
     from finetune.export import add_files
     from finetune.train import prepare_data
 

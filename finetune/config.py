@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bot import paths
+from bot.bundle import Bundle, BundleError
 from bot.encoder import DEFAULT_BASE
 from bot.errors import SupportbotError
 from bot.fileio import read_yaml
@@ -158,3 +159,14 @@ def _relative_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
             if not Path(plain).exists() and (folder / plain).exists():
                 raw[key] = str(folder / value)
     return raw
+
+
+def recipe_of(bundle: Bundle) -> TrainConfig:
+    """The training recipe stored in a bundle, which cross-validation retrains."""
+    raw = bundle.manifest.training.config
+    if raw is None:
+        raise BundleError(f"bundle {bundle.path} has no training recipe (training.config) to cross-validate")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValueError as exc:
+        raise BundleError(f"bundle {bundle.path}: its training recipe is not valid here ({str(exc).splitlines()[0]})") from None

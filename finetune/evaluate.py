@@ -35,14 +35,14 @@ from tqdm.auto import tqdm
 
 from bot import bundle as bundle_mod
 from bot import policy
-from bot.bundle import Bundle, BundleError
+from bot.bundle import Bundle
 from bot.chatbot import load_domain
 from bot.classifier import IntentClassifier
 from bot.policy import DialoguePolicy
 from bot.sessions import SessionState
 
 from . import data
-from .config import TrainConfig
+from .config import TrainConfig, recipe_of
 from .metrics import ECE_BINS, TOP_K, expected_calibration_error
 from .report_model import (
     Comparison,
@@ -349,17 +349,6 @@ def model_info(bundle: Bundle) -> ModelInfo:
         confidence_floor=manifest.calibration.confidence_floor, ambiguity_gap=manifest.calibration.ambiguity_gap,
         handoff_intent=load_domain(bundle).handoff_intent,
     )
-
-
-def recipe_of(bundle: Bundle) -> TrainConfig:
-    """The training recipe stored in a bundle, which cross-validation retrains."""
-    raw = bundle.manifest.training.config
-    if raw is None:
-        raise BundleError(f"bundle {bundle.path} has no training recipe (training.config) to cross-validate")
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValueError as exc:
-        raise BundleError(f"bundle {bundle.path}: its training recipe is not valid here ({str(exc).splitlines()[0]})") from None
 
 
 def fold_indices(labels: list[str], k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

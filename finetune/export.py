@@ -123,8 +123,8 @@ def check_parity(torch_classifier: IntentClassifier, onnx: OnnxBackend, texts: l
 def validation_texts(bundle: Bundle, data: str | None = None) -> list[str]:
     """The texts the bundle was validated on (its recipe's split, re-derived), or every text of `data`."""
     from . import data as data_mod
-    from .evaluate import recipe_of
-    from .train import prepare_data
+    from .config import recipe_of
+    from .loop import prepare_data
 
     if data is not None:
         splits = data_mod.load(data)

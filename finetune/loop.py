@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 from bot.encoder import Encoder, length_sorted_batches
 from bot.heads import IntentHead
 
+from . import data
+
 if TYPE_CHECKING:
     from .config import TrainConfig
     from .strategies import TrainingStrategy
@@ -218,3 +220,32 @@ def epoch_batches(indices: list[int], lengths: list[int] | None, batch_size: int
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def prepare_data(cfg: TrainConfig) -> Prepared:
+    splits = data.load(cfg.data)
+    if "train" not in splits:
+        raise data.DataError(f"{cfg.data}: no training split")
+    test_ds = None
+    if cfg.eval_data:
+        test_ds = data.evaluation_split(data.load(cfg.eval_data))[1]
+    return prepare_splits(cfg, splits["train"], splits.get("validation"), test_ds)
+
+
+def prepare_splits(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset | None, test_ds: Dataset | None = None) -> Prepared:
+    """The recipe's data rules (few-shot, validation split, label checks) on splits already read.
+
+    `prepare_data` reads cfg.data through it; cross-validation folds (finetune/evaluate.py) call it directly.
+    """
+    if cfg.few_shot:
+        train_ds = data.few_shot(train_ds, cfg.few_shot, cfg.seed)
+    data.validate_training(train_ds)
+    if val_ds is None:
+        train_ds, val_ds = data.stratified_split(train_ds, cfg.val_fraction, cfg.seed)
+    labels = sorted(set(train_ds["label"]) - {data.OOS_LABEL})
+    if len(labels) < 2:
+        raise data.DataError(f"{cfg.data}: need at least 2 intents besides {data.OOS_LABEL!r}, found {len(labels)}")
+    unknown = sorted(set(val_ds["label"]) - set(labels) - {data.OOS_LABEL})
+    if unknown:
+        raise data.DataError(f"{cfg.data}: validation labels not in training data: {', '.join(unknown[:5])}")
+    return Prepared(labels, train_ds, val_ds, test_ds)

@@ -34,7 +34,7 @@ from . import data
 from .calibrate import choose_thresholds, fit_temperature
 from .config import TrainConfig
 from .knowledge_train import knowledge_summary  # importing it registers the knowledge bundle hook
-from .loop import Fitted, Inputs, Prepared, Run, logits
+from .loop import Fitted, Inputs, Prepared, Run, logits, prepare_data, prepare_splits
 from .metrics import training_metrics
 from .strategies import BundleParts, Trained, TrainingStrategy, bundle_hooks, tensors_writer, training_strategy
 
@@ -46,35 +46,6 @@ class TrainResult:
     bundle: Bundle
     summary: dict[str, Any]
     model: nn.Module  # what trained: the head, or the encoder classifier (peft-wrapped for lora)
-
-
-def prepare_data(cfg: TrainConfig) -> Prepared:
-    splits = data.load(cfg.data)
-    if "train" not in splits:
-        raise data.DataError(f"{cfg.data}: no training split")
-    test_ds = None
-    if cfg.eval_data:
-        test_ds = data.evaluation_split(data.load(cfg.eval_data))[1]
-    return prepare_splits(cfg, splits["train"], splits.get("validation"), test_ds)
-
-
-def prepare_splits(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset | None, test_ds: Dataset | None = None) -> Prepared:
-    """The recipe's data rules (few-shot, validation split, label checks) on splits already read.
-
-    `prepare_data` reads cfg.data through it; cross-validation folds (finetune/evaluate.py) call it directly.
-    """
-    if cfg.few_shot:
-        train_ds = data.few_shot(train_ds, cfg.few_shot, cfg.seed)
-    data.validate_training(train_ds)
-    if val_ds is None:
-        train_ds, val_ds = data.stratified_split(train_ds, cfg.val_fraction, cfg.seed)
-    labels = sorted(set(train_ds["label"]) - {data.OOS_LABEL})
-    if len(labels) < 2:
-        raise data.DataError(f"{cfg.data}: need at least 2 intents besides {data.OOS_LABEL!r}, found {len(labels)}")
-    unknown = sorted(set(val_ds["label"]) - set(labels) - {data.OOS_LABEL})
-    if unknown:
-        raise data.DataError(f"{cfg.data}: validation labels not in training data: {', '.join(unknown[:5])}")
-    return Prepared(labels, train_ds, val_ds, test_ds)
 
 
 def train(
