@@ -240,6 +240,7 @@ def build_fleet_router(admin_dependency: Any) -> APIRouter:
     @router.post("/v1/admin/promote", response_model=PromoteResponse, tags=["operations"],
                  dependencies=[Depends(admin_dependency)],
                  responses={status: {"description": text_} for status, text_ in [
+                     (400, "the body is not valid JSON"),
                      (401, "missing or wrong admin token"), (403, "promotion is off (no admin token)"),
                      (409, "a reload is already running"), (422, "the bundle does not verify"),
                      (503, "the database is unavailable")]})
