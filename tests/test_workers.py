@@ -31,9 +31,9 @@ def test_two_workers_serve_one_port_and_share_one_outbox(backend, postgres, shop
                 in_a_row = in_a_row + 1 if httpx.get(f"{replica.url}/readyz", timeout=10).status_code == 200 else 0
                 time.sleep(0.05)
             assert replica.process is not None
-            children = subprocess.run(["ps", "--ppid", str(replica.process.pid), "-o", "args="], capture_output=True,
+            children = subprocess.run(["ps", "-ww", "--ppid", str(replica.process.pid), "-o", "args="], capture_output=True,
                                       text=True).stdout
-            assert children.count("spawn_main") == 2, children
+            assert children.count("multiprocessing.spawn") == 2, children
             with httpx.Client(base_url=replica.url, timeout=30) as http:
                 for i in range(12):
                     response = http.post("/v1/chat", json={"session_id": f"w{i % 3}", "message": QUESTIONS[i % 4]})
