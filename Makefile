@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 # or install your own build into $(VENV) before running make.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test lint browser clean
+.PHONY: setup run test lint browser postgres clean
 
 setup: $(VENV)/.installed
 
@@ -34,7 +34,13 @@ lint: setup
 	$(BIN)/mypy finetune supportbot
 
 # The README's test command: lint first, then the whole suite.
-test: setup browser lint
+# The PostgreSQL tests start throwaway clusters with Debian's initdb/pg_ctl (tests/pg_cluster.py).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "PostgreSQL is missing: sudo apt-get install postgresql"; exit 1; fi; }
+
+test: setup browser postgres lint
 	$(BIN)/python -m pytest
 
 clean:
