@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -309,11 +310,7 @@ class SQLiteSessionStore:
             query += " LIMIT ?"
             params += (int(limit),)
         rows = self._conn().execute(query, params).fetchall()
-        return [
-            {"role": r[0], "text": r[1], "intent": r[2], "confidence": r[3], "action": r[4], "model_version": r[5],
-             "at": r[6], "metadata": json.loads(r[7])}
-            for r in reversed(rows)
-        ]
+        return transcript_rows(rows)
 
     def exists(self, session_id: str) -> bool:
         check_session_id(session_id)
@@ -324,3 +321,13 @@ class SQLiteSessionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def transcript_rows(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Transcript turns, oldest first, from (role, text, intent, confidence, action, model_version, at,
+    metadata JSON) rows read newest first; every session store reads its rows in that shape."""
+    return [
+        {"role": r[0], "text": r[1], "intent": r[2], "confidence": r[3], "action": r[4], "model_version": r[5],
+         "at": r[6], "metadata": json.loads(r[7])}
+        for r in reversed(rows)
+    ]

@@ -31,7 +31,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from bot.sessions import SessionConflict, SessionState, SessionStoreError, Turn, check_session_id
+from bot.sessions import SessionConflict, SessionState, SessionStoreError, Turn, check_session_id, transcript_rows
 
 from . import outbox as ob
 from .database import DatabaseUnavailable, connect, unavailable_as
@@ -96,11 +96,7 @@ class PostgresSessionStore:
             params["limit"] = int(limit)
         with unavailable_as("reading a transcript"), self.engine.connect() as conn:
             rows = conn.execute(text(query), params).fetchall()
-        return [
-            {"role": r[0], "text": r[1], "intent": r[2], "confidence": r[3], "action": r[4], "model_version": r[5],
-             "at": r[6], "metadata": json.loads(r[7])}
-            for r in reversed(rows)
-        ]
+        return transcript_rows(rows)
 
     def exists(self, session_id: str) -> bool:
         check_session_id(session_id)
