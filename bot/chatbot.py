@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from .dialogue import DialogueConfig
 from .knowledge import Hit, KnowledgeBase, Source
 from .policy import Action, Decision, DialoguePolicy, Reason
 from .responses import Domain, ResponsesError, choose, join_choices
-from .sessions import SessionConflict, SessionState, SessionStore, Turn
+from .sessions import APPLIED_KEYS, SessionConflict, SessionState, SessionStore, SessionStoreError, Turn
 from .validation import MAX_MESSAGE_CHARS, InvalidMessage, check_message, check_session_id
 
 __all__ = ["Chatbot", "InvalidMessage", "Reply", "load_domain"]
@@ -52,6 +52,25 @@ class Reply:
         data = asdict(self)
         data["ranking"] = [{"name": name, "confidence": p} for name, p in self.ranking]
         return data
+
+
+def replayed_reply(session_id: str, user: dict[str, Any], bot: dict[str, Any] | None, state: SessionState) -> Reply:
+    """A stored reply rebuilt from its transcript turns (Chatbot.respond with a `key` seen before).
+
+    Everything a channel sends comes back (text, action, quick replies, handoff, sources); the
+    ranking, which is not stored, comes back empty."""
+    if bot is None:  # the bot was silent
+        return Reply(session_id=session_id, text="", action=Action(user["action"]), intent=user["intent"],
+                     confidence=float(user["confidence"]), ranking=[], quick_replies=[],
+                     model_version=user["model_version"], handed_off=state.handed_off, silent=True)
+    meta = bot["metadata"]
+    return Reply(
+        session_id=session_id, text=bot["text"], action=Action(bot["action"]), intent=bot["intent"],
+        confidence=float(bot["confidence"]), ranking=[], quick_replies=list(meta.get("quick_replies") or []),
+        model_version=bot["model_version"], handed_off=bool(meta.get("handed_off", state.handed_off)), silent=False,
+        reason=Reason(meta["reason"]) if meta.get("reason") else None,
+        sources=[Source(**source) for source in meta.get("sources") or []],
+    )
 
 
 def load_domain(bundle: Bundle) -> Domain:
@@ -109,9 +128,14 @@ class Chatbot:
     # ---- conversation ----------------------------------------------------------------------
 
     def respond(
-        self, session_id: str, text: str, *, prediction: Prediction | None = None, metadata: dict[str, Any] | None = None
+        self, session_id: str, text: str, *, prediction: Prediction | None = None, metadata: dict[str, Any] | None = None,
+        key: str | None = None,
     ) -> Reply:
-        """Answer one user message in a session (created on first use)."""
+        """Answer one user message in a session (created on first use).
+
+        `key` makes the message idempotent (a platform's message id): a message whose key the
+        session has already applied is not answered again; its stored reply is returned.
+        """
         check_session_id(session_id)
         text = self._check_text(text)
         if prediction is None and not self.store.load(session_id).handed_off:
@@ -119,13 +143,19 @@ class Chatbot:
         with self._lock(session_id):
             for attempt in range(self.dialogue.commit_attempts):
                 state = self.store.load(session_id)
+                if key is not None and key in state.applied:
+                    return self._replayed(session_id, key, state)
                 if prediction is None and not state.handed_off:  # released since we looked
                     prediction = self.classifier.predict([text])[0]
                 query, hit = self._retrieve(text, prediction)
                 decision, new_state = self.policy.step(state, text, prediction, hit)
                 reply = self._reply(session_id, decision, new_state, prediction, hit, query)
+                turns = self._turns(text, reply, decision, prediction, metadata)
+                if key is not None:
+                    new_state = new_state.with_applied(key)
+                    turns[0].metadata["key"] = key
                 try:
-                    self.store.commit(session_id, new_state, self._turns(text, reply, decision, prediction, metadata))
+                    self.store.commit(session_id, new_state, turns)
                     return reply
                 except SessionConflict:
                     if attempt == self.dialogue.commit_attempts - 1:
@@ -134,15 +164,15 @@ class Chatbot:
 
     def handoff(self, session_id: str) -> None:
         """A human took the conversation (e.g. the platform assigned an agent): the bot goes silent."""
-        self._update(session_id, lambda s: SessionState(handed_off=True, slots=s.slots, turns=s.turns, rev=s.rev))
+        self._update(session_id, lambda s: replace(s, handed_off=True, fallbacks=0, pending=None))
 
     def release(self, session_id: str) -> None:
         """The human is done: the bot answers again in this session, with a clean fallback count."""
-        self._update(session_id, lambda s: SessionState(handed_off=False, slots=s.slots, turns=s.turns, rev=s.rev))
+        self._update(session_id, lambda s: replace(s, handed_off=False, fallbacks=0, pending=None))
 
     def reset(self, session_id: str) -> None:
         """The conversation is over: the next message starts fresh (no slots, nothing pending); the transcript stays."""
-        self._update(session_id, lambda s: SessionState(turns=s.turns, rev=s.rev))
+        self._update(session_id, lambda s: SessionState(turns=s.turns, applied=s.applied, rev=s.rev))
 
     def transcript(self, session_id: str) -> list[dict[str, Any]]:
         """Every stored turn of the session, oldest first: role, text, intent, confidence, action, model_version, at."""
@@ -172,6 +202,18 @@ class Chatbot:
                 except SessionConflict:
                     if attempt == self.dialogue.commit_attempts - 1:
                         raise
+
+    def _replayed(self, session_id: str, key: str, state: SessionState) -> Reply:
+        """The reply stored for the message with idempotency `key` (SessionState.applied), rebuilt
+        from its transcript turns: the user turn that carries the key and the bot turn after it
+        (none when the bot was silent)."""
+        recent = self.store.transcript(session_id, limit=2 * APPLIED_KEYS + 2)
+        for i, turn in enumerate(recent):
+            if turn["role"] == "user" and turn["metadata"].get("key") == key:
+                following = recent[i + 1] if i + 1 < len(recent) else None
+                bot = following if following is not None and following["role"] == "bot" else None
+                return replayed_reply(session_id, turn, bot, state)
+        raise SessionStoreError(f"session {session_id!r} applied message {key!r} but its turn is not in the transcript")
 
     def _retrieve(self, text: str, prediction: Prediction | None) -> tuple[Any, Hit | None]:
         """(query vector, best passage) from the vector the intent pass computed; (None, None) without articles."""

@@ -14,7 +14,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+APPLIED_KEYS = 64  # idempotency keys a session remembers (SessionState.applied)
 
 
 class SessionConflict(SupportbotError, RuntimeError):
@@ -108,6 +109,13 @@ class SessionState:
     `pending` is what the bot is waiting for: a PendingChoice after a clarify question or
     fallback suggestions, a PendingSlot after asking for a detail, a PendingFeedback after a
     knowledge answer. `rev` is the store's revision (0: never saved), used for compare-and-set.
+
+    `applied` holds the idempotency keys of the last APPLIED_KEYS messages (a platform's message
+    id), committed with the turn they produced by the same compare-and-set. A delivery retried
+    after its turn was committed, but before its reply reached the outbox (a replica killed
+    between the two commits), is recognised here and replayed from the transcript instead of
+    being answered twice. The outbox's dedupe keys cover the retries after that; so a short
+    window of recent keys suffices, and the state stays small.
     """
 
     handed_off: bool = False
@@ -115,11 +123,18 @@ class SessionState:
     pending: Pending | None = None
     slots: dict[str, str] = field(default_factory=dict)
     turns: int = 0  # user messages so far (picks response variations)
+    applied: tuple[str, ...] = ()  # idempotency keys of the latest messages, oldest first
     rev: int = 0
 
+    def with_applied(self, key: str) -> SessionState:
+        """This state, remembering `key` among the latest APPLIED_KEYS messages."""
+        return replace(self, applied=(*self.applied, key)[-APPLIED_KEYS:])
+
     def to_json(self) -> str:
-        data = {"handed_off": self.handed_off, "fallbacks": self.fallbacks, "slots": self.slots, "turns": self.turns,
+        data: dict[str, Any] = {"handed_off": self.handed_off, "fallbacks": self.fallbacks, "slots": self.slots, "turns": self.turns,
                 "pending": self.pending.to_dict() if self.pending is not None else None}
+        if self.applied:  # absent when empty: a state without keys reads the same as before they existed
+            data["applied"] = list(self.applied)
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -131,6 +146,7 @@ class SessionState:
             pending=pending_from_dict(data.get("pending")),
             slots={str(k): str(v) for k, v in (data.get("slots") or {}).items()},
             turns=int(data.get("turns", 0)),
+            applied=tuple(str(k) for k in data.get("applied") or ()),
             rev=rev,
         )
 

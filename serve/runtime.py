@@ -267,12 +267,13 @@ class Runtime:
             raise RuntimeError("no model loaded")
         return chatbot, chatbot.classifier.predict(texts)
 
-    async def respond(self, session_id: str, text: str, metadata: dict | None = None) -> Reply:
-        """The bot's reply to one customer message, classified in a shared batch."""
+    async def respond(self, session_id: str, text: str, metadata: dict | None = None, *, key: str | None = None) -> Reply:
+        """The bot's reply to one customer message, classified in a shared batch; `key` makes it
+        idempotent (Chatbot.respond)."""
         self._require_model()
 
         def finish(chatbot: Chatbot, predictions: list[Prediction]) -> Reply:
-            return chatbot.respond(session_id, text, prediction=predictions[0], metadata=metadata)
+            return chatbot.respond(session_id, text, prediction=predictions[0], metadata=metadata, key=key)
 
         try:
             reply: Reply = await self._submit([text], finish)

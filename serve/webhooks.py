@@ -2,8 +2,9 @@
 
 Both routes work the same way, within a few milliseconds and before answering the platform:
 verify the signature over the raw body; drop a delivery seen before (by delivery id and by
-message id, remembered in SQLite); get the reply from the same Chatbot as the chat API; commit
-the dedupe keys and the actions to send (reply, handoff, callback) to the durable outbox in one
+message id, remembered in SQLite); get the reply from the same Chatbot as the chat API (the turn
+is committed with the message id as its idempotency key, so a retry after a crash between the two
+commits replays it rather than answering twice); commit the dedupe keys and the actions to send (reply, handoff, callback) to the durable outbox in one
 transaction; answer 2xx. The outbox worker sends afterwards, with retries, in order per
 conversation. A per-conversation lock spans "reply + commit", so the outbox order is the order
 in which the bot wrote the replies; with PostgreSQL it holds across replicas (an advisory lock,
@@ -307,7 +308,10 @@ async def _chatwoot_message(request: Request, webhooks: Webhooks, event: Message
             return JSONResponse({"status": "duplicate"})
         metadata = {"channel": "chatwoot", "account_id": account, "conversation_id": conversation,
                     "message_id": event.id}
-        reply = await webhooks.runtime.respond(session, text, metadata)
+        # The message key makes the turn idempotent: a replica killed between committing the turn
+        # and committing the outbox leaves the turn without its dedupe keys; the platform's retry
+        # then replays the stored reply into the outbox instead of answering twice.
+        reply = await webhooks.runtime.respond(session, text, metadata, key=keys[-1])
         actions = _chatwoot_actions(session, account, conversation, reply)
         outcome = await outbox.submit(keys, actions)
     log_fields(request, intent=reply.intent, action=reply.action, model_version=reply.model_version)
@@ -490,7 +494,7 @@ async def _generic_message(request: Request, webhooks: Webhooks, body: GenericDe
             return JSONResponse({**(first.result or {}), "status": "duplicate"})
         metadata = {**(body.metadata or {}), "channel": "generic", "conversation_id": body.conversation_id,
                     "message_id": body.message_id}
-        reply = await webhooks.runtime.respond(session, body.text, metadata)
+        reply = await webhooks.runtime.respond(session, body.text, metadata, key=keys[-1])  # idempotent, as Chatwoot's
         answer, actions = _generic_outcome(body, reply)
         outcome = await outbox.submit(keys, actions, result=answer)
     log_fields(request, intent=reply.intent, action=reply.action, model_version=reply.model_version)

@@ -267,3 +267,27 @@ def test_generic_replies_for_a_bundle_without_responses(banking_head_bundle, ban
                 assert reply.intent.replace("_", " ").lower() in reply.text.lower()
         assert answered >= 6
         assert bot.domain.title("activate_my_card") == "Activate my card"
+
+
+# ---- idempotent messages (a platform's retry after a crash) -------------------------------------------
+
+
+def test_a_message_with_a_key_already_applied_is_replayed_not_answered_again(bot):
+    first = bot.respond("idem", "where is my order", key="m-1")  # asks for the order number: a slot turn
+    again = bot.respond("idem", "where is my order", key="m-1")
+    assert (again.text, again.action, again.intent, again.quick_replies, again.handed_off) == (
+        first.text, first.action, first.intent, first.quick_replies, first.handed_off)
+    follow = bot.respond("idem", "it is #48213", key="m-2")  # the dialogue went on from ONE turn
+    assert "#48213" in follow.text
+    turns = bot.transcript("idem")
+    assert [t["role"] for t in turns] == ["user", "bot", "user", "bot"]
+    assert [t["metadata"].get("key") for t in turns if t["role"] == "user"] == ["m-1", "m-2"]
+
+
+def test_a_handed_off_session_replays_a_silent_turn_and_reset_keeps_the_keys(bot):
+    bot.handoff("quiet")
+    silent = bot.respond("quiet", "hello?", key="q-1")
+    assert silent.silent and bot.respond("quiet", "hello?", key="q-1") == silent
+    bot.reset("quiet")
+    assert bot.respond("quiet", "hello?", key="q-1").silent  # still the stored turn: not answered anew
+    assert len(bot.transcript("quiet")) == 1

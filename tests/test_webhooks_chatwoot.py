@@ -171,6 +171,26 @@ def test_the_same_message_under_two_delivery_ids_yields_one_reply(server, chatwo
     assert len(chatwoot.replies(1, conversation)) == 1
 
 
+def test_a_turn_committed_by_a_replica_killed_before_its_outbox_commit_is_replayed_once(server, chatwoot, hook):
+    """The crash window between the two commits: the turn is stored (under the message's key) but
+    neither the dedupe keys nor the reply reached the outbox. The platform's retry must queue the
+    stored reply, once, and store no second turn."""
+    conversation, message = new_id(), new_id()
+    session = f"chatwoot:1:{conversation}"
+    metadata = {"channel": "chatwoot", "account_id": 1, "conversation_id": conversation, "message_id": message}
+    stored = server.runtime.chatbot.respond(session, "what are your opening hours", metadata=metadata,
+                                            key=f"chatwoot:message:1:{message}")
+    body = message_event("what are your opening hours", message_id=message, conversation_id=conversation)
+    retry = deliver(hook, body, secret=SECRET, delivery_id=f"retry-{message}")
+    assert retry.json() == {"status": "accepted", "action": "answer", "queued": 1}
+    assert deliver(hook, body, secret=SECRET, delivery_id=f"retry-{message}").json() == {"status": "duplicate"}
+    assert chatwoot.wait_for(lambda: chatwoot.replies(1, conversation))
+    settle()
+    assert chatwoot.replies(1, conversation) == [stored.text]
+    turns = server.runtime.chatbot.transcript(session)
+    assert [t["role"] for t in turns] == ["user", "bot"] and turns[0]["metadata"]["message_id"] == message
+
+
 def test_simultaneous_duplicates_yield_one_reply(server, chatwoot, hook):
     conversation, message = new_id(), new_id()
     body = message_event("what shipping options do you have", message_id=message, conversation_id=conversation)
