@@ -101,11 +101,6 @@ def test_one_session_through_both_replicas_at_once_keeps_every_turn(fleet):
         assert [u for u in users if u.endswith(tuple(f"({k}-{i})" for i in range(12)))] == sent[k]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 9, open): under heavy load a delivery retried across the SIGKILL was once stored twice "
-    "in the transcript (the same message id twice); it passes when run alone. Runs every time; XPASS is the goal.",
-)
 def test_chatwoot_run_across_two_replicas_with_repeats_failures_and_a_sigkill(fleet):
     """1,000 deliveries over both replicas; 30% repeated to the other replica with the same delivery id
     (half at the same moment); Chatwoot fails its first calls with 500 and 429; replica r1 is SIGKILLed
