@@ -189,6 +189,11 @@ class SessionStore(Protocol):
 
     def exists(self, session_id: str) -> bool: ...
 
+    def recent_turns(self, limit: int) -> list[dict[str, Any]]:
+        """The store's last `limit` turns over every session, oldest first, each with its `seq` and
+        `session_id` (the review queue reads them: bot/review.py)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -332,11 +337,28 @@ class SQLiteSessionStore:
         check_session_id(session_id)
         return self._conn().execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is not None
 
+    def recent_turns(self, limit: int) -> list[dict[str, Any]]:
+        rows = self._conn().execute(SQL_RECENT_TURNS, {"limit": int(limit)}).fetchall()
+        return recent_turn_rows(rows)
+
     def __enter__(self) -> SQLiteSessionStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# Every store's turns table has these columns; sqlite3 and SQLAlchemy both bind `:name` parameters.
+SQL_RECENT_TURNS = (
+    "SELECT seq, session_id, role, text, intent, confidence, action, model_version, at, metadata FROM turns "
+    "ORDER BY seq DESC LIMIT :limit"
+)
+
+
+def recent_turn_rows(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """SQL_RECENT_TURNS rows (newest first) as turns, oldest first, with their seq and session_id."""
+    return [{"seq": int(r[0]), "session_id": r[1], **turn} for r, turn in zip(reversed(rows), transcript_rows(
+        [tuple(r[2:]) for r in rows]))]
 
 
 def transcript_rows(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:

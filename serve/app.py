@@ -17,6 +17,7 @@ from .errors import LastResortMiddleware, install_error_handlers
 from .fleet import build_fleet_router
 from .protection import BodyLimitMiddleware
 from .ratelimit import RateLimitMiddleware
+from .review import install_review
 from .routes import STATIC_DIR, admin, build_page_router, build_router, build_web_session_router
 from .runtime import Runtime
 from .settings import Settings
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(build_router())
     app.include_router(build_fleet_router(admin))
+    install_review(app, admin)  # the review queue and its labelling page (serve/review.py)
     # Webhooks (serve/webhooks.py): their routes, and their outbox worker as runtime start/stop hooks.
     install_webhooks(app, runtime)
     if settings.web_page:

@@ -31,7 +31,16 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from bot.sessions import SessionConflict, SessionState, SessionStoreError, Turn, check_session_id, transcript_rows
+from bot.sessions import (
+    SQL_RECENT_TURNS,
+    SessionConflict,
+    SessionState,
+    SessionStoreError,
+    Turn,
+    check_session_id,
+    recent_turn_rows,
+    transcript_rows,
+)
 
 from . import outbox as ob
 from .database import DatabaseUnavailable, connect, unavailable_as
@@ -102,6 +111,11 @@ class PostgresSessionStore:
         check_session_id(session_id)
         with unavailable_as("reading a session"), self.engine.connect() as conn:
             return conn.execute(text("SELECT 1 FROM sessions WHERE id = :id"), {"id": session_id}).fetchone() is not None
+
+    def recent_turns(self, limit: int) -> list[dict[str, Any]]:
+        with unavailable_as("reading turns for review"), self.engine.connect() as conn:
+            rows = conn.execute(text(SQL_RECENT_TURNS), {"limit": int(limit)}).fetchall()
+        return recent_turn_rows(rows)
 
     def close(self) -> None:
         """The engine belongs to the runtime, which disposes of it."""

@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     fleet_poll_s: float = Field(2.0, gt=0, le=60, description="how often a replica checks the promoted model "
                                                               "(PostgreSQL NOTIFY usually tells it at once)")
 
+    # The review queue (bot/review.py, docs/review.md).
+    review_corrections: Path | None = Field(
+        None, description="the corrections file that labelling in review appends to; unset: data_dir/corrections.yaml")
+    review_similarity: float = Field(0.8, gt=0, le=1, description="cosine similarity at which queued messages "
+                                                                  "group as near-duplicates")
+    review_max_turns: int = Field(20_000, ge=1, le=1_000_000, description="the newest turns the review queue reads")
+
     # Webhook outbox (serve/outbox.py): replies to Chatwoot and generic callbacks.
     outbox_max_attempts: int | None = Field(
         None, ge=1, le=1_000_000, description="send attempts before an action is given up; unset: the horizon decides"
@@ -177,6 +184,10 @@ class Settings(BaseSettings):
     @property
     def sessions_path(self) -> Path:
         return paths.sessions_path(self.data_dir)
+
+    @property
+    def corrections_path(self) -> Path:
+        return self.review_corrections or self.data_dir / "corrections.yaml"
 
     @classmethod
     def settings_customise_sources(

@@ -104,6 +104,46 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("model", metavar="DIR", help="bundle directory on shared storage")
     promote.add_argument("--config", metavar="FILE", help="serving settings YAML (for database_url and data_dir)")
 
+    review = sub.add_parser(
+        "review", help="the review queue: messages the bot did not understand, grouped",
+        description="List the review queue from the stored turns (the serving settings' database: "
+        "SUPPORTBOT_DATABASE_URL, else the data folder's SQLite): fallbacks, clarify questions, handoffs, "
+        "low-margin answers and knowledge answers marked not helpful, near-duplicates grouped on MODEL's "
+        "embeddings, the largest group first. Texts already in the corrections file are left out. Label them "
+        "on the admin page (/admin/review of `supportbot serve`), then `supportbot retrain`. See docs/review.md.",
+    )
+    review.add_argument("--model", metavar="DIR", help="bundle to measure margins and group with (default: "
+                        "the serving settings' model, else the default shop model)")
+    review.add_argument("--config", metavar="FILE", help="serving settings YAML (data_dir, database_url, review_*)")
+    review.add_argument("--limit", type=int, default=30, metavar="N", help="messages to show (default 30)")
+    review.add_argument("--offset", type=int, default=0, metavar="N", help="messages to skip (default 0)")
+    review.add_argument("--group", type=int, metavar="G", help="show only group G")
+    review.add_argument("--similarity", type=float, metavar="X", help="cosine similarity at which messages group "
+                        "(default: the settings' review_similarity, 0.8)")
+    review.add_argument("--margin", type=float, metavar="X", help="answers whose top-1 minus top-2 probability is "
+                        "below X are queued (default: the bundle's confidence floor)")
+
+    retrain = sub.add_parser(
+        "retrain", help="retrain with the review corrections, compare with the serving model, promote if not worse",
+        description="Train MODEL's own recipe on its data plus the corrections file (written to OUTPUT.data/), "
+        "compare the new bundle with MODEL on the test split with the paired comparison of `supportbot evaluate "
+        "--compare` (report in OUTPUT.eval/), and with --promote make it the fleet's model (as `supportbot "
+        "promote`) only when its test accuracy is at least MODEL's. Exit 0 when not worse, 1 when worse "
+        "(nothing promoted). See docs/review.md.",
+        epilog=EPILOG_SPEC, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    retrain.add_argument("--model", metavar="DIR", required=True, help="the serving bundle")
+    retrain.add_argument("--corrections", metavar="FILE", required=True, help="corrections file from the review page "
+                         "(default place: the data folder's corrections.yaml)")
+    retrain.add_argument("--output", metavar="DIR", required=True, help="where the new bundle goes")
+    retrain.add_argument("--test", metavar="SPEC", help="test data to compare on (default: the data's test split, "
+                         "else the recipe's eval_data)")
+    retrain.add_argument("--promote", action="store_true", help="promote the new bundle when it is not worse")
+    retrain.add_argument("--config", metavar="FILE", help="serving settings YAML (for --promote: database_url, data_dir)")
+    retrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="change the recipe, e.g. --set epochs=20 (repeatable)")
+    retrain.add_argument("--quiet", action="store_true", help="no progress bars")
+
     db = sub.add_parser("db", help="database maintenance (PostgreSQL schema migrations)",
                         description="`supportbot db upgrade` applies the schema migrations SUPPORTBOT_DATABASE_URL "
                         "lacks (supportbot serve also does this at start-up). A database from a newer supportbot "
@@ -257,11 +297,12 @@ def _serve_settings(config: str | None) -> Any:
     return load_settings(config)  # a SettingsError is a SupportbotError: one line, exit 2
 
 
-def cmd_promote(args: argparse.Namespace) -> int:
+def promote_bundle(model: Path, config: str | None) -> tuple[Any, Any]:
+    """Record `model` as the fleet's model in the serving settings' database: (record, previous record)."""
     from serve.database import is_postgres, open_database
     from serve.fleet import FLEET_FILE, FleetStore
 
-    settings = _serve_settings(args.config)
+    settings = _serve_settings(config)
     url = settings.database_url.get_secret_value() if settings.database_url is not None else None
     engine = open_database(url, pool_size=1) if url and is_postgres(url) else None
     if url and engine is None:
@@ -272,10 +313,15 @@ def cmd_promote(args: argparse.Namespace) -> int:
         store = FleetStore(engine=engine) if engine is not None else FleetStore(
             sqlite_path=settings.data_dir / FLEET_FILE)
         previous = store.get()
-        record = store.promote(Path(args.model))
+        record = store.promote(model)
     finally:
         if engine is not None:
             engine.dispose()
+    return record, previous
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    record, previous = promote_bundle(Path(args.model), args.config)
     print_summary("promoted", {"model": record.path, "version": record.version, "sha256": record.sha256[:16],
                                "generation": record.generation,
                                "previous version": previous.version if previous else "-"})
@@ -329,6 +375,107 @@ def cmd_discover(args: argparse.Namespace) -> int:
         "candidate intents": len(result.clusters), "noise (-1)": noise,
         "assignments": str(written["assignments"]), "draft pack": str(written["pack"].parent),
     })
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from bot.classifier import IntentClassifier
+    from bot.review import build_queue, locked_corrections
+    from finetune.config import ConfigError
+
+    if args.limit < 1 or args.offset < 0 or (args.group is not None and args.group < 0):
+        raise ConfigError("--limit must be 1 or more, --offset and --group 0 or more")
+    if args.similarity is not None and not 0 < args.similarity <= 1:
+        raise ConfigError(f"--similarity {args.similarity:g}: expected a cosine similarity in (0, 1]")
+    if args.margin is not None and not 0 <= args.margin <= 1:
+        raise ConfigError(f"--margin {args.margin:g}: expected a probability difference in [0, 1]")
+    settings = _serve_settings(args.config)
+    model = Path(args.model) if args.model else settings.model or ensure_default_model(None)
+    if not (Path(model) / "bundle.json").is_file():
+        raise ConfigError(f"--model {model}: not a model bundle (no bundle.json)")
+    turns = _stored_turns(settings)
+    with locked_corrections(settings.corrections_path) as corrections:
+        labelled = corrections.labelled()
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status(f"measuring and grouping {len(turns):,} stored turns", spinner="dots"):
+        classifier = IntentClassifier.from_bundle(model)
+        queue = build_queue(turns, classifier, similarity=args.similarity or settings.review_similarity,
+                            margin=args.margin, labelled=labelled)
+    items = [i for i in queue.items if args.group is None or i.group == args.group]
+    shown = items[args.offset: args.offset + args.limit]
+    print_queue(shown, len(items))
+    print_summary("review queue", {
+        "turns read": queue.scanned_turns, "queued messages": len(queue.items), "groups": queue.groups,
+        "largest group": queue.items[0].group_size if queue.items else 0,
+        "left out (labelled)": queue.labelled, "margin below": queue.margin, "similarity": queue.similarity,
+        "model": queue.model_version, "corrections file": str(settings.corrections_path),
+    })
+    return 0
+
+
+def _stored_turns(settings: Any) -> list[dict[str, Any]]:
+    """The newest review_max_turns turns of the serving settings' session store (PostgreSQL or SQLite)."""
+    from bot.sessions import SQLiteSessionStore
+    from serve.database import check_url, is_postgres, open_database
+
+    url = settings.database_url.get_secret_value() if settings.database_url is not None else None
+    if url:
+        if not is_postgres(url):
+            check_url(url)
+        from serve.postgres import PostgresSessionStore
+
+        engine = open_database(url, upgrade=False, pool_size=1)
+        try:
+            return PostgresSessionStore(engine).recent_turns(settings.review_max_turns)
+        finally:
+            engine.dispose()
+    if not settings.sessions_path.is_file():
+        return []
+    with SQLiteSessionStore(settings.sessions_path) as store:
+        return store.recent_turns(settings.review_max_turns)
+
+
+def print_queue(items: list[Any], total: int) -> None:
+    """The queue as a table: group, size, why, the model's intent now, margin, text, when."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"review queue ({len(items)} of {total} messages)", header_style="bold")
+    for column in ("group", "size", "why", "predicted", "margin", "message", "at"):
+        table.add_column(column, justify="right" if column in ("group", "size", "margin") else "left")
+    for item in items:
+        table.add_row(str(item.group), str(item.group_size), item.reason.replace("_", " "), item.predicted or "",
+                      f"{item.margin:.2f}", item.text, item.at[:16].replace("T", " "))
+    Console().print(table)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """0 when the new bundle is not worse (promoted with --promote), 1 when it is worse."""
+    from finetune.config import ConfigError
+    from finetune.retrain import retrain
+
+    for name in ("model", "corrections"):
+        if not Path(getattr(args, name)).exists():
+            raise ConfigError(f"--{name} {getattr(args, name)}: no such file or folder")
+    if not (Path(args.model) / "bundle.json").is_file():
+        raise ConfigError(f"--model {args.model}: not a model bundle (no bundle.json)")
+    if args.promote:
+        _serve_settings(args.config)  # a bad settings file fails now, not after training
+
+    def promote(path: Path) -> int:
+        record, _previous = promote_bundle(path, args.config)
+        return int(record.generation)
+
+    result = retrain(args.model, args.corrections, args.output, test=args.test, overrides=args.overrides,
+                     promote=promote if args.promote else None, progress=not args.quiet,
+                     log=lambda msg: print(msg, file=sys.stderr))
+    print_summary("retrain summary", result.summary)
+    if not result.not_worse:
+        print(f"supportbot retrain: the new bundle is worse on {result.test_spec} ({result.accuracy:.4f} < "
+              f"{result.serving_accuracy:.4f}); nothing promoted", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -404,7 +551,7 @@ def one_line(exc: BaseException) -> str:
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve, "chat": cmd_chat,
-            "promote": cmd_promote, "db": cmd_db, "discover": cmd_discover}
+            "promote": cmd_promote, "db": cmd_db, "discover": cmd_discover, "review": cmd_review, "retrain": cmd_retrain}
 
 
 def main(argv: list[str] | None = None) -> int:
