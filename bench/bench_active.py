@@ -42,9 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.record import append_section, command_line  # noqa: E402
+from bot import bundle as bundle_mod  # noqa: E402
 from bot.classifier import IntentClassifier  # noqa: E402
 from bot.policy import decide  # noqa: E402
-from bot.review import build_queue, labelling_order, margins_of  # noqa: E402
+from bot.review import build_queue, labelling_order  # noqa: E402
 from finetune import data  # noqa: E402
 from finetune.config import load_config  # noqa: E402
 from finetune.train import score_bundle, train  # noqa: E402
@@ -69,8 +70,9 @@ def train_on(rows: list[tuple[str, str]], seed: int, folder: Path, name: str) ->
     return train(cfg, progress=False, log=lambda _m: None).bundle.path
 
 
-def stream_turns(classifier: IntentClassifier, texts: list[str]) -> list[dict]:
-    """The turns a live bot stores for these first messages: user turn, then the bot's turn."""
+def stream_turns(classifier: IntentClassifier, texts: list[str]) -> tuple[list[dict], np.ndarray]:
+    """The turns a live bot stores for these first messages (user turn, then the bot's turn), and each
+    message's margin (top-1 minus top-2 probability)."""
     predictions = classifier.predict(texts, top_k=2)
     top1 = np.array([p.confidence for p in predictions])
     top2 = np.array([p.ranking[1][1] if len(p.ranking) > 1 else 0.0 for p in predictions])
@@ -81,16 +83,15 @@ def stream_turns(classifier: IntentClassifier, texts: list[str]) -> list[dict]:
                   "action": str(action), "model_version": classifier.version, "at": f"2026-01-01T00:00:00.{i:04d}"}
         turns.append({"seq": 2 * i + 1, "role": "user", "text": text, "metadata": {}, **common})
         turns.append({"seq": 2 * i + 2, "role": "bot", "text": "...", "metadata": {"reason": "simulated"}, **common})
-    return turns
+    return turns, np.array([p.margin for p in predictions])
 
 
-def queue_choice(classifier: IntentClassifier, texts: list[str]) -> tuple[list[int], dict[str, float]]:
+def queue_choice(classifier: IntentClassifier, turns: list[dict], margins: np.ndarray) -> tuple[list[int], dict[str, int]]:
     """Stream positions the review queue would have labelled first, and what the queue looked like."""
-    queue = build_queue(stream_turns(classifier, texts), classifier, similarity=SIMILARITY, max_items=len(texts))
+    queue = build_queue(turns, classifier, similarity=SIMILARITY, max_items=len(margins))
     ordered = [queue.items[p] for p in labelling_order([item.group for item in queue.items])]
     chosen = [(item.id - 1) // 2 for item in ordered][:BUDGET]
     if len(chosen) < BUDGET:
-        _v, margins, _p = margins_of(classifier, texts)
         rest = [i for i in np.argsort(margins) if i not in set(chosen)]
         chosen += [int(i) for i in rest[: BUDGET - len(chosen)]]
     reasons = [item.reason for item in queue.items]
@@ -100,7 +101,7 @@ def queue_choice(classifier: IntentClassifier, texts: list[str]) -> tuple[list[i
     return chosen, info
 
 
-def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path) -> dict[str, float | dict]:
+def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path) -> dict:
     from datasets import Dataset
 
     dataset = Dataset.from_dict({"text": [t for t, _ in train_rows], "label": [label for _, label in train_rows]})
@@ -113,9 +114,9 @@ def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path) -
 
     base = train_on(seed_rows, seed, folder, f"base-{seed}")
     classifier = IntentClassifier.from_bundle(base, backend="torch")
-    results: dict[str, float | dict] = {"base": score_bundle(base, test, classifier.labels)["accuracy"]}
-    queue_pick, results["queue_info"] = queue_choice(classifier, texts)
-    _v, margins, _p = margins_of(classifier, texts)
+    results: dict = {"base": score_bundle(base, test, classifier.labels)["accuracy"]}
+    turns, margins = stream_turns(classifier, texts)
+    queue_pick, results["queue_info"] = queue_choice(classifier, turns, margins)
     picks = {
         "queue": queue_pick,
         "margin": [int(i) for i in np.argsort(margins)[:BUDGET]],
@@ -124,7 +125,7 @@ def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path) -
     for arm, chosen in picks.items():
         assert len(set(chosen)) == BUDGET
         bundle = train_on(seed_rows + [stream[i] for i in chosen], seed, folder, f"{arm}-{seed}")
-        results[arm] = score_bundle(bundle, test, classifier.labels)["accuracy"]
+        results[arm] = score_bundle(bundle, test, bundle_mod.load(bundle).labels)["accuracy"]
         print(f"  seed {seed} {arm}: {100 * float(results[arm]):.2f}%", flush=True)
     return results
 

@@ -34,7 +34,7 @@ from bot.review import (
 
 from .database import DatabaseUnavailable
 from .errors import ApiError
-from .runtime import Runtime, get_runtime
+from .runtime import Runtime
 from .schemas import ErrorResponse
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -178,12 +178,10 @@ def install_review(app: FastAPI, admin_dependency: Any) -> None:
     service = ReviewService(app.state.runtime)
     app.state.review = service
     router = APIRouter()
-    RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
     @router.get("/v1/admin/review", response_model=ReviewResponse, tags=["review"],
                 dependencies=[Depends(admin_dependency)], responses=_errors(401, 403, 409, 422, 429, 503))
     async def review(
-        runtime: RuntimeDep,
         offset: Annotated[int, Query(ge=0, le=1_000_000, description="items to skip")] = 0,
         limit: Annotated[int, Query(ge=1, le=500, description="items per page")] = 50,
         group: Annotated[int | None, Query(ge=0, le=1_000_000, description="only this group")] = None,

@@ -21,10 +21,10 @@ from supportbot.cli import main
 ADMIN = "review-admin-token-7c1e"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 # Near-duplicates the shop model cannot place, a handoff request, and confident answers.
-GIBBERISH = ["zorblax quintet vump", "zorblax quintet vump!", "Zorblax  quintet vump please"]
+GIBBERISH = ["zorblax quintet vump", "zorblax quintet vump!", "Zorblax quintet vump please"]
 OTHER = ["the purple elephant sings opera", "purple elephants singing opera"]
 HANDOFF = "I want to talk to a human"
-CONFIDENT = ["where is my order #48213", "I want a refund for my broken kettle"]
+CONFIDENT = ["where is my order #48213", "I forgot my password"]
 
 
 def turn(seq: int, session: str, role: str, text: str, action: str, *, intent: str | None = "x",

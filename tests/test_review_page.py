@@ -79,7 +79,7 @@ def test_review_page_labels_a_message_and_a_whole_group(server, browser):
     page.get_by_role("button", name="Label whole group").click()
     page.get_by_role("status").filter(has_text="Labelled 3 messages as jabberwock_questions").wait_for()
     for text in GROUP:
-        assert page.get_by_role("radio", name=text, exact=True).count() == 0
+        page.get_by_role("radio", name=text, exact=True).wait_for(state="detached")
     assert not page.get_by_role("alert").is_visible()
     # The new intent is offered as an existing one from now on.
     assert page.locator("#target option[value='jabberwock_questions']").count() == 1
