@@ -128,3 +128,10 @@ class FullServing(ServingStrategy):
         missing, unexpected = encoder.model.load_state_dict(state, strict=False)
         if unexpected or [m for m in missing if "position_ids" not in m]:
             raise BundleError(f"bundle {bundle.path}: encoder.safetensors does not fit the base ({missing or unexpected})")
+
+
+@register
+class ContrastiveServing(LoraServing):
+    """`contrastive`: trained as LoRA adapters too (a contrastive phase, then the head), so it loads as `lora` does."""
+
+    name = "contrastive"

@@ -40,6 +40,14 @@ class LoraConfig(_Strict):
     target_modules: list[str] = ["query", "key", "value", "dense"]
 
 
+class ContrastiveConfig(_Strict):
+    """The body phase of the `contrastive` strategy (the head phase then runs as the `head` strategy does)."""
+
+    temperature: float = Field(default=0.1, gt=0, le=1, description="softmax temperature of the supervised contrastive loss")
+    per_intent: int = Field(default=4, ge=2, description="examples of one intent that enter a batch together (its in-batch positives)")
+    ce_weight: float = Field(default=0.0, ge=0, description="weight of a cross-entropy term through the head in the body phase (0: contrastive only)")
+
+
 class CalibrationConfig(_Strict):
     wrong_answer_cost: float = Field(default=1.0, ge=0, description="what a wrong answer costs, in right answers, when picking thresholds")
     clarify_value: float = Field(default=0.5, ge=0, le=1, description="worth of a clarify question whose options hold the answer")
@@ -104,6 +112,7 @@ class TrainConfig(_Strict):
     cache_dir: str | None = Field(default=None, description="embedding cache (head); default $SUPPORTBOT_DATA_DIR/cache")
     head: HeadConfig = HeadConfig()
     lora: LoraConfig = LoraConfig()
+    contrastive: ContrastiveConfig = ContrastiveConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     knowledge: KnowledgeConfig = KnowledgeConfig()
 

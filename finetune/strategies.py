@@ -24,6 +24,7 @@ files to the bundle (an ONNX export of the serving model, for instance): hooks s
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from bot import strategies as serving_registry
 from bot.encoder import Encoder
 from bot.heads import IntentHead
 from bot.precision import apply_precision
-from bot.strategies import FullServing, HeadServing, LoraServing, ServingStrategy, lora_config
+from bot.strategies import ContrastiveServing, FullServing, HeadServing, LoraServing, ServingStrategy, lora_config
 
 from .cache import EmbeddingCache, default_cache_dir
 from .loop import Fitted, Inputs, Run, constant, fit_supervised, warmup_then_decay
@@ -314,3 +315,43 @@ class Full(EncoderStrategy):
 
     def bundle_parts(self, trained: Trained) -> BundleParts:
         return BundleParts({"encoder.safetensors": tensors_writer(body_of(trained.fitted.model).state_dict())})
+
+
+@register
+class Contrastive(Lora):
+    """Few-shot: LoRA adapters trained with a supervised contrastive loss on in-batch positives of the same
+    intent (finetune/contrastive.py), then a head on the adapted body's vectors, as `head` trains one.
+
+    The recipe's epochs, batch_size, lr, weight_decay and warmup are the body phase's; head_lr and
+    patience are the head phase's (which otherwise runs with the `head` strategy's settings).
+    """
+
+    name = "contrastive"
+    serving = ContrastiveServing
+    defaults: ClassVar[dict[str, Any]] = {"epochs": 4, "batch_size": 64, "lr": 2e-4, "weight_decay": 0.01, "patience": 20}
+    description = "few-shot: LoRA adapters trained contrastively on same-intent examples, then the head"
+
+    def head_lr(self, cfg: TrainConfig) -> float:
+        return float(Head.defaults["lr"])
+
+    def fit(self, run: Run, model: nn.Module, inputs: Inputs) -> Fitted:
+        from .contrastive import embed_splits, train_body
+
+        body = body_of(model)
+        history = train_body(run, body, inputs)
+        vectors = embed_splits(run, body, inputs)
+        run.log(f"contrastive body: {len(history)} epochs, loss {history[0]['contrastive_loss']:.3f} -> "
+                f"{history[-1]['contrastive_loss']:.3f}; fitting the head on its vectors")
+        head_cfg = run.cfg.model_copy(update={**Head.defaults, "lr": run.cfg.head_lr, "patience": run.cfg.patience})
+        head_run = dataclasses.replace(run, cfg=head_cfg)
+        vector_inputs = Inputs(lambda split, indices: vectors[split][indices], None, eval_rows=256)
+        head_fit = fit_supervised(Head(), head_run, run.head, vector_inputs)
+        classifier = EncoderClassifier(run.encoder, body, run.head)
+        return Fitted(
+            classifier,
+            history + head_fit.history,
+            head_fit.best_epoch,
+            head_fit.best_loss,
+            sum(p.numel() for p in classifier.parameters() if p.requires_grad),
+            sum(p.numel() for p in classifier.parameters()),
+        )

@@ -19,7 +19,7 @@ def test_default_recipe_equals_the_built_in_defaults():
 def test_default_recipe_names_every_field_explicitly():
     written = yaml.safe_load(DEFAULT.read_text(encoding="utf-8"))
     assert set(written) == set(TrainConfig.model_fields)
-    for section in ("head", "lora", "calibration"):
+    for section in ("head", "lora", "contrastive", "calibration"):
         assert set(written[section]) == set(type(getattr(TrainConfig(), section)).model_fields)
 
 

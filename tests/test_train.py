@@ -1,4 +1,4 @@
-"""Training with the real encoder on small slices of BANKING77: head, lora, full; bundles; the frozen base."""
+"""Training with the real encoder on small slices of BANKING77: head, lora, contrastive, full; bundles; the frozen base."""
 
 from __future__ import annotations
 
@@ -73,13 +73,17 @@ def test_bottleneck_head(tmp_path, banking_slice):
     assert _accuracy(path, banking_slice["test"]) > 0.7
 
 
-def test_lora_trains_adapters_only_and_leaves_the_base_bit_identical(tmp_path, banking_slice):
+@pytest.mark.parametrize("strategy, extra", [
+    ("lora", []),
+    ("contrastive", ["few_shot=12"]),  # contrastive body phase, then the head on its vectors
+])
+def test_adapter_strategies_train_adapters_only_and_leave_the_base_bit_identical(tmp_path, banking_slice, strategy, extra):
     from transformers import AutoModel
 
     original = AutoModel.from_pretrained(resolve_base("sentence-transformers/all-MiniLM-L6-v2")).state_dict()
     cfg = load_config(None, [
-        f"data={banking_slice['train']}", "strategy=lora", f"output={tmp_path / 'lora'}",
-        "epochs=2", "max_length=32", "lora.r=4", "batch_size=16", "onnx=false",
+        f"data={banking_slice['train']}", f"strategy={strategy}", f"output={tmp_path / strategy}",
+        "epochs=2", "max_length=32", "lora.r=4", "batch_size=16", "onnx=false", *extra,
     ])
     result = train(cfg, progress=False, log=lambda _m: None)
     peft_body = result.model.body
