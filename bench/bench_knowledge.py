@@ -4,12 +4,17 @@
     python bench/bench_knowledge.py --model models/default --adapter       # + the retrieval adapter
     python bench/bench_knowledge.py --model models/default --no-record     # print only
 
-Quality, on the questions of the knowledge folder the bundle was trained with (or --knowledge DIR):
-each variant's floor is fitted on validation.yaml exactly as training fits it, and scored on
-test.yaml (recall@1/@3, MRR; at the floor: answered-right, answered-wrong, abstention on
-unanswerable). Variants: the bundle's dense retrieval; dense + w x BM25 (rank-bm25, scores divided
-by the query's best, w chosen on validation); with --adapter, passages embedded by a LoRA
-adapter trained on train.yaml (finetune/knowledge_train.py `train_passage_adapter`).
+Quality, on the questions of the knowledge folder the bundle was trained with (or --knowledge DIR).
+Every variant scores articles (an article scores its best passage, or its best known question
+where named), from the query vectors of the intent pass; its floor (and, where named, its margin:
+the least lead over the runner-up article) is fitted on validation.yaml exactly as training fits
+it, and the table shows the validation utility of that fit (right - cost x wrong: the basis of
+every choice) next to the test.yaml figures (recall@1/@3, MRR; at the floor: answered-right,
+answered-wrong, abstention on unanswerable). Variants: the bundle's passages, with and without
+the margin and with and without train.yaml's questions as extra keys of their article; passages +
+w x BM25 (rank-bm25, scores divided by the query's best, w chosen on validation); with --adapter,
+passages embedded by a LoRA adapter trained on train.yaml (finetune/knowledge_train.py
+`train_passage_adapter`, in PyTorch whatever the bundle's serving backend).
 
 Speed: one process, the shop pack's test messages one at a time: the intent pass
 (`IntentClassifier.predict([text])`) and retrieval over 5,000 passages (the bundle's passages
@@ -40,9 +45,9 @@ import torch.nn.functional as F  # noqa: E402
 from bench.bench_serve import shop_messages  # noqa: E402
 from bench.record import append_section, command_line  # noqa: E402
 from bot import bundle as bundle_mod  # noqa: E402
-from bot.classifier import IntentClassifier  # noqa: E402
+from bot.classifier import IntentClassifier, TorchBackend  # noqa: E402
 from bot.encoder import Encoder  # noqa: E402
-from bot.knowledge import KnowledgeBase, Passage, Question, read_questions  # noqa: E402
+from bot.knowledge import KnowledgeBase, Question, read_questions  # noqa: E402
 from finetune import knowledge_train as kt  # noqa: E402
 
 KEYS = ("recall_at_1", "recall_at_3", "mrr", "answered_right", "answered_wrong", "abstained", "unanswerable_abstained")
@@ -53,20 +58,40 @@ def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def scored(name: str, val: torch.Tensor, test: torch.Tensor, passages: list[Passage], qs: dict[str, list[Question]],
-           cost: float) -> dict[str, float | str]:
-    floor = kt.fit_floor(val, passages, qs["validation"], cost)
-    return {"variant": name, **{k: v for k, v in kt.retrieval_metrics(test, passages, qs["test"], floor).items() if k in KEYS},
-            "floor": floor}
+def scored(name: str, val: torch.Tensor, test: torch.Tensor, articles: list[str], qs: dict[str, list[Question]],
+           cost: float, margin: bool) -> dict[str, float | str]:
+    """Floor (and margin) fitted on validation; the validation utility it reaches; the test figures."""
+    floor, lead = kt.fit_floor(val, articles, qs["validation"], cost, margin=margin)
+    fitted = kt.retrieval_metrics(val, articles, qs["validation"], floor, lead)
+    n = fitted["n_answerable"]
+    utility = (fitted["answered_right"] - cost * fitted["answered_wrong"]) * n \
+        - cost * (1 - fitted["unanswerable_abstained"]) * fitted["n_unanswerable"]
+    test_figures = kt.retrieval_metrics(test, articles, qs["test"], floor, lead)
+    return {"variant": name, "val_utility": utility, "val_recall_at_1": fitted["recall_at_1"],
+            **{k: v for k, v in test_figures.items() if k in KEYS}, "floor": floor, "margin": lead}
 
 
 def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, adapter: bool) -> list[dict[str, float | str]]:
+    """Every variant from the same query vectors (the intent pass's), article-level scores, chosen on validation."""
     slugs = sorted({p.article for p in base.passages})
     qs = {split: read_questions(folder / "questions" / f"{split}.yaml", slugs) for split in ("validation", "test")}
+    known = [q for q in read_questions(folder / "questions" / "train.yaml", slugs) if q.article is not None]
     cost = float(base.meta.get("wrong_answer_cost", 3.0))
     query = {split: classifier.embed_and_logits([q.text for q in qs[split]])[0] for split in qs}
-    dense = {split: base.scores(query[split]) for split in qs}
-    rows = [scored("dense (served)", dense["validation"], dense["test"], base.passages, qs, cost)]
+    keys = classifier.embed_and_logits([q.text for q in known])[0]  # as build() embeds them: as messages
+    keyed = KnowledgeBase(base.passages, base.vectors, base.sentence_vectors, base.floor,
+                          keys=keys, key_articles=tuple(str(q.article) for q in known))
+    arts = keyed.articles
+
+    def dense(split: str, vectors: torch.Tensor, with_keys: bool) -> torch.Tensor:
+        return keyed.aggregate(query[split] @ vectors.T, query[split] @ keys.T if with_keys else None)
+
+    rows = []
+    for with_keys in (False, True):
+        for margin in (False, True):
+            name = "passages" + (" + known questions" if with_keys else "") + (", floor + margin" if margin else ", floor")
+            rows.append(scored(name, dense("validation", base.vectors, with_keys), dense("test", base.vectors, with_keys),
+                               arts, qs, cost, margin))
 
     from rank_bm25 import BM25Okapi
 
@@ -77,13 +102,18 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
         return raw / raw.max(dim=1, keepdim=True).values.clamp(min=1e-9)
 
     lex = {split: lexical(split) for split in qs}
-    best_w = max(WEIGHTS, key=lambda w: kt.retrieval_metrics(dense["validation"] + w * lex["validation"], base.passages,
-                                                              qs["validation"], 0.0)["recall_at_1"])
-    rows.append(scored(f"dense + {best_w:g} x BM25", dense["validation"] + best_w * lex["validation"],
-                       dense["test"] + best_w * lex["test"], base.passages, qs, cost))
+
+    def hybrid(split: str, w: float) -> torch.Tensor:
+        return keyed.aggregate(query[split] @ base.vectors.T + w * lex[split])
+
+    best_w = max(WEIGHTS, key=lambda w: kt.retrieval_metrics(hybrid("validation", w), arts, qs["validation"], 0.0)["recall_at_1"])
+    rows.append(scored(f"passages + {best_w:g} x BM25, floor", hybrid("validation", best_w), hybrid("test", best_w),
+                       arts, qs, cost, False))
     if adapter:
         train = read_questions(folder / "questions" / "train.yaml", slugs)
-        serving = classifier.backend.encoder  # the torch backend's encoder (the adapter trains in PyTorch)
+        torch_backend = IntentClassifier.from_bundle(classifier.bundle.path, backend="torch").backend
+        assert isinstance(torch_backend, TorchBackend)
+        serving = torch_backend.encoder  # the adapter trains in PyTorch (the default backend may be ONNX Runtime)
         max_tokens = int(base.meta["max_tokens"])
         started = time.perf_counter()
         model = kt.train_passage_adapter(serving.model, serving, base.passages, train,
@@ -92,8 +122,10 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
         seconds = time.perf_counter() - started
         merged = Encoder(model.merge_and_unload(), serving.tokenizer, max_tokens)
         vectors = merged.embed([p.context_text for p in base.passages])
-        rows.append(scored(f"LoRA passages (r 8, 2 epochs, {len(train)} questions, {seconds:.0f} s)",
-                           query["validation"] @ vectors.T, query["test"] @ vectors.T, base.passages, qs, cost))
+        label = f"LoRA passages (r 8, 2 epochs, {len(train)} questions, {seconds:.0f} s)"
+        rows.append(scored(label + ", floor", dense("validation", vectors, False), dense("test", vectors, False), arts, qs, cost, False))
+        rows.append(scored(label + " + known questions, floor + margin", dense("validation", vectors, True),
+                           dense("test", vectors, True), arts, qs, cost, True))
     return rows
 
 
@@ -102,7 +134,9 @@ def speed(classifier: IntentClassifier, base: KnowledgeBase, n_passages: int, re
     rows = base.vectors[torch.arange(n_passages) % len(base.passages)]
     vectors = F.normalize(rows + 0.05 * torch.randn(rows.shape, generator=generator), dim=1)
     passages = [replace(base.passages[i % len(base.passages)], id=f"p{i}", sentences=()) for i in range(n_passages)]
-    big = KnowledgeBase(passages, vectors, base.sentence_vectors[:0], base.floor)  # search reads no sentences
+    keys = base.keys if base.keys is not None else torch.zeros(0, vectors.shape[1])
+    big = KnowledgeBase(passages, vectors, base.sentence_vectors[:0], base.floor,  # search reads no sentences
+                        keys=keys, key_articles=base.key_articles, margin=base.margin)
     texts = shop_messages()[:repeats]
     intent_ms, retrieval_ms = [], []
     for text in texts[:10]:  # warm-up
@@ -140,15 +174,19 @@ def main() -> int:
     rows = quality(classifier, base, folder, args.adapter)
     timing = speed(classifier, base, args.passages, args.messages)
 
-    header = "| variant | " + " | ".join(KEYS) + " | floor |\n|---|" + "---|" * (len(KEYS) + 1) + "\n"
+    columns = ("val_utility", "val_recall_at_1", *KEYS, "floor", "margin")
+    header = "| variant | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
     table = header + "".join(
-        f"| {r['variant']} | " + " | ".join(f"{float(r[k]):.3f}" for k in KEYS) + f" | {float(r['floor']):.3f} |\n" for r in rows
+        f"| {r['variant']} | " + " | ".join(f"{float(r[k]):.3f}" for k in columns) + " |\n" for r in rows
     )
     speed_line = (f"Speed: {timing['messages']} messages one at a time, {timing['passages']:,} passages: intent pass p50 "
                   f"{timing['intent_p50_ms']:.2f} ms, retrieval p50 {timing['retrieval_p50_ms']:.3f} ms "
                   f"(ratio {timing['ratio']:.3f}).")
     shown = folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
-    body = f"Questions: {shown}/questions (floor fitted on validation.yaml, scored on test.yaml).\n\n{table}\n{speed_line}\n"
+    body = (f"Questions: {shown}/questions (floor, and margin where named, fitted on validation.yaml; val_utility: right "
+            f"- cost x wrong on validation at that fit, the basis of every choice; the other columns: test.yaml). "
+            f"Served by this bundle: {base.meta.get('retrieval', 'dense, passages')}, margin {base.margin:.3f}.\n\n"
+            f"{table}\n{speed_line}\n")
     if args.note:
         body += f"\n{args.note}\n"
     print(body)

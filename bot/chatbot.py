@@ -105,6 +105,7 @@ class Chatbot:
         self.policy = DialoguePolicy(
             self.domain, floor=classifier.confidence_floor, gap=classifier.ambiguity_gap, dialogue=self.dialogue,
             knowledge_floor=knowledge.floor if knowledge is not None else None,
+            knowledge_margin=knowledge.margin if knowledge is not None else 0.0,
         )
         self.max_message_chars = max_message_chars
         self._locks: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()

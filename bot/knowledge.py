@@ -102,9 +102,13 @@ class Source:
 
 @dataclass(frozen=True)
 class Hit:
+    """An article's best passage. `score`: the article's score (its best passage or known question);
+    `margin`: its lead over the next article (1.0 when no other article exists)."""
+
     passage: Passage
     score: float
     rank: int = 0
+    margin: float = 1.0
 
     def source(self) -> Source:
         return Source(self.passage.title, self.passage.url, round(float(self.score), 4), self.passage.id)
@@ -274,15 +278,22 @@ def split_article(article: Article, count_tokens: Callable[[str], int], max_toke
 
 @dataclass
 class KnowledgeBase:
-    """Passages with their unit vectors, the sentences' vectors for quoting, and the fitted floor."""
+    """Passages with their unit vectors, known questions as extra keys of their article, the sentences'
+    vectors for quoting, and the fitted floor and margin."""
 
     passages: list[Passage]
     vectors: torch.Tensor  # (passages, dim), unit rows
     sentence_vectors: torch.Tensor  # (all sentences, dim), unit rows, passage by passage in order
     floor: float
     meta: dict[str, Any] = field(default_factory=dict)
+    keys: torch.Tensor | None = None  # (known questions, dim), unit rows: extra retrieval keys of their article
+    key_articles: tuple[str, ...] = ()  # the article of each key row
+    margin: float = 0.0  # the least lead over the runner-up article to answer; 0: no such rule
+    articles: list[str] = field(init=False)  # article slugs in passage order: the columns of `article_scores`
     _offsets: list[int] = field(init=False, repr=False)
     _index: dict[str, int] = field(init=False, repr=False)
+    _passage_columns: torch.Tensor = field(init=False, repr=False)
+    _key_columns: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         offsets, total = [], 0
@@ -293,6 +304,14 @@ class KnowledgeBase:
             raise ValueError("knowledge vectors do not match the passages")
         self._offsets = offsets
         self._index = {p.id: i for i, p in enumerate(self.passages)}
+        self.articles = list(dict.fromkeys(p.article for p in self.passages))
+        column = {slug: i for i, slug in enumerate(self.articles)}
+        self._passage_columns = torch.tensor([column[p.article] for p in self.passages], dtype=torch.long)
+        keys = self.keys if self.keys is not None else torch.zeros(0, self.vectors.shape[1])
+        if keys.shape[0] != len(self.key_articles) or any(a not in column for a in self.key_articles):
+            raise ValueError("knowledge keys do not match their articles")
+        self.keys = keys.float()
+        self._key_columns = torch.tensor([column[a] for a in self.key_articles], dtype=torch.long)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> KnowledgeBase | None:
@@ -307,7 +326,10 @@ class KnowledgeBase:
                 Passage(p["id"], p["article"], p["title"], p["url"], p["heading"], tuple(p["sentences"]))
                 for p in meta["passages"]
             ]
-            return cls(passages, tensors["passages"].float(), tensors["sentences"].float(), float(meta["floor"]), meta)
+            key_articles = tuple(str(k["article"]) for k in meta.get("keys") or [])
+            keys = tensors["keys"].float() if "keys" in tensors else None
+            return cls(passages, tensors["passages"].float(), tensors["sentences"].float(), float(meta["floor"]), meta,
+                       keys=keys, key_articles=key_articles, margin=float(meta.get("margin") or 0.0))
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise BundleError(f"bundle {bundle.path}: {KNOWLEDGE_JSON} is not usable: {exc}") from None
 
@@ -319,16 +341,44 @@ class KnowledgeBase:
         """Cosine similarity of each query (rows, unit length) with every passage: (queries, passages)."""
         return queries.reshape(-1, self.vectors.shape[1]).float() @ self.vectors.T
 
+    def aggregate(self, passage_scores: torch.Tensor, key_scores: torch.Tensor | None = None) -> torch.Tensor:
+        """(queries, articles): each article's best score over its passages (and its keys, when given)."""
+        rows = passage_scores.shape[0]
+        out = torch.full((rows, len(self.articles)), -1.0)  # no cosine is below -1
+        out.scatter_reduce_(1, self._passage_columns.expand(rows, -1), passage_scores.float(), "amax")
+        if key_scores is not None and key_scores.shape[1]:
+            out.scatter_reduce_(1, self._key_columns.expand(rows, -1), key_scores.float(), "amax")
+        return out
+
+    def article_scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """(queries, articles), columns as `articles`: an article scores its best passage or known question."""
+        assert self.keys is not None
+        rows = queries.reshape(-1, self.vectors.shape[1]).float()
+        return self.aggregate(rows @ self.vectors.T, rows @ self.keys.T)
+
     def search(self, query: torch.Tensor, k: int = 3) -> list[Hit]:
-        """The k best passages for one query vector, best first (no floor applied)."""
-        row = self.scores(query)[0]
-        values, indices = row.topk(min(k, row.shape[0]))
-        return [Hit(self.passages[i], float(v), rank) for rank, (v, i) in enumerate(zip(values.tolist(), indices.tolist()))]
+        """The k best articles for one query vector, best first, each as its best passage (no floor applied)."""
+        assert self.keys is not None
+        row = query.reshape(1, -1).float()
+        passage = row @ self.vectors.T
+        articles = self.aggregate(passage, row @ self.keys.T)[0]
+        values, order = articles.topk(min(k + 1, articles.shape[0]))
+        hits = []
+        for rank in range(min(k, len(self.articles))):
+            column = int(order[rank])
+            within = passage[0].masked_fill(self._passage_columns != column, float("-inf"))
+            lead = float(values[rank] - values[rank + 1]) if rank + 1 < values.shape[0] else 1.0
+            hits.append(Hit(self.passages[int(within.argmax())], float(values[rank]), rank, lead))
+        return hits
 
     def best(self, query: torch.Tensor) -> Hit | None:
-        """The top passage for one query vector, floor or not (the policy applies the floor)."""
+        """The top article's best passage for one query vector, floor or not (`clears` applies the floor)."""
         hits = self.search(query, 1)
         return hits[0] if hits else None
+
+    def clears(self, hit: Hit | None) -> bool:
+        """Good enough to answer from: the score clears the fitted floor and leads the next article by the margin."""
+        return hit is not None and hit.score >= self.floor and hit.margin >= self.margin
 
     def quote(self, hit: Hit, query: torch.Tensor, *, max_sentences: int = 2, max_chars: int = 480) -> str:
         """The passage's sentences most similar to the question, in the passage's order (extractive)."""

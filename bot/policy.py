@@ -115,13 +115,14 @@ class DialoguePolicy:
 
     def __init__(
         self, domain: Domain, *, floor: float, gap: float, dialogue: DialogueConfig | None = None,
-        knowledge_floor: float | None = None,
+        knowledge_floor: float | None = None, knowledge_margin: float = 0.0,
     ):
         self.domain = domain
         self.floor = float(floor)
         self.gap = float(gap)
         self.dialogue = dialogue if dialogue is not None else domain.dialogue
         self.knowledge_floor = knowledge_floor  # the bundle's fitted retrieval floor; None: no articles
+        self.knowledge_margin = knowledge_margin  # the bundle's fitted lead over the runner-up article
 
     def step(
         self, state: SessionState, text: str, prediction: Prediction | None, knowledge: Hit | None = None
@@ -171,8 +172,10 @@ class DialoguePolicy:
     # ---- outcomes --------------------------------------------------------------------------
 
     def clears_floor(self, knowledge: Hit | None) -> bool:
-        """A passage good enough to answer from on its own (the bundle's fitted retrieval floor)."""
-        return knowledge is not None and self.knowledge_floor is not None and knowledge.score >= self.knowledge_floor
+        """A passage good enough to answer from on its own: it clears the bundle's fitted retrieval floor
+        and leads the runner-up article by the fitted margin (KnowledgeBase.clears, the same rule)."""
+        return (knowledge is not None and self.knowledge_floor is not None and knowledge.score >= self.knowledge_floor
+                and knowledge.margin >= self.knowledge_margin)
 
     def _route(
         self, state: SessionState, prediction: Prediction, action: Action, knowledge: Hit | None = None

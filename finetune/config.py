@@ -74,9 +74,11 @@ class RetrievalAdapterConfig(_Strict):
 
 class KnowledgeConfig(_Strict):
     articles: str | None = Field(default=None, description="folder of help-centre articles (*.md); null: the domain pack's knowledge/ when it has one")
-    max_tokens: int = Field(default=128, ge=16, le=512, description="passage length limit in tokens, article title included")
+    max_tokens: int = Field(default=64, ge=16, le=512, description="passage length limit in tokens, article title and heading included")
     wrong_answer_cost: float = Field(default=3.0, ge=0, description="what citing a wrong (or any, for an unanswerable question) article costs, in right answers, when fitting the retrieval floor")
     floor: float | None = Field(default=None, ge=-1, le=1, description="a fixed retrieval floor instead of fitting it on questions/validation.yaml")
+    question_keys: bool = Field(default=False, description="questions/train.yaml's questions as extra retrieval keys of their article (an article scores its best passage or known question); measured on the shop pack and not kept (docs/knowledge.md)")
+    fit_margin: bool = Field(default=True, description="also fit, on validation, the least lead over the runner-up article needed to answer")
     adapter: RetrievalAdapterConfig = RetrievalAdapterConfig()
 
 

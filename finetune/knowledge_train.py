@@ -107,33 +107,45 @@ def split_all(articles: Sequence[Article], encoder: Encoder, max_tokens: int) ->
 # ---- measuring retrieval ---------------------------------------------------------------------
 
 
-def ranks(scores: torch.Tensor, passages: Sequence[Passage], questions: Sequence[Question]) -> np.ndarray:
-    """Rank (0 = first) of the first passage of the right article per question; -1 when unanswerable."""
+def ranks(scores: torch.Tensor, articles: Sequence[str], questions: Sequence[Question]) -> np.ndarray:
+    """Rank (0 = first) of the right article per question (`scores`: (questions, articles), columns
+    named by `articles`); -1 when unanswerable."""
     order = scores.argsort(dim=1, descending=True).numpy()
-    articles = np.array([p.article for p in passages])
+    names = np.array(list(articles))
     out = np.full(len(questions), -1)
     for q, question in enumerate(questions):
         if question.article is not None:
-            hits = np.nonzero(articles[order[q]] == question.article)[0]
-            out[q] = int(hits[0]) if len(hits) else len(passages)
+            hits = np.nonzero(names[order[q]] == question.article)[0]
+            out[q] = int(hits[0]) if len(hits) else len(names)
     return out
 
 
+def top_and_lead(scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per question: the best article's score and its lead over the second (1.0 with one article)."""
+    if scores.shape[0] == 0:
+        return np.zeros(0), np.zeros(0)
+    if scores.shape[1] < 2:
+        return scores[:, 0].numpy(), np.ones(scores.shape[0])
+    two = scores.topk(2, dim=1).values
+    return two[:, 0].numpy(), (two[:, 0] - two[:, 1]).numpy()
+
+
 def retrieval_metrics(
-    scores: torch.Tensor, passages: Sequence[Passage], questions: Sequence[Question], floor: float
+    scores: torch.Tensor, articles: Sequence[str], questions: Sequence[Question], floor: float, margin: float = 0.0
 ) -> dict[str, Any]:
-    """recall@1/@3 and MRR on answerable questions; at the floor, answered-right/-wrong/abstained
-    (answerable), and abstention on unanswerable questions."""
-    rank = ranks(scores, passages, questions)
-    top = scores.max(dim=1).values.numpy() if len(questions) else np.zeros(0)
+    """recall@1/@3 and MRR on answerable questions; at the floor and margin, answered-right/-wrong/abstained
+    (answerable), and abstention on unanswerable questions. `scores`: (questions, articles)."""
+    rank = ranks(scores, articles, questions)
+    top, lead = top_and_lead(scores)
     answerable = rank >= 0
-    answered = top >= floor
+    answered = (top >= floor) & (lead >= margin)
     right = answerable & (rank == 0)
     n_ans, n_un = int(answerable.sum()), int((~answerable).sum())
     out: dict[str, Any] = {
         "n_answerable": n_ans,
         "n_unanswerable": n_un,
         "floor": float(floor),
+        "margin": float(margin),
         "recall_at_1": float((rank[answerable] == 0).mean()) if n_ans else 0.0,
         "recall_at_3": float((rank[answerable] < 3).mean()) if n_ans else 0.0,
         "mrr": float((1.0 / (rank[answerable] + 1)).mean()) if n_ans else 0.0,
@@ -145,23 +157,45 @@ def retrieval_metrics(
     return out
 
 
-def fit_floor(scores: torch.Tensor, passages: Sequence[Passage], questions: Sequence[Question], cost: float) -> float:
-    """The floor maximising right - cost x wrong over validation questions (wrong: a wrong article, or
-    any citation for an unanswerable question); between two candidate scores, their midpoint."""
-    if not questions:
-        raise KnowledgeError("no validation questions to fit the retrieval floor on")
-    rank = ranks(scores, passages, questions)
-    top = scores.max(dim=1).values.numpy()
-    gain = np.where(rank == 0, 1.0, -cost)  # answering question q gains this
-    order = np.argsort(-top)
+def _floor_for(top: np.ndarray, gain: np.ndarray) -> tuple[float, float]:
+    """(floor, utility): the floor maximising the summed gain of the questions answered; between two
+    candidate scores, their midpoint; ties keep the fewest answers."""
+    order = np.argsort(-top, kind="stable")
     cumulative = np.concatenate([[0.0], np.cumsum(gain[order])])  # answer the k most confident
     k = int(np.argmax(cumulative))  # first maximum: the fewest answers for the best utility
     sorted_top = top[order]
     if k == 0:
-        return float(min(1.0, sorted_top[0] + 1e-4))
+        return float(min(1.0, sorted_top[0] + 1e-4)), 0.0
     if k == len(sorted_top):
-        return float(max(-1.0, sorted_top[-1] - 1e-4))
-    return float((sorted_top[k - 1] + sorted_top[k]) / 2)
+        return float(max(-1.0, sorted_top[-1] - 1e-4)), float(cumulative[k])
+    return float((sorted_top[k - 1] + sorted_top[k]) / 2), float(cumulative[k])
+
+
+def fit_floor(
+    scores: torch.Tensor, articles: Sequence[str], questions: Sequence[Question], cost: float, *, margin: bool = False
+) -> tuple[float, float]:
+    """(floor, margin) maximising right - cost x wrong over validation questions (wrong: a wrong article,
+    or any citation for an unanswerable question). Answering needs the best article's score >= floor
+    and, with `margin`, its lead over the second article >= the margin; margin candidates are the
+    midpoints between validation leads, and a margin is kept only when it raises the utility
+    (otherwise 0: no margin rule)."""
+    if not questions:
+        raise KnowledgeError("no validation questions to fit the retrieval floor on")
+    rank = ranks(scores, articles, questions)
+    top, lead = top_and_lead(scores)
+    gain = np.where(rank == 0, 1.0, -cost)  # answering question q gains this
+    floor, best = _floor_for(top, gain)
+    chosen = 0.0
+    if margin:
+        leads = np.unique(lead)
+        for candidate in (leads[1:] + leads[:-1]) / 2:
+            keep = lead >= candidate
+            if not keep.any():
+                break
+            f, utility = _floor_for(top[keep], gain[keep])
+            if utility > best + 1e-9:
+                floor, best, chosen = f, utility, float(candidate)
+    return floor, chosen
 
 
 # ---- the bundle files ----------------------------------------------------------------------
@@ -220,6 +254,7 @@ def build(
     articles = read_articles(folder)
     slugs = [a.slug for a in articles]
     passages = split_all(articles, serving, cfg.max_tokens)
+    retrieval = "dense, passages and known questions" if cfg.question_keys else "dense, passages"
     log(f"knowledge: {len(articles)} articles, {len(passages)} passages (<= {cfg.max_tokens} tokens each)")
     passage_side, passage_embed, adapter = serving, embed, None
     if cfg.adapter.enabled:
@@ -228,16 +263,23 @@ def build(
     vectors = passage_embed(passage_encoder(passage_side, cfg.max_tokens), [p.context_text for p in passages])
     # sentences are compared with the message's vector: the question side, never adapted
     sentence_vectors = embed(passage_encoder(serving, cfg.max_tokens), [s for p in passages for s in p.sentences])
+    known = _known_questions(cfg, folder, slugs)
+    # known questions are matched with messages: embedded as messages are (the serving encoder, its length)
+    keys = embed(serving, [q.text for q in known]) if known else torch.zeros(0, vectors.shape[1])
+    key_articles = tuple(str(q.article) for q in known)
+    unfitted = KnowledgeBase(passages, vectors, sentence_vectors, 1.0, keys=keys, key_articles=key_articles)
     questions_file = folder / QUESTIONS_DIR / "validation.yaml"
     validation: dict[str, Any] | None = None
+    margin = 0.0
     if cfg.floor is not None:
         floor, method = float(cfg.floor), "configured"
     elif questions_file.is_file():
         questions = read_questions(questions_file, slugs)
         query_vectors = embed(serving, [q.text for q in questions])  # as queries are embedded when serving
-        scores = query_vectors @ vectors.T
-        floor, method = fit_floor(scores, passages, questions, cfg.wrong_answer_cost), "fitted on validation questions"
-        validation = retrieval_metrics(scores, passages, questions, floor)
+        scores = unfitted.article_scores(query_vectors)
+        floor, margin = fit_floor(scores, unfitted.articles, questions, cfg.wrong_answer_cost, margin=cfg.fit_margin)
+        method = "fitted on validation questions"
+        validation = retrieval_metrics(scores, unfitted.articles, questions, floor, margin)
     else:
         raise KnowledgeError(
             f"{folder}: no {QUESTIONS_DIR}/validation.yaml to fit the retrieval floor on; "
@@ -246,10 +288,11 @@ def build(
     knowledge_meta = {
         "format": FORMAT,
         "floor": floor,
+        "margin": margin,
         "floor_method": method,
         "max_tokens": cfg.max_tokens,
         "wrong_answer_cost": cfg.wrong_answer_cost,
-        "retrieval": "dense",
+        "retrieval": retrieval,
         "adapter": adapter["meta"] if adapter else None,
         "articles": [{"slug": a.slug, "title": a.title, "url": a.url, "tags": list(a.tags)} for a in articles],
         "passages": [
@@ -257,9 +300,12 @@ def build(
              "sentences": list(p.sentences)}
             for p in passages
         ],
+        "keys": [{"article": q.article, "text": q.text} for q in known],
         "validation": validation,
     }
     tensors = {"passages": vectors.contiguous(), "sentences": sentence_vectors.contiguous()}
+    if known:
+        tensors["keys"] = keys.contiguous()
     writers: dict[str, Callable[[Path], None]] = {
         KNOWLEDGE_JSON: lambda p: _write_json(p, knowledge_meta),
         KNOWLEDGE_VECTORS: lambda p: save_file(tensors, str(p)),
@@ -267,16 +313,25 @@ def build(
     if adapter:
         state = adapter["state"]
         writers[ADAPTER_FILE] = lambda p: save_file(state, str(p))
-    base = KnowledgeBase(passages, vectors, sentence_vectors, floor, knowledge_meta)
-    meta = {"articles": len(articles), "passages": len(passages), "floor": floor, "floor_method": method,
-            "max_tokens": cfg.max_tokens, "retrieval": "dense", "adapter": adapter["meta"] if adapter else None,
-            "validation": validation}
+    base = KnowledgeBase(passages, vectors, sentence_vectors, floor, knowledge_meta, keys=keys, key_articles=key_articles,
+                         margin=margin)
+    meta = {"articles": len(articles), "passages": len(passages), "keys": len(known), "floor": floor, "margin": margin,
+            "floor_method": method, "max_tokens": cfg.max_tokens, "retrieval": retrieval,
+            "adapter": adapter["meta"] if adapter else None, "validation": validation}
     summary: dict[str, Any] = {"knowledge_passages": len(passages), "knowledge_floor": floor}
     if validation is not None:
         summary["knowledge_val_recall_at_1"] = validation["recall_at_1"]
         summary["knowledge_val_answered_right"] = validation["answered_right"]
         summary["knowledge_val_unanswerable_abstained"] = validation["unanswerable_abstained"]
     return KnowledgeBuild(base, meta, writers, summary)
+
+
+def _known_questions(cfg: KnowledgeConfig, folder: Path, slugs: Sequence[str]) -> list[Question]:
+    """questions/train.yaml's questions with an article, when `question_keys` is on and the file exists."""
+    train_file = folder / QUESTIONS_DIR / "train.yaml"
+    if not cfg.question_keys or not train_file.is_file():
+        return []
+    return [q for q in read_questions(train_file, slugs) if q.article is not None]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -420,12 +475,12 @@ def evaluate_knowledge(model: str | Path, questions_file: Path, *, worst: int = 
     questions = read_questions(questions_file, sorted({p.article for p in base.passages}))
     texts = [q.text for q in questions]
     vectors, logits = classifier.embed_and_logits(texts) if texts else (torch.zeros(0, 1), torch.zeros(0, 1))
-    scores = base.scores(vectors) if texts else torch.zeros(0, len(base.passages))
-    metrics = retrieval_metrics(scores, base.passages, questions, base.floor)
-    rank = ranks(scores, base.passages, questions)
+    scores = base.article_scores(vectors) if texts else torch.zeros(0, len(base.articles))
+    metrics = retrieval_metrics(scores, base.articles, questions, base.floor, base.margin)
+    rank = ranks(scores, base.articles, questions)
     predictions = classifier.predictions_from_logits(logits, embeddings=vectors) if texts else []
     policy = DialoguePolicy(load_domain(classifier.bundle), floor=classifier.confidence_floor,
-                            gap=classifier.ambiguity_gap, knowledge_floor=base.floor)
+                            gap=classifier.ambiguity_gap, knowledge_floor=base.floor, knowledge_margin=base.margin)
     actions: dict[str, int] = {}
     misses: list[dict[str, Any]] = []
     for i, (question, prediction) in enumerate(zip(questions, predictions)):
@@ -433,12 +488,13 @@ def evaluate_knowledge(model: str | Path, questions_file: Path, *, worst: int = 
         decision, _ = policy.step(SessionState(), question.text, prediction, hit)
         actions[decision.action] = actions.get(decision.action, 0) + 1
         assert hit is not None
-        answered = hit.score >= base.floor
+        answered = base.clears(hit)
         wrong = answered and (question.article is None or hit.passage.article != question.article)
         if wrong or (question.article is not None and rank[i] != 0):
             misses.append({
                 "text": question.text, "article": question.article, "cited": hit.passage.article,
-                "passage_id": hit.passage.id, "score": round(hit.score, 4), "answered": bool(answered),
+                "passage_id": hit.passage.id, "score": round(hit.score, 4), "margin": round(hit.margin, 4),
+                "answered": bool(answered),
                 "rank_of_right_article": int(rank[i]) + 1 if question.article is not None else None,
             })
     misses.sort(key=lambda m: (not m["answered"], -float(m["score"])))
@@ -447,11 +503,12 @@ def evaluate_knowledge(model: str | Path, questions_file: Path, *, worst: int = 
         "questions": str(questions_file),
         "n": len(questions),
         "passages": len(base.passages),
-        "retrieval": base.meta.get("retrieval", "dense"),
+        "retrieval": base.meta.get("retrieval", "dense, passages"),
         **metrics,
         "dialogue_actions": {action: count / n for action, count in sorted(actions.items())},
         "worst_misses": misses[:worst],
-        "note": "retrieval metrics score the top passage's article; answered = top cosine >= the bundle's "
-        "retrieval floor (fitted on validation questions); dialogue_actions: what the bot does with each "
+        "note": "retrieval metrics score the top article (its best passage or known question); answered = its "
+        "score >= the bundle's retrieval floor and its lead over the next article >= the bundle's margin (both "
+        "fitted on validation questions); dialogue_actions: what the bot does with each "
         "question as a first message (intents answer confidently before the articles are asked)",
     }

@@ -198,6 +198,7 @@ def _notes(report: Report) -> str:
 
 KNOWLEDGE_ROWS = (
     ("recall_at_1", "recall@1"), ("recall_at_3", "recall@3"), ("mrr", "MRR"), ("floor", "retrieval floor"),
+    ("margin", "retrieval margin (lead over the next article)"),
     ("answered_right", "answered and right (answerable)"), ("answered_wrong", "answered wrong (answerable)"),
     ("abstained", "abstained (answerable)"), ("unanswerable_abstained", "abstained on unanswerable"),
 )

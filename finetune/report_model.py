@@ -95,7 +95,8 @@ class KnowledgeMiss(_Model):
     cited: str  # the top passage's article
     passage_id: str
     score: float
-    answered: bool  # the score cleared the bundle's retrieval floor
+    margin: float = 1.0  # the cited article's lead over the next one
+    answered: bool  # the score cleared the bundle's retrieval floor and the lead its margin
     rank_of_right_article: int | None = None
 
 
@@ -109,6 +110,7 @@ class KnowledgeScores(_Model):
     n_answerable: int
     n_unanswerable: int
     floor: float
+    margin: float = 0.0  # the least lead over the runner-up article to answer (0: no such rule)
     recall_at_1: float
     recall_at_3: float
     mrr: float
