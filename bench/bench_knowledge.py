@@ -123,9 +123,10 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
         merged = Encoder(model.merge_and_unload(), serving.tokenizer, max_tokens)
         vectors = merged.embed([p.context_text for p in base.passages])
         label = f"LoRA passages (r 8, 2 epochs, {len(train)} questions, {seconds:.0f} s)"
-        rows.append(scored(label + ", floor", dense("validation", vectors, False), dense("test", vectors, False), arts, qs, cost, False))
-        rows.append(scored(label + " + known questions, floor + margin", dense("validation", vectors, True),
-                           dense("test", vectors, True), arts, qs, cost, True))
+        for with_keys, margin in ((False, False), (False, True), (True, True)):
+            name = label + (" + known questions" if with_keys else "") + (", floor + margin" if margin else ", floor")
+            rows.append(scored(name, dense("validation", vectors, with_keys), dense("test", vectors, with_keys), arts, qs,
+                               cost, margin))
     return rows
 
 

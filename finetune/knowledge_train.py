@@ -9,7 +9,11 @@ articles are versioned together.
 
 The floor is chosen like the intent floor (finetune/calibrate.py): the value that maximises
 right answers minus `wrong_answer_cost` x wrong answers on validation, where a wrong answer is
-citing the wrong article or citing anything for a question no article answers.
+citing the wrong article or citing anything for a question no article answers. With
+`knowledge.fit_margin`, a margin (the top article's least lead over the next article) is fitted
+jointly and kept only when it raises that utility. Scores are per article (bot/knowledge.py
+`KnowledgeBase.article_scores`); `knowledge.question_keys` adds train.yaml's questions as keys of
+their article (measured on the shop pack and not kept: see docs/knowledge.md).
 """
 
 from __future__ import annotations
@@ -234,7 +238,8 @@ def knowledge_summary(written: Bundle) -> dict[str, Any]:
     meta = written.meta.get("knowledge")
     if not isinstance(meta, dict):
         return {}
-    out: dict[str, Any] = {"knowledge_passages": meta["passages"], "knowledge_floor": meta["floor"]}
+    out: dict[str, Any] = {"knowledge_passages": meta["passages"], "knowledge_floor": meta["floor"],
+                           "knowledge_margin": meta.get("margin", 0.0)}
     validation = meta.get("validation") or {}
     for key in ("recall_at_1", "answered_right", "answered_wrong", "unanswerable_abstained"):
         if key in validation:
@@ -318,7 +323,7 @@ def build(
     meta = {"articles": len(articles), "passages": len(passages), "keys": len(known), "floor": floor, "margin": margin,
             "floor_method": method, "max_tokens": cfg.max_tokens, "retrieval": retrieval,
             "adapter": adapter["meta"] if adapter else None, "validation": validation}
-    summary: dict[str, Any] = {"knowledge_passages": len(passages), "knowledge_floor": floor}
+    summary: dict[str, Any] = {"knowledge_passages": len(passages), "knowledge_floor": floor, "knowledge_margin": margin}
     if validation is not None:
         summary["knowledge_val_recall_at_1"] = validation["recall_at_1"]
         summary["knowledge_val_answered_right"] = validation["answered_right"]

@@ -249,3 +249,111 @@ def test_the_retrieval_adapter_moves_passages_towards_the_training_questions(tmp
     assert (tmp_path / ADAPTER_FILE).stat().st_size > 0
     with pytest.raises(KnowledgeError, match="head strategy"):
         build(cfg, ARTICLES, encoder, adapter_body=None, log=lambda _m: None)
+
+
+# ---- article-level scores, known questions, the margin ----------------------------------------
+
+
+def _unit(*rows: list[float]):
+    import torch
+
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+def _base(**kwargs) -> KnowledgeBase:
+    from bot.knowledge import Passage
+
+    passages = [Passage("a#0", "a", "A", "/a", "", ("One.",)), Passage("a#1", "a", "A", "/a", "", ("Two.",)),
+                Passage("b#0", "b", "B", "/b", "", ("Three.",))]
+    return KnowledgeBase(passages, _unit([1, 0, 0], [0.6, 0.8, 0], [0, 0, 1]), _unit([1, 0, 0], [0, 1, 0], [0, 0, 1]),
+                         0.5, **kwargs)
+
+
+def test_an_article_scores_its_best_passage_and_the_hit_carries_its_lead_over_the_next_article():
+    base = _base(margin=0.2)
+    query = _unit([0.5, 0.8, 0.3])[0]
+    hit = base.best(query)
+    assert hit is not None and hit.passage.id == "a#1"  # article a's best passage, not its first
+    scores = base.article_scores(query)[0]
+    assert base.articles == ["a", "b"] and hit.score == pytest.approx(float(scores[0]))
+    assert hit.margin == pytest.approx(float(scores[0] - scores[1]))
+    assert base.clears(hit)
+    close = base.best(_unit([0.55, 0, 0.5])[0])  # a and b nearly tied: above the floor, below the margin
+    assert close is not None and close.score >= base.floor and not base.clears(close)
+
+
+def test_known_questions_are_extra_keys_of_their_article_and_the_cited_passage_stays_the_articles_best():
+    keyed = _base(keys=_unit([0.1, 0, 1]), key_articles=("a",))  # a known question of article a, near b's passage
+    query = _unit([0.1, 0, 1])[0]  # the known question itself, asked again
+    hit = keyed.best(query)
+    assert hit is not None and hit.passage.id == "a#0" and hit.score == pytest.approx(1.0)  # a's best passage is cited
+    assert _base().best(query).passage.id == "b#0"  # without the key, b wins
+    with pytest.raises(ValueError, match="keys do not match"):
+        _base(keys=_unit([1, 0, 0]), key_articles=("nope",))
+
+
+def test_the_margin_is_fitted_only_when_it_raises_right_minus_cost_times_wrong():
+    import torch
+
+    from bot.knowledge import Question
+    from finetune.knowledge_train import fit_floor, retrieval_metrics
+
+    articles = ["a", "b"]
+    # two right answers with a clear lead, two wrong ones just as high but nearly tied: only a margin separates them
+    scores = torch.tensor([[0.9, 0.3], [0.8, 0.2], [0.85, 0.84], [0.82, 0.81]])
+    questions = [Question("q1", "a"), Question("q2", "a"), Question("q3", "b"), Question("q4", None)]
+    floor, margin = fit_floor(scores, articles, questions, 3.0, margin=False)
+    alone = retrieval_metrics(scores, articles, questions, floor, margin)
+    assert margin == 0.0 and alone["answered_right"] == 1 / 3  # a floor alone must drop q2 to drop the wrong q3
+    floor, margin = fit_floor(scores, articles, questions, 3.0, margin=True)
+    assert 0.01 < margin < 0.5
+    fitted = retrieval_metrics(scores, articles, questions, floor, margin)
+    assert (fitted["answered_right"], fitted["answered_wrong"], fitted["unanswerable_abstained"]) == (2 / 3, 0.0, 1.0)
+    clean = torch.tensor([[0.9, 0.3], [0.8, 0.2], [0.3, 0.1]])  # the floor alone is enough: no margin rule
+    assert fit_floor(clean, articles, [*questions[:2], Question("q4", None)], 3.0, margin=True)[1] == 0.0
+
+
+def test_the_policy_does_not_cite_a_passage_that_clears_the_floor_without_the_margin(classifier, tmp_path):
+    from dataclasses import replace
+
+    with SQLiteSessionStore(tmp_path / "s.sqlite3") as store:
+        base = KnowledgeBase.from_bundle(classifier.bundle)
+        assert base is not None
+        strict = replace(base, margin=2.0)  # no lead can reach 2: nothing may be cited
+        bot = Chatbot(classifier, store, load_domain(classifier.bundle), knowledge=strict)
+        reply = bot.respond("k7", "can I put my wool jumper in the tumble dryer?")
+        assert reply.action != Action.KNOWLEDGE and reply.sources == []
+
+
+def test_training_questions_become_keys_only_when_asked_and_the_floor_and_margin_are_fitted_on_validation():
+    from finetune.config import KnowledgeConfig
+    from finetune.knowledge_train import build
+
+    encoder = Encoder.load("sentence-transformers/all-MiniLM-L6-v2", max_length=64)
+    plain = build(KnowledgeConfig(), ARTICLES, encoder, log=lambda _m: None)
+    assert plain.base.keys is not None and plain.base.keys.shape[0] == 0 and plain.meta["keys"] == 0
+    keyed = build(KnowledgeConfig(question_keys=True), ARTICLES, encoder, log=lambda _m: None)
+    assert keyed.meta["keys"] == 6 and keyed.base.key_articles and set(keyed.base.key_articles) <= set(keyed.base.articles)
+    assert keyed.meta["retrieval"] == "dense, passages and known questions"
+    for built in (plain, keyed):
+        validation = built.meta["validation"]
+        assert (validation["floor"], validation["margin"]) == (built.meta["floor"], built.meta["margin"]) == (
+            built.base.floor, built.base.margin)
+
+
+def test_the_fast_search_without_keys_agrees_with_the_article_scores():
+    import torch
+
+    from bot.knowledge import Passage
+
+    generator = torch.Generator().manual_seed(3)
+    passages = [Passage(f"a{i % 7}#{i}", f"a{i % 7}", "T", "/t", "", ()) for i in range(200)]
+    vectors = torch.nn.functional.normalize(torch.randn(200, 16, generator=generator), dim=1)
+    base = KnowledgeBase(passages, vectors, torch.zeros(0, 16), 0.0)
+    for query in torch.nn.functional.normalize(torch.randn(20, 16, generator=generator), dim=1):
+        hits, scores = base.search(query, 3), base.article_scores(query)[0]
+        top = scores.topk(4)
+        assert [h.passage.article for h in hits] == [base.articles[int(c)] for c in top.indices[:3]]
+        assert [h.score for h in hits] == pytest.approx(top.values[:3].tolist())
+        assert [h.margin for h in hits] == pytest.approx((top.values[:3] - top.values[1:]).tolist())
+        assert hits[0].passage.id == passages[int((query @ vectors.T).argmax())].id
