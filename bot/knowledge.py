@@ -21,7 +21,7 @@ Decisions, and why:
   training time and stored in `knowledge.json` in the bundle, which is checksummed like every
   other file. The margin is there because a raw score does not tell "clearly this article" from
   "one of two neighbours" (returns vs refunds, wool vs cotton care): on the shop pack's validation
-  questions it cut wrong citations from 9.3% to 2.8% of answerable questions (docs/knowledge.md).
+  questions it cut wrong citations from 7.5% to 0.9% of answerable questions (docs/knowledge.md).
   Nothing here holds a threshold.
 - A lexical hybrid (BM25) was measured side by side with dense retrieval and not kept
   (docs/knowledge.md, BENCHMARKS.md): retrieval stays dense only.
