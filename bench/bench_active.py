@@ -142,26 +142,6 @@ def queue_choice(classifier: IntentClassifier, turns: list[dict], margins: np.nd
     return chosen, info
 
 
-def by_intent(margins: np.ndarray, predicted: list[str], candidates) -> list[int]:
-    """Uncertainty with diversity over the model's intents: round-robin over the predicted intents (the
-    intent whose least certain message is least certain first), each intent's smallest margin first;
-    candidates past the first BUDGET by this order, then the other stream messages by margin."""
-    candidates = list(candidates)
-    queues: dict[str, list[int]] = {}
-    for i in sorted(candidates, key=lambda i: margins[i]):
-        queues.setdefault(predicted[i], []).append(i)
-    order = [i for _rank, _first, i in sorted(
-        (rank, margins[members[0]], i) for members in queues.values() for rank, i in enumerate(members))]
-    rest = [int(i) for i in np.argsort(margins) if int(i) not in set(order)]
-    return [int(i) for i in (order + rest)[:BUDGET]]
-
-
-def queue_pick_all(classifier: IntentClassifier, turns: list[dict], margins: np.ndarray) -> list[int]:
-    """Every stream position the review queue holds."""
-    queue = build_queue(turns, classifier, similarity=SIMILARITY, max_items=len(margins))
-    return [(item.id - 1) // 2 for item in queue.items]
-
-
 def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path, cache: EmbeddingCache,
              encoder: Encoder) -> dict:
     from datasets import Dataset
@@ -179,12 +159,9 @@ def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path, c
     results: dict = {"base": accuracy(classifier, test)}
     turns, margins = stream_turns(classifier, texts)
     queue_pick, results["queue_info"] = queue_choice(classifier, turns, margins)
-    predicted = [turn["intent"] for turn in turns if turn["role"] == "user"]
     picks = {
         "queue": queue_pick,
         "margin": [int(i) for i in np.argsort(margins)[:BUDGET]],
-        "margin_by_intent": by_intent(margins, predicted, range(STREAM)),
-        "queue_by_intent": by_intent(margins, predicted, queue_pick_all(classifier, turns, margins)),
         "random": random.Random(seed).sample(range(STREAM), BUDGET),
     }
     for arm, chosen in picks.items():
