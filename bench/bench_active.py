@@ -63,6 +63,7 @@ from serve.settings import Settings  # noqa: E402
 
 BANKING = "../shared/data/banking77"
 SHOTS, STREAM, BUDGET = 10, 2000, 300
+ARMS: list[str] = []  # --arms: only these (default: all)
 MAX_LENGTH = 64  # the default recipe's, so training and the cached vectors agree
 SIMILARITY = float(Settings.model_fields["review_similarity"].default)
 
@@ -142,6 +143,16 @@ def queue_choice(classifier: IntentClassifier, turns: list[dict], margins: np.nd
     return chosen, info
 
 
+def by_intent(margins: np.ndarray, predicted: list[str]) -> list[int]:
+    """Uncertainty with diversity over the model's intents: round-robin over the predicted intents
+    (the intent whose least certain message is least certain first), each intent's smallest margin first."""
+    queues: dict[str, list[int]] = {}
+    for i in np.argsort(margins):
+        queues.setdefault(predicted[int(i)], []).append(int(i))
+    order = sorted((rank, margins[members[0]], i) for members in queues.values() for rank, i in enumerate(members))
+    return [i for _rank, _first, i in order][:BUDGET]
+
+
 def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path, cache: EmbeddingCache,
              encoder: Encoder) -> dict:
     from datasets import Dataset
@@ -159,12 +170,16 @@ def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path, c
     results: dict = {"base": accuracy(classifier, test)}
     turns, margins = stream_turns(classifier, texts)
     queue_pick, results["queue_info"] = queue_choice(classifier, turns, margins)
+    predicted = [turn["intent"] for turn in turns if turn["role"] == "user"]
     picks = {
         "queue": queue_pick,
+        "margin_by_intent": by_intent(margins, predicted),
         "margin": [int(i) for i in np.argsort(margins)[:BUDGET]],
         "random": random.Random(seed).sample(range(STREAM), BUDGET),
     }
     for arm, chosen in picks.items():
+        if ARMS and arm not in ARMS:
+            continue
         assert len(set(chosen)) == BUDGET
         bundle = train_on(seed_rows + [stream[i] for i in chosen], seed, folder, f"{arm}-{seed}")
         results[arm] = accuracy(classifier_of(bundle, cache, encoder), test)
@@ -175,8 +190,10 @@ def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path, c
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--arms", nargs="+", default=[], help="run only these arms (queue, margin_by_intent, margin, random)")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args()
+    ARMS.extend(args.arms)
 
     splits = data.load(BANKING)
     train_rows = list(zip(splits["train"]["text"], splits["train"]["label"]))
@@ -189,6 +206,9 @@ def main() -> None:
         for seed in args.seeds:
             per_seed[seed] = run_seed(seed, train_rows, test, Path(tmp), cache, encoder)
             print(f"seed {seed}: {per_seed[seed]}", flush=True)
+
+    if ARMS:  # a partial run: the per-seed lines above are its result
+        return
 
     def cell(arm: str) -> str:
         values = [100 * float(per_seed[s][arm]) for s in args.seeds]
