@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE", help="YAML recipe (configs/*.yaml); defaults train the shop pack with `head`")
     train.add_argument("--data", metavar="SPEC", help="training data (see below); validation is split off (stratified, seeded) unless it has one")
     train.add_argument("--eval-data", metavar="SPEC", help="held-out data scored after training (its test split when it has one)")
-    train.add_argument("--strategy", metavar="{head,lora,full}",
-                       help="what trains: the head only, LoRA adapters + head, or everything; "
+    train.add_argument("--strategy", metavar="{head,lora,contrastive,full}",
+                       help="what trains: the head only, LoRA adapters + head, LoRA adapters trained contrastively "
+                       "then the head (few examples per intent: configs/fewshot.yaml), or everything; "
                        "or the name of another registered strategy (finetune/strategies.py)")
     train.add_argument("--output", metavar="DIR", help="bundle directory to write (replaced atomically)")
     train.add_argument("--seed", type=int, help="random seed (split, init, batches)")

@@ -26,7 +26,7 @@ def test_help_explains_every_command(command):
 
 def test_train_help_documents_data_specs_and_overrides():
     out = supportbot("train", "--help").stdout
-    for word in ("--strategy {head,lora,full}", "--set KEY=VALUE", "pack:shop", "hf:NAME", ":test", "oos"):
+    for word in ("--strategy {head,lora,contrastive,full}", "--set KEY=VALUE", "pack:shop", "hf:NAME", ":test", "oos"):
         assert word in out
 
 
