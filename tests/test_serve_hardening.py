@@ -218,20 +218,18 @@ def long_texts(count: int, chars: int = 1990) -> list[str]:
 def test_a_chat_message_does_not_wait_behind_bulk_classify(server):
     """A classify request of long texts runs in chunks, and a chat message goes before the next chunk."""
 
-    async def scenario() -> tuple[httpx.Response, httpx.Response, float, float]:
+    async def scenario() -> tuple[httpx.Response, httpx.Response, bool]:
         async with httpx.AsyncClient(base_url=server.url, timeout=300, headers=KEY) as client:
             bulk = asyncio.create_task(client.post("/v1/classify", json={"texts": long_texts(24)}))
             await asyncio.sleep(0.3)  # the classify request is in the queue and its first pass running
-            started = time.perf_counter()
             chat = await client.post("/v1/chat", json={"message": "where is my order #48213"})
-            chat_seconds = time.perf_counter() - started
-            classified = await bulk
-            return chat, classified, chat_seconds, time.perf_counter() - started
+            bulk_still_running = not bulk.done()  # in one queue the chat would come after every chunk
+            return chat, await bulk, bulk_still_running
 
-    chat, classified, chat_seconds, bulk_seconds = asyncio.run(scenario())
+    chat, classified, bulk_still_running = asyncio.run(scenario())
     assert chat.status_code == 200 and classified.status_code == 200
     assert len(classified.json()["predictions"]) == 24
-    assert chat_seconds < 0.5 * bulk_seconds, (chat_seconds, bulk_seconds)
+    assert bulk_still_running, "the chat message was answered only after the whole classify request"
 
 
 def test_a_classify_request_and_a_client_are_bounded_in_characters(server, http):
