@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -303,6 +304,7 @@ class KnowledgeBase:
     _passage_columns: torch.Tensor = field(init=False, repr=False)
     _column_of: list[int] = field(init=False, repr=False)
     _key_columns: torch.Tensor = field(init=False, repr=False)
+    _matrix: np.ndarray = field(init=False, repr=False)  # `vectors` as one contiguous float32 array
 
     def __post_init__(self) -> None:
         offsets, total = [], 0
@@ -321,6 +323,13 @@ class KnowledgeBase:
         if keys.shape[0] != len(self.key_articles) or any(a not in column for a in self.key_articles):
             raise ValueError("knowledge keys do not match their articles")
         self.keys = keys.float()
+        self.vectors = self.vectors.float().contiguous()
+        # One message's passage scores are a matrix-vector product read straight from memory (the
+        # intent pass has just evicted the passages from the cache). NumPy's gemv does it in about
+        # half the time of torch's matmul, whose OpenMP workers sleep between messages (serving
+        # sets them passive) and must be woken: 0.59 against 1.10 ms over 5,000 passages right
+        # after an intent pass (bench/bench_knowledge.py's speed test). Same memory, no copy.
+        self._matrix = self.vectors.numpy()
         self._key_columns = torch.tensor([column[a] for a in self.key_articles], dtype=torch.long)
 
     @classmethod
@@ -370,7 +379,7 @@ class KnowledgeBase:
         """The k best articles for one query vector, best first, each as its best passage (no floor applied)."""
         assert self.keys is not None
         row = query.reshape(1, -1).float()
-        passage = (row @ self.vectors.T)[0]
+        passage = torch.from_numpy(self._matrix @ row[0].numpy())
         wanted = min(k + 1, len(self.articles))  # the k articles and the runner-up that sets the last lead
         if self.keys.shape[0] == 0:  # articles score their best passage: the best passages, in order, name them
             values, order = passage.topk(min(passage.shape[0], 8 * wanted))
