@@ -113,3 +113,21 @@ def knowledge_bundle(tmp_path_factory) -> Path:
     (tests/data/knowledge) as its articles."""
     return train_bundle(tmp_path_factory.mktemp("bundles") / "shop-knowledge", f"knowledge.articles={KNOWLEDGE_ARTICLES}",
                         "few_shot=12")
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium (.ci/run and `make browser` install it)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (playwright) for every browser test; a missing Chromium fails, never skips."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()

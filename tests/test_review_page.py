@@ -8,7 +8,6 @@ import httpx
 import pytest
 import yaml
 from serve_helpers import live_server, make_settings
-from test_web_page import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.browser
 
@@ -27,18 +26,6 @@ def server(shop_bundle, tmp_path_factory):
         yield live
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from pathlib import Path
-
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def test_review_page_labels_a_message_and_a_whole_group(server, browser):

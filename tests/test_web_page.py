@@ -16,9 +16,6 @@ from bot import bundle as bundle_mod
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 SHOP_TEST = Path(__file__).resolve().parents[1] / "bot" / "domains" / "shop" / "test.yaml"
 API_KEY = "web-page-api-key-5f3a91"
 AMBIGUOUS = ["blah", "ta", "ok", "hmm", "what should I call you", "yes", "help", "order", "card", "bye then"]
@@ -42,16 +39,6 @@ def server(cautious_bundle, tmp_path_factory):
         yield live
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def clarify_message(url: str) -> tuple[str, list[str]]:
