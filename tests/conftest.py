@@ -120,9 +120,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium (playwright) for every browser test; a missing Chromium fails, never skips."""
+    """One headless Chromium (playwright) per browser test module; a missing Chromium fails, never skips.
+
+    Module scope, not session: playwright's sync API keeps an asyncio loop running in the main thread
+    while it is open, so every later test that calls `asyncio.run` would fail with "cannot be called from
+    a running event loop". Closing it at the end of each module gives the thread back."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
