@@ -2,7 +2,8 @@
 
     python bench/bench_train.py head        # BANKING77: linear and bottleneck heads, 3 seeds; cold vs warm wall time
     python bench/bench_train.py embed       # embedding throughput: length-sorted vs fixed-padding batches
-    python bench/bench_train.py lora        # BANKING77 with LoRA adapters (one seed; ~5 min an epoch on 2 cores)
+    python bench/bench_train.py lora --seeds 1 2 3   # BANKING77 with configs/lora.yaml: per seed and mean ± sd
+    python bench/bench_train.py lora-ablation --seeds 1   # configs/lora.yaml with one of its changes undone per row
     python bench/bench_train.py full        # BANKING77, every weight trained (the baseline)
     python bench/bench_train.py clinc       # CLINC150 full: in-scope accuracy and OOS recall at the fitted floor
     python bench/bench_train.py clinc --set strategy=lora   # the same with LoRA adapters
@@ -36,9 +37,12 @@ BANKING = "../shared/data/banking77"
 CLINC = "../shared/data/clinc150/data_full.json"
 
 
-def _run(overrides: list[str], out: Path) -> tuple[dict, dict]:
+LORA_RECIPE = ROOT / "configs" / "lora.yaml"
+
+
+def _run(overrides: list[str], out: Path, recipe: Path | None = None) -> tuple[dict, dict]:
     """Train (timed, without test scoring), then score the bundle on the test split (not timed)."""
-    cfg = load_config(None, [f"output={out}", *overrides])
+    cfg = load_config(recipe, [f"output={out}", *overrides])
     result = train(cfg, progress=False, log=lambda m: print("   ", m))
     test_split = data.load(f"{CLINC if cfg.data == CLINC else BANKING}:test")["test"]
     scores = score_bundle(result.bundle.path, test_split, result.bundle.labels)
@@ -141,6 +145,78 @@ def bench_single(strategy: str, extra: list[str], tmp: Path, note: str) -> str:
     )
 
 
+def _seeded_rows(label: str, extra: list[str], tmp: Path, recipe: Path | None) -> tuple[list[str], list[float], list[float]]:
+    """One table row per seed of SEEDS (printed as it finishes): accuracies and training seconds back."""
+    rows, accuracies, seconds = [], [], []
+    for seed in SEEDS:
+        summary, scores = _run([f"data={BANKING}", f"seed={seed}", *extra], tmp / f"{label}-{seed}".replace(" ", "_"), recipe)
+        accuracies.append(scores["accuracy"])
+        seconds.append(summary["seconds"])
+        rows.append(
+            f"| {label} | {seed} | {100 * scores['accuracy']:.2f}% | {100 * scores['macro_f1']:.2f}% "
+            f"| {summary['epochs']} ({summary['best_epoch']}) | {summary['trainable_parameters']:,} | {summary['seconds']:.0f} |"
+        )
+        print(rows[-1], flush=True)
+    return rows, accuracies, seconds
+
+
+SEED_HEADER = ["| settings | seed | test accuracy | macro-F1 | epochs (best) | trainable params | training s |", "|---|---|---|---|---|---|---|"]
+
+
+def _seeds_note() -> str:
+    return f"seed{'s' if len(SEEDS) > 1 else ''} {', '.join(map(str, SEEDS))}"
+
+
+def bench_lora(tmp: Path) -> str:
+    """configs/lora.yaml (with any --set) on BANKING77, once per seed: per-seed rows, then mean ± sd."""
+    rows, accuracies, seconds = _seeded_rows("recipe" if not OVERRIDES else " ".join(OVERRIDES), OVERRIDES, tmp, LORA_RECIPE)
+    recipe = load_config(LORA_RECIPE, OVERRIDES)
+    return "\n".join(
+        [
+            f"BANKING77 train.csv ({100 * recipe.val_fraction:g}% stratified validation, split by the run's seed) -> "
+            f"test.csv (3,080). `configs/lora.yaml`{' with `' + ' '.join(OVERRIDES) + '`' if OVERRIDES else ''}; {_seeds_note()}.",
+            "",
+            *SEED_HEADER,
+            *rows,
+            "",
+            "| test accuracy, mean ± sd | training s, mean | seeds |",
+            "|---|---|---|",
+            f"| {_mean_sd(accuracies)} | {statistics.mean(seconds):.0f} | {len(SEEDS)} |",
+        ]
+    )
+
+
+# Each row undoes one change of configs/lora.yaml (issue 14) back to the recipe it replaced.
+ABLATIONS: dict[str, list[str]] = {
+    "scale": ["head.scale=10"],
+    "smoothing": ["label_smoothing=0"],
+    "head_lr": ["head_lr=1e-2"],
+    "epochs": ["epochs=6"],
+    "attention": ["lora.target_modules=[query,key,value]"],
+}
+ABLATE: list[str] = []  # --ablate NAME ...: the rows to run (default: all, in the order above)
+
+
+def bench_lora_ablation(tmp: Path) -> str:
+    rows: list[str] = []
+    summary = ["| settings (one change undone) | test accuracy | seeds |", "|---|---|---|"]
+    for name in ABLATE or list(ABLATIONS):
+        extra = [*ABLATIONS[name], *OVERRIDES]
+        seed_rows, accuracies, _seconds = _seeded_rows(" ".join(extra), extra, tmp, LORA_RECIPE)
+        rows.extend(seed_rows)
+        summary.append(f"| `{' '.join(extra)}` | {_mean_sd(accuracies)} | {_seeds_note()} |")
+    return "\n".join(
+        [
+            f"BANKING77 train.csv -> test.csv (3,080). `configs/lora.yaml` with one setting set back per row; {_seeds_note()}.",
+            "",
+            *SEED_HEADER,
+            *rows,
+            "",
+            *summary,
+        ]
+    )
+
+
 def bench_clinc(tmp: Path) -> str:
     summary, scores = _run([f"data={CLINC}", "seed=1", *OVERRIDES], tmp / "clinc")
     return "\n".join(
@@ -219,11 +295,13 @@ def bench_clinc_curve(tmp: Path) -> str:
 
 
 OVERRIDES: list[str] = []  # --set key=value for the lora, full and clinc runs
+SEEDS: list[int] = [1]  # --seeds for lora and lora-ablation
 
 BENCHES = {
     "head": ("BANKING77: frozen encoder + head", bench_head),
     "embed": ("Embedding throughput: length-sorted vs fixed-padding batches", bench_embed),
-    "lora": ("BANKING77: LoRA adapters + head", lambda tmp: bench_single("lora", OVERRIDES, tmp, "LoRA on every linear layer (configs/lora.yaml defaults unless set below).")),
+    "lora": ("BANKING77: LoRA adapters + head", bench_lora),
+    "lora-ablation": ("BANKING77: LoRA recipe ablation", bench_lora_ablation),
     "full": ("BANKING77: full fine-tune (baseline)", lambda tmp: bench_single("full", OVERRIDES, tmp, "Every encoder weight trains (configs/full.yaml defaults unless set below).")),
     "clinc": ("CLINC150: in-scope accuracy and out-of-scope recall", bench_clinc),
     "clinc-curve": ("CLINC150: the out-of-scope operating curve", bench_clinc_curve),
@@ -236,15 +314,23 @@ def main() -> None:
     parser.add_argument("which", nargs="+", choices=sorted(BENCHES))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe overrides for the lora, full and clinc runs, e.g. --set epochs=10")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1], metavar="N",
+                        help="lora, lora-ablation: train once per seed (data split, init, batch order); mean ± sd over them")
+    parser.add_argument("--ablate", nargs="+", default=[], choices=sorted(ABLATIONS), metavar="NAME",
+                        help=f"lora-ablation: the rows to run ({', '.join(ABLATIONS)}; default all)")
     args = parser.parse_args()
     OVERRIDES.extend(args.overrides)
+    SEEDS[:] = args.seeds
+    ABLATE.extend(args.ablate)
     for which in args.which:
         title, fn = BENCHES[which]
         print(f"== {title}")
         with tempfile.TemporaryDirectory() as tmp:
             body = fn(Path(tmp))
         print(body)
-        extra = "".join(f" --set {o}" for o in args.overrides) if which in ("lora", "full", "clinc", "clinc-curve") else ""
+        extra = "".join(f" --set {o}" for o in args.overrides) if which in ("lora", "lora-ablation", "full", "clinc", "clinc-curve") else ""
+        if which in ("lora", "lora-ablation"):
+            extra += " --seeds " + " ".join(map(str, SEEDS)) + (" --ablate " + " ".join(ABLATE) if which == "lora-ablation" and ABLATE else "")
         append_section(title, f"python bench/bench_train.py {which}{extra}", body)
 
 
