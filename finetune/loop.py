@@ -2,9 +2,9 @@
 
 A strategy (finetune/strategies.py) decides what trains and what it reads; this module owns how:
 shuffled (or length-grouped) batches, cross-entropy on in-scope examples, AdamW with the
-strategy's parameter groups and schedule, early stopping on validation loss with the best
-epoch's trainable weights restored. It runs on `accelerate`, so the same code runs on one CPU,
-one GPU, or under `accelerate launch`.
+strategy's parameter groups and schedule, early stopping on validation loss (with the recipe's
+label smoothing, as trained) with the best epoch's trainable weights restored. It runs on
+`accelerate`, so the same code runs on one CPU, one GPU, or under `accelerate launch`.
 
 `Run` is what a strategy may read while it trains (recipe, data, base encoder, head); `Inputs`
 is what it hands back (how to batch each split); `Fitted` is what the loop returns. A strategy
@@ -160,7 +160,9 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
             running += loss.item() * len(indices)
             steps.set_postfix(loss=f"{loss.item():.3f}")
         val_logits = logits(run, model, inputs, "val", val_in)
-        val_loss = F.cross_entropy(val_logits, y_val).item() if len(val_in) else 0.0
+        # measured as trained: unsmoothed loss penalises the lower confidence that smoothing asks for,
+        # so it could stop a smoothed run early or keep an earlier epoch than the one the schedule ends on
+        val_loss = F.cross_entropy(val_logits, y_val, label_smoothing=cfg.label_smoothing).item() if len(val_in) else 0.0
         val_acc = (val_logits.argmax(-1) == y_val).float().mean().item() if len(val_in) else 0.0
         history.append({"epoch": epoch, "train_loss": running / max(len(in_scope), 1), "val_loss": val_loss, "val_accuracy": val_acc})
         epochs_bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")

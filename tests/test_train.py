@@ -105,6 +105,26 @@ def test_adapter_strategies_train_adapters_only_and_leave_the_base_bit_identical
     assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.6
 
 
+
+def test_best_epoch_is_chosen_on_validation_loss_with_the_recipes_label_smoothing(tmp_path, banking_slice):
+    import torch.nn.functional as F
+
+    from bot.encoder import Encoder
+    from finetune.loop import Prepared
+    from finetune.train import prepare_data
+
+    cfg = load_config(None, [f"data={banking_slice['train']}", f"output={tmp_path / 'smooth'}", "epochs=40", "label_smoothing=0.3", "onnx=false"])
+    result = train(cfg, progress=False, log=lambda _m: None)
+    meta = json.loads((result.bundle.path / "bundle.json").read_text())
+    prepared: Prepared = prepare_data(cfg)  # the same seeded validation split
+    vectors = Encoder.load(resolve_base(cfg.base), max_length=cfg.max_length).embed(list(prepared.val["text"]))
+    with torch.inference_mode():
+        val_logits = result.model.eval()(vectors)
+    smoothed = F.cross_entropy(val_logits, prepared.y_val, label_smoothing=0.3).item()
+    assert meta["metrics"]["validation"]["val_loss"] == pytest.approx(smoothed, abs=1e-4)
+    assert F.cross_entropy(val_logits, prepared.y_val).item() < smoothed - 0.1  # the two losses differ: it was not unsmoothed
+
+
 @pytest.mark.slow
 def test_full_fine_tune_writes_encoder_weights(tmp_path, banking_slice):
     path = train_bundle(
