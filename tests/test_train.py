@@ -7,14 +7,14 @@ import shutil
 
 import pytest
 import torch
-from conftest import train_bundle
+from conftest import ROOT, train_bundle
 from safetensors.torch import load_file
 
 from bot import bundle as bundle_mod
 from bot.bundle import BundleError
 from bot.classifier import IntentClassifier
 from bot.encoder import resolve_base
-from finetune.config import load_config
+from finetune.config import HeadConfig, load_config
 from finetune.train import train
 
 
@@ -104,6 +104,23 @@ def test_adapter_strategies_train_adapters_only_and_leave_the_base_bit_identical
     )
     assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.6
 
+
+
+def test_lora_recipe_serves_its_head_scale_and_runs_every_epoch(tmp_path, banking_slice):
+    """configs/lora.yaml's head scale reaches the served head, and its patience never cuts its schedule short."""
+    recipe = ROOT / "configs" / "lora.yaml"
+    written = load_config(recipe)
+    assert written.head.scale != HeadConfig().scale and written.label_smoothing > 0  # the recipe sets both
+    assert written.patience is not None and written.epochs is not None and written.patience >= written.epochs
+    cfg = load_config(recipe, [
+        f"data={banking_slice['train']}", f"output={tmp_path / 'lora'}", "epochs=2", "patience=2",
+        "max_length=32", "lora.r=4", "onnx=false",
+    ])
+    result = train(cfg, progress=False, log=lambda _m: None)
+    meta = json.loads((result.bundle.path / "bundle.json").read_text())
+    assert meta["head"]["scale"] == written.head.scale and meta["training"]["epochs_run"] == 2
+    assert IntentClassifier.from_bundle(result.bundle.path).backend.head.scale == written.head.scale
+    assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.6
 
 
 def test_best_epoch_is_chosen_on_validation_loss_with_the_recipes_label_smoothing(tmp_path, banking_slice):
