@@ -178,8 +178,8 @@ def order_groups(
     """(group number in queue order, 0 first; the item order: group, then smallest margin, then newest).
 
     The group order is the labelling priority (see the module docstring): greedily, the group with the
-    largest size x (1 - its lead's margin) x (cosine distance of its lead to the nearest lead placed
-    above it), ties to the newest."""
+    largest mean (1 - margin) over its members x (cosine distance of its lead to the nearest lead placed
+    above it); ties to the larger group, then the newest."""
     ids = np.unique(labels)
     count = len(ids)
     position = {int(c): i for i, c in enumerate(ids)}
@@ -192,11 +192,11 @@ def order_groups(
             lead[index[i]] = i
     newest = np.zeros(count)
     np.maximum.at(newest, index, recency.astype(float))
-    weight = sizes * np.clip(1.0 - margins[lead], 0.0, 1.0)
+    weight = np.bincount(index, weights=np.clip(1.0 - margins, 0.0, 1.0), minlength=count) / sizes
     leads = vectors[lead].astype(np.float32)
     leads /= np.maximum(np.linalg.norm(leads, axis=1, keepdims=True), 1e-12)
-    # Candidates pre-sorted by (weight, newest) so that argmax breaks ties the documented way.
-    pre = np.lexsort((-newest, -weight))
+    # Candidates pre-sorted by (weight, size, newest) so that argmax breaks ties the documented way.
+    pre = np.lexsort((-newest, -sizes, -weight))
     weight, leads = weight[pre], leads[pre]
     distance = np.full(count, 2.0, dtype=np.float32)  # nothing placed yet: the largest cosine distance
     placed = np.zeros(count, dtype=bool)
