@@ -11,18 +11,14 @@ Per seed s (1, 2, 3):
    Each is a customer's first message: the model classifies it and the bot's own answer rule
    (bot.policy.decide at the bundle's fitted floor and gap) says what the bot did, stored as the
    user and bot turns a real conversation stores.
-3. Labelling 300 of them (their gold BANKING77 labels stand in for the reviewer; every message that
-   enters training with a label is one of the 300):
-   - queue: a reviewer going down the review queue as `GET /v1/admin/review`, the page and
-     `supportbot review` show it (`bot.review.build_queue`; near-duplicates grouped at the serving
-     default similarity; groups in the queue's labelling priority, each group's members one by one),
-     the queue built with `margin` 1.0 (`supportbot review --margin 1`: every answered message is a
-     candidate, so the queue's order, not its admission rule, picks the 300);
-   - queue_floor: the same walk down the queue at the serving default margin (the bundle's floor:
-     fallbacks, clarify questions, low-margin answers); when it runs out the reviewer widens it to
-     margin 1.0 (the labelled messages have left it) and goes on;
+3. Labelling 300 of them (their gold BANKING77 labels stand in for the reviewer):
+   - queue: the review queue built from those turns by `bot.review.build_queue` (fallbacks, clarify
+     questions and low-margin answers, near-duplicates grouped at the serving default similarity,
+     the largest group first) in `bot.review.labelling_order` (every group's least certain message,
+     largest group first, then every group's second, ...); should the queue hold fewer than 300, the
+     rest are the remaining stream messages with the smallest margin;
    - margin: the 300 stream messages with the smallest top-1 minus top-2 margin (uncertainty
-     sampling alone; a reference point);
+     sampling without grouping; a reference point);
    - random: 300 drawn at random (seed s).
 4. Retrain: the same recipe on the 10-shot set plus the 300, and score top-1 accuracy on the full
    BANKING77 test split (3,080).
@@ -58,7 +54,7 @@ from bot.classifier import IntentClassifier  # noqa: E402
 from bot.encoder import DEFAULT_BASE, Encoder, base_weights_sha256, resolve_base  # noqa: E402
 from bot.heads import IntentHead  # noqa: E402
 from bot.policy import decide  # noqa: E402
-from bot.review import build_queue, normalise  # noqa: E402
+from bot.review import build_queue, labelling_order  # noqa: E402
 from finetune import data  # noqa: E402
 from finetune.cache import EmbeddingCache, default_cache_dir  # noqa: E402
 from finetune.config import load_config  # noqa: E402
@@ -132,33 +128,29 @@ def stream_turns(classifier: IntentClassifier, texts: list[str]) -> tuple[list[d
     return turns, np.array([p.margin for p in predictions])
 
 
-def walk(queue_items: list, taken: list[int]) -> None:
-    """A reviewer going down the queue as shown (groups in order, each member labelled one by one) until
-    the budget is spent: stream positions appended to `taken`."""
-    for item in queue_items:
-        if len(taken) == BUDGET:
-            return
-        taken.append((item.id - 1) // 2)
-
-
-def queue_choice(classifier: IntentClassifier, turns: list[dict], margin: float | None) -> tuple[list[int], dict[str, int]]:
-    """Stream positions a reviewer labels going down the review queue as shown (`margin` None: the
-    serving default, the bundle's floor; 1.0: every answered message is a candidate). Should the queue
-    run out first, the reviewer widens it to margin 1.0 (`supportbot review --margin 1`: the messages
-    already labelled have left it) and goes on down that queue."""
-    queue = build_queue(turns, classifier, similarity=SIMILARITY, margin=margin, max_items=STREAM)
-    chosen: list[int] = []
-    walk(queue.items, chosen)
+def queue_choice(classifier: IntentClassifier, turns: list[dict], margins: np.ndarray) -> tuple[list[int], dict[str, int]]:
+    """Stream positions the review queue would have labelled first, and what the queue looked like."""
+    queue = build_queue(turns, classifier, similarity=SIMILARITY, max_items=len(margins))
+    ordered = [queue.items[p] for p in labelling_order([item.group for item in queue.items])]
+    chosen = [(item.id - 1) // 2 for item in ordered][:BUDGET]
     if len(chosen) < BUDGET:
-        labelled = {normalise(turns[2 * i]["text"]) for i in chosen}
-        wider = build_queue(turns, classifier, similarity=SIMILARITY, margin=1.0, labelled=labelled, max_items=STREAM)
-        walk(wider.items, chosen)
+        rest = [i for i in np.argsort(margins) if i not in set(chosen)]
+        chosen += [int(i) for i in rest[: BUDGET - len(chosen)]]
     reasons = [item.reason for item in queue.items]
     info = {"queued": len(queue.items), "groups": queue.groups,
             "fallback": reasons.count("fallback"), "clarify": reasons.count("clarify"),
-            "low_margin": reasons.count("low_margin"),
-            "in_groups": sum(item.group_size > 1 for item in queue.items[:BUDGET])}
+            "low_margin": reasons.count("low_margin")}
     return chosen, info
+
+
+def by_intent(margins: np.ndarray, predicted: list[str]) -> list[int]:
+    """Uncertainty with diversity over the model's intents: round-robin over the predicted intents
+    (the intent whose least certain message is least certain first), each intent's smallest margin first."""
+    queues: dict[str, list[int]] = {}
+    for i in np.argsort(margins):
+        queues.setdefault(predicted[int(i)], []).append(int(i))
+    order = sorted((rank, margins[members[0]], i) for members in queues.values() for rank, i in enumerate(members))
+    return [i for _rank, _first, i in order][:BUDGET]
 
 
 def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path, cache: EmbeddingCache,
@@ -177,11 +169,11 @@ def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path, c
     classifier = classifier_of(base, cache, encoder)
     results: dict = {"base": accuracy(classifier, test)}
     turns, margins = stream_turns(classifier, texts)
-    queue_pick, results["queue_info"] = queue_choice(classifier, turns, 1.0)
-    floor_pick, results["queue_floor_info"] = queue_choice(classifier, turns, None)
+    queue_pick, results["queue_info"] = queue_choice(classifier, turns, margins)
+    predicted = [turn["intent"] for turn in turns if turn["role"] == "user"]
     picks = {
         "queue": queue_pick,
-        "queue_floor": floor_pick,
+        "margin_by_intent": by_intent(margins, predicted),
         "margin": [int(i) for i in np.argsort(margins)[:BUDGET]],
         "random": random.Random(seed).sample(range(STREAM), BUDGET),
     }
@@ -198,7 +190,7 @@ def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path, c
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--arms", nargs="+", default=[], help="run only these arms (queue, queue_floor, margin, random)")
+    parser.add_argument("--arms", nargs="+", default=[], help="run only these arms (queue, margin_by_intent, margin, random)")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args()
     ARMS.extend(args.arms)
@@ -231,18 +223,15 @@ def main() -> None:
         "| labelled | test accuracy (%) |",
         "|---|---:|",
         f"| none (the 10-shot model) | {cell('base')} |",
-        f"| {BUDGET} down the review queue (margin 1: the whole stream in the queue's order) | {cell('queue')} |",
-        f"| {BUDGET} down the review queue at the serving margin, then widened | {cell('queue_floor')} |",
+        f"| {BUDGET} chosen by the review queue's order | {cell('queue')} |",
         f"| {BUDGET} with the smallest margin (no grouping) | {cell('margin')} |",
         f"| {BUDGET} at random | {cell('random')} |",
         "",
         "queue - random per seed: " + ", ".join(f"seed {s}: {g:+.2f}" for s, g in zip(args.seeds, gains))
         + f" (mean {statistics.mean(gains):+.2f} points).",
-        "The serving-margin queue per seed: " + "; ".join(
+        "The queue per seed: " + "; ".join(
             f"seed {s}: {q['queued']} queued ({q['fallback']} fallback, {q['clarify']} clarify, {q['low_margin']} "
-            f"low margin) in {q['groups']} groups" for s in args.seeds for q in [per_seed[s]["queue_floor_info"]]),
-        "Labelled messages that came in a group of two or more (queue, margin 1): " + ", ".join(
-            f"seed {s}: {per_seed[s]['queue_info']['in_groups']}" for s in args.seeds) + ".",
+            f"low margin) in {q['groups']} groups" for s in args.seeds for q in [per_seed[s]["queue_info"]]),
     ]
     print("\n".join(lines))
     if not args.no_record:

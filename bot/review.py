@@ -172,45 +172,27 @@ def margins_of(classifier: IntentClassifier, texts: Sequence[str]) -> tuple[np.n
             [p.label for p in predictions])
 
 
-def order_groups(
-    labels: np.ndarray, margins: np.ndarray, recency: np.ndarray, vectors: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(group number in queue order, 0 first; the item order: group, then smallest margin, then newest).
-
-    The group order is the labelling priority (see the module docstring): greedily, the group with the
-    largest mean (1 - margin) over its members x (cosine distance of its lead to the nearest lead placed
-    above it); ties to the larger group, then the newest."""
-    ids = np.unique(labels)
-    count = len(ids)
-    position = {int(c): i for i, c in enumerate(ids)}
-    index = np.array([position[int(c)] for c in labels], dtype=int)
-    sizes = np.bincount(index, minlength=count).astype(float)
-    by_certainty = np.lexsort((-recency, margins))  # least certain first, then newest
-    lead = np.full(count, -1)
-    for i in by_certainty:
-        if lead[index[i]] < 0:
-            lead[index[i]] = i
-    newest = np.zeros(count)
-    np.maximum.at(newest, index, recency.astype(float))
-    weight = np.bincount(index, weights=np.clip(1.0 - margins, 0.0, 1.0), minlength=count) / sizes
-    leads = vectors[lead].astype(np.float32)
-    leads /= np.maximum(np.linalg.norm(leads, axis=1, keepdims=True), 1e-12)
-    # Candidates pre-sorted by (weight, size, newest) so that argmax breaks ties the documented way.
-    pre = np.lexsort((-newest, -sizes, -weight))
-    weight, leads = weight[pre], leads[pre]
-    distance = np.full(count, 2.0, dtype=np.float32)  # nothing placed yet: the largest cosine distance
-    placed = np.zeros(count, dtype=bool)
-    ranked = np.empty(count, dtype=int)
-    for step in range(count):
-        score = np.where(placed, -1.0, weight * distance)
-        j = int(np.argmax(score))
-        ranked[step], placed[j] = pre[j], True
-        distance = np.minimum(distance, np.clip(1.0 - leads @ leads[j], 0.0, None))
-    number = np.empty(count, dtype=int)
-    number[ranked] = np.arange(count)
-    groups = number[index]
+def order_groups(labels: np.ndarray, margins: np.ndarray, recency: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group number by size, largest = 0; the item order: group, then smallest margin, then newest)."""
+    ids, sizes = np.unique(labels, return_counts=True)
+    newest = {int(c): int(recency[labels == c].max()) for c in ids}
+    ranked = sorted((int(c) for c in ids), key=lambda c: (-int(sizes[ids == c][0]), -newest[c]))
+    number = {c: i for i, c in enumerate(ranked)}
+    groups = np.array([number[int(c)] for c in labels], dtype=int)
     order = np.lexsort((-recency, margins, groups))
     return groups, order
+
+
+def labelling_order(groups: Sequence[int]) -> list[int]:
+    """Positions of items (given in queue order) round-robin over groups: each group's lead, then each
+    group's second, ... (see the module docstring)."""
+    rank_in_group: dict[int, int] = {}
+    keyed = []
+    for position, group in enumerate(groups):
+        rank = rank_in_group.get(group, 0)
+        rank_in_group[group] = rank + 1
+        keyed.append((rank, group, position))
+    return [position for _rank, _group, position in sorted(keyed)]
 
 
 def build_queue(
@@ -232,7 +214,7 @@ def build_queue(
     if not chosen:
         return Queue([], 0, len(turns), classifier.version, threshold, similarity, left_out)
     labels = group_vectors(vectors, similarity)
-    groups, order = order_groups(labels, np.array([i.margin for i in chosen]), np.array([i.id for i in chosen]), vectors)
+    groups, order = order_groups(labels, np.array([i.margin for i in chosen]), np.array([i.id for i in chosen]))
     sizes = np.bincount(groups)
     items = [replace(chosen[i], group=int(groups[i]), group_size=int(sizes[groups[i]])) for i in order]
     return Queue(items, int(groups.max()) + 1, len(turns), classifier.version, threshold, similarity, left_out)

@@ -7,13 +7,11 @@ from __future__ import annotations
 import threading
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 from serve_helpers import live_server, make_settings
 
-from bot.classifier import IntentClassifier
-from bot.review import OUT_OF_SCOPE, Corrections, ReviewError, build_queue, candidates, locked_corrections, order_groups
+from bot.review import OUT_OF_SCOPE, Corrections, ReviewError, candidates, labelling_order, locked_corrections
 from bot.sessions import Turn
 from finetune import data
 from serve.database import open_database
@@ -57,41 +55,8 @@ def test_candidates_queue_what_the_bot_did_not_understand_and_skip_replies_to_it
     assert [i.text for i in answered] == ["track my parcel"]  # queued only if its margin is low
 
 
-def test_queue_order_spreads_labels_over_unlike_messages_and_leaves_confident_groups_last():
-    axes = np.eye(4)
-    near_a = np.array([0.7, 0.714, 0.0, 0.0])  # cosine 0.7 to axis 0: not a near-duplicate, but close
-    vectors = np.vstack([axes[3], axes[3], axes[3], axes[0], near_a, axes[2], axes[1] * -1])
-    labels = np.array([0, 0, 0, 1, 2, 3, 4])  # three copies of one message, then four single messages
-    margins = np.array([0.5, 0.9, 0.95, 0.1, 0.15, 0.2, 0.2])
-    groups, order = order_groups(labels, margins, np.arange(7), vectors)
-    # the least certain message first; then the unlike ones (0.8 x 1.0; the newer of the two first)
-    # before the one close to the message above it (0.85 x 0.3), though that one is less certain;
-    # the group the bot mostly answers with confidence (mean 1 - margin 0.22) last, its least certain first
-    assert list(order) == [3, 6, 5, 4, 0, 1, 2]
-    assert list(groups[order]) == [0, 1, 2, 3, 4, 4, 4]
-
-
-def test_queue_order_on_the_real_model_follows_the_documented_priority(banking_head_bundle, banking_slice):
-    """Every group placed is the one with the largest mean (1 - margin) x distance of its lead to the leads above."""
-    classifier = IntentClassifier.from_bundle(banking_head_bundle)
-    texts = list(data.load(str(banking_slice["test"]))["train"]["text"])[:60]
-    texts += ["zorblax quintet vump", "zorblax quintet vump!", "the purple elephant sings opera"]
-    turns = []
-    for i, text in enumerate(texts):
-        turns += [turn(2 * i + 1, f"s{i}", "user", text, "answer"), turn(2 * i + 2, f"s{i}", "bot", "...", "answer")]
-    queue = build_queue(turns, classifier, similarity=0.8, margin=1.0)
-    assert len(queue.items) == len(texts) and queue.groups < len(texts)  # every message; the two zorblax group
-    vectors = {t: v for t, v in zip(texts, classifier.embed_and_logits(texts)[0].numpy())}
-    leads = [next(i for i in queue.items if i.group == g) for g in range(queue.groups)]
-    for k, lead in enumerate(leads):
-        assert lead.margin == min(i.margin for i in queue.group_members(k))  # the least certain leads
-
-        def score(item, placed=leads[:k]):
-            distance = min((1 - float(vectors[item.text] @ vectors[p.text]) for p in placed), default=2.0)
-            members = queue.group_members(item.group)
-            return sum(1 - i.margin for i in members) / len(members) * max(distance, 0.0)
-
-        assert score(lead) >= max(score(other) for other in leads[k:]) - 1e-4, k
+def test_labelling_order_takes_each_group_lead_first():
+    assert labelling_order([0, 0, 0, 1, 1, 2]) == [0, 3, 5, 1, 4, 2]
 
 
 def test_corrections_keep_every_label_under_concurrent_writers(tmp_path):
