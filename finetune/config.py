@@ -72,6 +72,14 @@ class RetrievalAdapterConfig(_Strict):
     lr: float = Field(default=5e-4, gt=0)
 
 
+class QuestionMapConfig(_Strict):
+    enabled: bool = Field(default=True, description="learn a linear map of question vectors towards the passages that answer them, from questions/train.yaml (skipped without that file); costs one 384 x 384 product per message, no encoder pass")
+    l2: float = Field(default=0.01, ge=0, description="weight of the squared map (the map is identity + W): how far questions may move")
+    steps: int = Field(default=300, ge=1, description="full-batch Adam steps")
+    lr: float = Field(default=0.01, gt=0)
+    scale: float = Field(default=20.0, gt=0, description="softmax temperature over article scores (cosine x scale)")
+
+
 class KnowledgeConfig(_Strict):
     articles: str | None = Field(default=None, description="folder of help-centre articles (*.md); null: the domain pack's knowledge/ when it has one")
     max_tokens: int = Field(default=64, ge=16, le=512, description="passage length limit in tokens, article title and heading included")
@@ -80,6 +88,7 @@ class KnowledgeConfig(_Strict):
     question_keys: bool = Field(default=False, description="questions/train.yaml's questions as extra retrieval keys of their article (an article scores its best passage or known question); measured on the shop pack and not kept (docs/knowledge.md)")
     fit_margin: bool = Field(default=True, description="also fit, on validation, the least lead over the runner-up article needed to answer")
     adapter: RetrievalAdapterConfig = RetrievalAdapterConfig()
+    question_map: QuestionMapConfig = QuestionMapConfig()
 
 
 class TrainConfig(_Strict):

@@ -14,6 +14,12 @@ citing the wrong article or citing anything for a question no article answers. W
 jointly and kept only when it raises that utility. Scores are per article (bot/knowledge.py
 `KnowledgeBase.article_scores`); `knowledge.question_keys` adds train.yaml's questions as keys of
 their article (measured on the shop pack and not kept: see docs/knowledge.md).
+
+With `questions/train.yaml`, `train_question_map` learns a linear map of question vectors
+(`knowledge.question_map`, on by default: seconds of training, one 384 x 384 product per message)
+before the floor and margin are fitted, so they are fitted on the mapped scores that will serve. A
+learned answer-or-abstain rule (logistic, on score, leads, lexical overlap and passage agreement)
+was measured against the floor and margin and not kept (bench/bench_knowledge.py, docs/knowledge.md).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from bot.knowledge import (
 from bot.precision import apply_precision
 
 from .cache import EmbeddingCache, default_cache_dir
-from .config import KnowledgeConfig
+from .config import KnowledgeConfig, QuestionMapConfig
 from .strategies import BundleParts, EncoderClassifier, Trained, register_bundle_hook
 
 QUESTIONS_DIR = "questions"
@@ -135,14 +141,17 @@ def top_and_lead(scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def retrieval_metrics(
-    scores: torch.Tensor, articles: Sequence[str], questions: Sequence[Question], floor: float, margin: float = 0.0
+    scores: torch.Tensor, articles: Sequence[str], questions: Sequence[Question], floor: float, margin: float = 0.0,
+    *, answered: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """recall@1/@3 and MRR on answerable questions; at the floor and margin, answered-right/-wrong/abstained
-    (answerable), and abstention on unanswerable questions. `scores`: (questions, articles)."""
+    (answerable), and abstention on unanswerable questions. `scores`: (questions, articles); `answered`:
+    another answer-or-abstain rule's decisions per question, instead of the floor and margin."""
     rank = ranks(scores, articles, questions)
     top, lead = top_and_lead(scores)
     answerable = rank >= 0
-    answered = (top >= floor) & (lead >= margin)
+    if answered is None:
+        answered = (top >= floor) & (lead >= margin)
     right = answerable & (rank == 0)
     n_ans, n_un = int(answerable.sum()), int((~answerable).sum())
     out: dict[str, Any] = {
@@ -260,6 +269,10 @@ def build(
     slugs = [a.slug for a in articles]
     passages = split_all(articles, serving, cfg.max_tokens)
     retrieval = "dense, passages and known questions" if cfg.question_keys else "dense, passages"
+    train_file = folder / QUESTIONS_DIR / "train.yaml"
+    mapped = cfg.question_map.enabled and train_file.is_file()
+    if mapped:
+        retrieval += "; questions through the learned question map"
     log(f"knowledge: {len(articles)} articles, {len(passages)} passages (<= {cfg.max_tokens} tokens each)")
     passage_side, passage_embed, adapter = serving, embed, None
     if cfg.adapter.enabled:
@@ -272,7 +285,25 @@ def build(
     # known questions are matched with messages: embedded as messages are (the serving encoder, its length)
     keys = embed(serving, [q.text for q in known]) if known else torch.zeros(0, vectors.shape[1])
     key_articles = tuple(str(q.article) for q in known)
-    unfitted = KnowledgeBase(passages, vectors, sentence_vectors, 1.0, keys=keys, key_articles=key_articles)
+    question_map: torch.Tensor | None = None
+    map_meta: dict[str, Any] | None = None
+    if mapped:
+        import time
+
+        started = time.perf_counter()
+        examples = [q for q in read_questions(train_file, slugs) if q.article is not None]
+        if not examples:
+            raise KnowledgeError(f"{train_file}: no question with an article to learn the question map from")
+        # training questions are embedded as messages are, so the map learns from the vectors it will see
+        question_map = train_question_map(embed(serving, [q.text for q in examples]), [str(q.article) for q in examples],
+                                          passages, vectors, cfg.question_map)
+        seconds = round(time.perf_counter() - started, 1)
+        map_meta = {**cfg.question_map.model_dump(), "train_questions": len(examples), "seconds": seconds}
+        log(f"knowledge: question map learned from {len(examples)} questions in {seconds} s")
+        if known:  # known questions are compared with mapped messages: they go through the same map
+            keys = torch.nn.functional.normalize(keys + keys @ question_map, dim=1)
+    unfitted = KnowledgeBase(passages, vectors, sentence_vectors, 1.0, keys=keys, key_articles=key_articles,
+                             question_map=question_map)
     questions_file = folder / QUESTIONS_DIR / "validation.yaml"
     validation: dict[str, Any] | None = None
     margin = 0.0
@@ -299,6 +330,7 @@ def build(
         "wrong_answer_cost": cfg.wrong_answer_cost,
         "retrieval": retrieval,
         "adapter": adapter["meta"] if adapter else None,
+        "question_map": map_meta,
         "articles": [{"slug": a.slug, "title": a.title, "url": a.url, "tags": list(a.tags)} for a in articles],
         "passages": [
             {"id": p.id, "article": p.article, "title": p.title, "url": p.url, "heading": p.heading,
@@ -311,6 +343,8 @@ def build(
     tensors = {"passages": vectors.contiguous(), "sentences": sentence_vectors.contiguous()}
     if known:
         tensors["keys"] = keys.contiguous()
+    if question_map is not None:
+        tensors["question_map"] = question_map.contiguous()
     writers: dict[str, Callable[[Path], None]] = {
         KNOWLEDGE_JSON: lambda p: _write_json(p, knowledge_meta),
         KNOWLEDGE_VECTORS: lambda p: save_file(tensors, str(p)),
@@ -319,10 +353,10 @@ def build(
         state = adapter["state"]
         writers[ADAPTER_FILE] = lambda p: save_file(state, str(p))
     base = KnowledgeBase(passages, vectors, sentence_vectors, floor, knowledge_meta, keys=keys, key_articles=key_articles,
-                         margin=margin)
+                         margin=margin, question_map=question_map)
     meta = {"articles": len(articles), "passages": len(passages), "keys": len(known), "floor": floor, "margin": margin,
             "floor_method": method, "max_tokens": cfg.max_tokens, "retrieval": retrieval,
-            "adapter": adapter["meta"] if adapter else None, "validation": validation}
+            "adapter": adapter["meta"] if adapter else None, "question_map": map_meta, "validation": validation}
     summary: dict[str, Any] = {"knowledge_passages": len(passages), "knowledge_floor": floor, "knowledge_margin": margin}
     if validation is not None:
         summary["knowledge_val_recall_at_1"] = validation["recall_at_1"]
@@ -341,6 +375,37 @@ def _known_questions(cfg: KnowledgeConfig, folder: Path, slugs: Sequence[str]) -
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---- the question map (question side, no encoder pass) ---------------------------------------
+
+
+def train_question_map(
+    questions: torch.Tensor, articles: Sequence[str], passages: Sequence[Passage], passage_vectors: torch.Tensor,
+    settings: QuestionMapConfig,
+) -> torch.Tensor:
+    """W (dim x dim) such that unit(q + q W) ranks the article that answers q first.
+
+    Loss: cross-entropy over every article (an article scores its best passage, as at run time),
+    the logits `scale` x cosine, plus `l2` x |W|^2, which keeps questions near where the encoder put
+    them (W = 0 is the identity). Full batch over the training questions, Adam from W = 0: the
+    result is deterministic. The passages stay fixed (frozen, or the adapter's when it is on).
+    """
+    base = KnowledgeBase(list(passages), passage_vectors, torch.zeros(sum(len(p.sentences) for p in passages),
+                         passage_vectors.shape[1]), 1.0)
+    column = {slug: i for i, slug in enumerate(base.articles)}
+    target = torch.tensor([column[a] for a in articles])
+    rows = questions.float()
+    weights = torch.zeros(rows.shape[1], rows.shape[1], requires_grad=True)
+    optimizer = torch.optim.Adam([weights], lr=settings.lr)
+    for _ in range(settings.steps):
+        mapped = torch.nn.functional.normalize(rows + rows @ weights, dim=1)
+        logits = settings.scale * base.aggregate(mapped @ base.vectors.T)
+        loss = torch.nn.functional.cross_entropy(logits, target) + settings.l2 * (weights**2).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return weights.detach().contiguous()
 
 
 # ---- the retrieval adapter (passage side) ----------------------------------------------------

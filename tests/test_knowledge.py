@@ -91,6 +91,9 @@ def test_training_embeds_the_passages_into_the_bundle_with_a_fitted_floor(knowle
     norms = base.vectors.norm(dim=1)
     assert float((norms - 1).abs().max()) < 1e-4  # unit rows: a dot product is the cosine
     assert summary["validation"]["unanswerable_abstained"] == 1.0
+    # the test help centre has questions/train.yaml: the bundle serves a learned question map
+    assert summary["question_map"]["train_questions"] == 6 and base.question_map is not None
+    assert tuple(base.question_map.shape) == (base.vectors.shape[1],) * 2
 
     damaged = tmp_path / "damaged"
     damaged.mkdir()
@@ -334,14 +337,15 @@ def test_training_questions_become_keys_only_when_asked_and_the_floor_and_margin
     assert plain.base.keys is not None and plain.base.keys.shape[0] == 0 and plain.meta["keys"] == 0
     keyed = build(KnowledgeConfig(question_keys=True), ARTICLES, encoder, log=lambda _m: None)
     assert keyed.meta["keys"] == 6 and keyed.base.key_articles and set(keyed.base.key_articles) <= set(keyed.base.articles)
-    assert keyed.meta["retrieval"] == "dense, passages and known questions"
+    assert keyed.meta["retrieval"] == "dense, passages and known questions; questions through the learned question map"
     for built in (plain, keyed):
         validation = built.meta["validation"]
         assert (validation["floor"], validation["margin"]) == (built.meta["floor"], built.meta["margin"]) == (
             built.base.floor, built.base.margin)
 
 
-def test_the_fast_search_without_keys_agrees_with_the_article_scores():
+@pytest.mark.parametrize("with_map", [False, True])
+def test_the_fast_search_without_keys_agrees_with_the_article_scores(with_map):
     import torch
 
     from bot.knowledge import Passage
@@ -349,12 +353,62 @@ def test_the_fast_search_without_keys_agrees_with_the_article_scores():
     generator = torch.Generator().manual_seed(3)
     passages = [Passage(f"a{i % 7}#{i}", f"a{i % 7}", "T", "/t", "", ()) for i in range(200)]
     vectors = torch.nn.functional.normalize(torch.randn(200, 16, generator=generator), dim=1)
-    base = KnowledgeBase(passages, vectors, torch.zeros(0, 16), 0.0)
-    for query in torch.nn.functional.normalize(torch.randn(20, 16, generator=generator), dim=1):
-        hits, scores = base.search(query, 3), base.article_scores(query)[0]
+    question_map = 0.5 * torch.randn(16, 16, generator=generator) if with_map else None
+    base = KnowledgeBase(passages, vectors, torch.zeros(0, 16), 0.0, question_map=question_map)
+    for raw in torch.nn.functional.normalize(torch.randn(20, 16, generator=generator), dim=1):
+        query = raw
+        if with_map:  # search maps the message itself; the brute-force check below needs the mapped vector
+            query = torch.nn.functional.normalize(raw + raw @ question_map, dim=0)
+            assert float((base.retrieval_queries(raw)[0] - query).abs().max()) < 1e-6
+        hits, scores = base.search(raw, 3), base.article_scores(raw)[0]
         top = scores.topk(4)
         assert [h.passage.article for h in hits] == [base.articles[int(c)] for c in top.indices[:3]]
         # search scores with NumPy's gemv, article_scores with torch: float32 sums in another order
         assert [h.score for h in hits] == pytest.approx(top.values[:3].tolist(), abs=1e-6)
         assert [h.margin for h in hits] == pytest.approx((top.values[:3] - top.values[1:]).tolist(), abs=1e-6)
         assert hits[0].passage.id == passages[int((query @ vectors.T).argmax())].id
+
+
+# ---- the question map ---------------------------------------------------------------------------
+
+
+def test_the_question_map_moves_training_questions_towards_their_article_and_is_stored_in_the_bundle(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from bot.knowledge import KNOWLEDGE_VECTORS, read_questions
+    from finetune.config import KnowledgeConfig, QuestionMapConfig
+    from finetune.knowledge_train import build
+
+    encoder = Encoder.load("sentence-transformers/all-MiniLM-L6-v2", max_length=64)
+    mapped = build(KnowledgeConfig(), ARTICLES, encoder, log=lambda _m: None)
+    frozen = build(KnowledgeConfig(question_map=QuestionMapConfig(enabled=False)), ARTICLES, encoder, log=lambda _m: None)
+    assert frozen.base.question_map is None and frozen.meta["question_map"] is None
+    assert mapped.meta["question_map"]["train_questions"] == 6 and mapped.base.question_map is not None
+    train = [q for q in read_questions(ARTICLES / "questions" / "train.yaml") if q.article is not None]
+    vectors = encoder.embed([q.text for q in train])
+
+    def lead_of_right_article(base: KnowledgeBase) -> torch.Tensor:
+        scores = base.article_scores(vectors)
+        right = torch.tensor([base.articles.index(str(q.article)) for q in train])
+        own = scores.gather(1, right[:, None])[:, 0]
+        return own - scores.scatter(1, right[:, None], -2.0).max(dim=1).values
+
+    before, after = lead_of_right_article(frozen.base), lead_of_right_article(mapped.base)
+    assert bool((after > 0).all()) and float(after.mean()) > float(before.mean()) + 0.02
+    # the map is data of the bundle, next to the passages; the floor and margin were fitted through it
+    for name, write in mapped.writers.items():
+        write(tmp_path / name)
+    stored = load_file(str(tmp_path / KNOWLEDGE_VECTORS))
+    assert torch.equal(stored["question_map"], mapped.base.question_map)
+    assert "question_map" not in frozen.base.meta or frozen.base.meta["question_map"] is None
+    assert mapped.meta["validation"]["floor"] == mapped.base.floor
+
+
+def test_the_shop_help_centre_ranks_the_right_article_first_for_nine_in_ten_validation_questions(shop_bundle):
+    """The shop pack's default bundle (trained with its help centre and train.yaml's questions): the
+    question map was learned, and recall@1 on the validation questions that fitted the floor is >= 0.9."""
+    summary = bundle_mod.load(shop_bundle).meta["knowledge"]
+    assert summary["question_map"]["train_questions"] >= 500
+    assert summary["validation"]["recall_at_1"] >= 0.9
+    assert summary["validation"]["answered_wrong"] <= 0.05 and summary["validation"]["unanswerable_abstained"] >= 0.9
