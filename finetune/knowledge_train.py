@@ -391,11 +391,12 @@ def train_question_map(
     them (W = 0 is the identity). Full batch over the training questions, Adam from W = 0: the
     result is deterministic. The passages stay fixed (frozen, or the adapter's when it is on).
     """
-    base = KnowledgeBase(list(passages), passage_vectors, torch.zeros(sum(len(p.sentences) for p in passages),
-                         passage_vectors.shape[1]), 1.0)
+    # clones: vectors embedded under torch.inference_mode cannot take part in autograd
+    base = KnowledgeBase(list(passages), passage_vectors.clone().float(),
+                         torch.zeros(sum(len(p.sentences) for p in passages), passage_vectors.shape[1]), 1.0)
     column = {slug: i for i, slug in enumerate(base.articles)}
     target = torch.tensor([column[a] for a in articles])
-    rows = questions.float()
+    rows = questions.clone().float()
     weights = torch.zeros(rows.shape[1], rows.shape[1], requires_grad=True)
     optimizer = torch.optim.Adam([weights], lr=settings.lr)
     for _ in range(settings.steps):
