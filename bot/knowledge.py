@@ -129,6 +129,17 @@ class Hit:
     def source(self) -> Source:
         return Source(self.passage.title, self.passage.url, round(float(self.score), 4), self.passage.id)
 
+    def clears(self, floor: float, margin: float) -> bool:
+        """Good enough to answer from (the one rule: `clears`)."""
+        return bool(clears(self.score, self.margin, floor, margin))
+
+
+def clears(score: Any, lead: Any, floor: float, margin: float) -> Any:
+    """The answer-or-abstain rule, for one hit (floats) or many (arrays): the article's score clears the
+    bundle's fitted floor and leads the next article by its fitted margin. Training fits the pair with
+    this rule, evaluation scores it, the policy and `KnowledgeBase.clears` serve it."""
+    return (score >= floor) & (lead >= margin)
+
 
 # ---- reading articles ------------------------------------------------------------------------
 
@@ -381,10 +392,6 @@ class KnowledgeBase:
             return rows
         return torch.nn.functional.normalize(rows + rows @ self.question_map, dim=1)
 
-    def scores(self, queries: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each message vector (rows, unit length) with every passage: (queries, passages)."""
-        return self.retrieval_queries(queries) @ self.vectors.T
-
     def aggregate(self, passage_scores: torch.Tensor, key_scores: torch.Tensor | None = None) -> torch.Tensor:
         """(queries, articles): each article's best score over its passages (and its keys, when given)."""
         rows = passage_scores.shape[0]
@@ -440,7 +447,7 @@ class KnowledgeBase:
 
     def clears(self, hit: Hit | None) -> bool:
         """Good enough to answer from: the score clears the fitted floor and leads the next article by the margin."""
-        return hit is not None and hit.score >= self.floor and hit.margin >= self.margin
+        return hit is not None and hit.clears(self.floor, self.margin)
 
     def quote(self, hit: Hit, query: torch.Tensor, *, max_sentences: int = 2, max_chars: int = 480) -> str:
         """The passage's sentences most similar to the question, in the passage's order (extractive).

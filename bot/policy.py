@@ -173,9 +173,9 @@ class DialoguePolicy:
 
     def clears_floor(self, knowledge: Hit | None) -> bool:
         """A passage good enough to answer from on its own: it clears the bundle's fitted retrieval floor
-        and leads the runner-up article by the fitted margin (KnowledgeBase.clears, the same rule)."""
-        return (knowledge is not None and self.knowledge_floor is not None and knowledge.score >= self.knowledge_floor
-                and knowledge.margin >= self.knowledge_margin)
+        and leads the runner-up article by the fitted margin (`Hit.clears`, the rule training fits)."""
+        return (knowledge is not None and self.knowledge_floor is not None
+                and knowledge.clears(self.knowledge_floor, self.knowledge_margin))
 
     def _route(
         self, state: SessionState, prediction: Prediction, action: Action, knowledge: Hit | None = None

@@ -45,6 +45,7 @@ from bot.knowledge import (
     KnowledgeError,
     Passage,
     Question,
+    clears,
     read_articles,
     read_questions,
     split_article,
@@ -151,7 +152,7 @@ def retrieval_metrics(
     top, lead = top_and_lead(scores)
     answerable = rank >= 0
     if answered is None:
-        answered = (top >= floor) & (lead >= margin)
+        answered = clears(top, lead, floor, margin)
     right = answerable & (rank == 0)
     n_ans, n_un = int(answerable.sum()), int((~answerable).sum())
     out: dict[str, Any] = {
