@@ -134,6 +134,13 @@ class Hit:
         return bool(clears(self.score, self.margin, floor, margin))
 
 
+def map_questions(rows: torch.Tensor, question_map: torch.Tensor) -> torch.Tensor:
+    """Message vectors (rows) as retrieval compares them through a question map W: unit(q + q W).
+    Differentiable in W, so training learns W through this very function (`search` does the same
+    product in NumPy on its hot path; a test holds the two together)."""
+    return torch.nn.functional.normalize(rows + rows @ question_map, dim=1)
+
+
 def clears(score: Any, lead: Any, floor: float, margin: float) -> Any:
     """The answer-or-abstain rule, for one hit (floats) or many (arrays): the article's score clears the
     bundle's fitted floor and leads the next article by its fitted margin. Training fits the pair with
@@ -390,7 +397,7 @@ class KnowledgeBase:
         rows = queries.reshape(-1, self.vectors.shape[1]).float()
         if self.question_map is None:
             return rows
-        return torch.nn.functional.normalize(rows + rows @ self.question_map, dim=1)
+        return map_questions(rows, self.question_map)
 
     def aggregate(self, passage_scores: torch.Tensor, key_scores: torch.Tensor | None = None) -> torch.Tensor:
         """(queries, articles): each article's best score over its passages (and its keys, when given)."""

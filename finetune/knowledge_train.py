@@ -46,6 +46,7 @@ from bot.knowledge import (
     Passage,
     Question,
     clears,
+    map_questions,
     read_articles,
     read_questions,
     split_article,
@@ -401,7 +402,7 @@ def train_question_map(
     weights = torch.zeros(rows.shape[1], rows.shape[1], requires_grad=True)
     optimizer = torch.optim.Adam([weights], lr=settings.lr)
     for _ in range(settings.steps):
-        mapped = torch.nn.functional.normalize(rows + rows @ weights, dim=1)
+        mapped = map_questions(rows, weights)
         logits = settings.scale * base.aggregate(mapped @ base.vectors.T)
         loss = torch.nn.functional.cross_entropy(logits, target) + settings.l2 * (weights**2).sum()
         optimizer.zero_grad(set_to_none=True)
