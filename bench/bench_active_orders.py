@@ -21,6 +21,7 @@ embeddings; _greedy: farthest point), dens_b1 (margin x mean similarity to the 1
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import sys
@@ -40,6 +41,7 @@ from finetune import data  # noqa: E402
 from finetune.cache import EmbeddingCache, default_cache_dir  # noqa: E402
 
 B = 300
+RETRAINS = itertools.count()  # a fresh folder for every retrain between rounds
 
 
 def by_margin(m, idx=None):
@@ -155,6 +157,36 @@ def density_margin(ctx, beta, knn=10):
     return [int(i) for i in np.argsort(-score)[:B]]
 
 
+def kc_next(ctx, clf, taken, k):
+    """k more k-center picks ((1 - margin under clf) x distance to the nearest pick), the picks so far as centres."""
+    X = ctx["X"]
+    u = 1 - ba.stream_margins(clf, ctx["texts"])
+    dist = np.full(len(X), 2.0)
+    for j in taken:
+        dist = np.minimum(dist, np.maximum(1 - X @ X[j], 0))
+    picks = []
+    for _ in range(k):
+        score = u * dist
+        score[list(taken) + picks] = -1
+        j = int(np.argmax(score))
+        picks.append(j)
+        dist = np.minimum(dist, np.maximum(1 - X @ X[j], 0))
+    return picks
+
+
+def rounds(ctx, pick, n):
+    """The picks of `pick` over n labelling rounds with a retrain between them (ba.in_rounds)."""
+    return ba.in_rounds(pick, ctx["clf"], ctx["retrain"], n)
+
+
+def smallest(ctx):
+    return lambda clf, taken, k: ba.fill_by_margin([], ba.stream_margins(clf, ctx["texts"]), k, taken)
+
+
+def queue(ctx, order):
+    return lambda clf, taken, k: ba.walk_queue(clf, ctx["turns"], taken, k, order)
+
+
 STRATS = {
     "random": lambda c: random.Random(c["seed"]).sample(range(len(c["m"])), B),
     "margin": lambda c: by_margin(c["m"])[:B],
@@ -175,6 +207,16 @@ STRATS = {
     "kc_init_a1": lambda c: kcenter_unc(c, 0, 1.0, init=True),
     "kc_sq_a1": lambda c: kcenter_unc(c, 0, 1.0, power=2.0),
     "kc_pool2_a1": lambda c: kcenter_unc(c, 2, 1.0),
+    # labelling rounds with a retrain between them; queue_*: the product's review queue, walked as named
+    "margin_r3": lambda c: rounds(c, smallest(c), 3),
+    "margin_r6": lambda c: rounds(c, smallest(c), 6),
+    "queue_rr_r1": lambda c: rounds(c, queue(c, "label"), 1),
+    "queue_rr_r3": lambda c: rounds(c, queue(c, "label"), 3),
+    "queue_shown_r1": lambda c: rounds(c, queue(c, "group"), 1),
+    "queue_shown_r3": lambda c: rounds(c, queue(c, "group"), 3),
+    "queue_rru_r3": lambda c: rounds(c, queue(c, "label_uncertain"), 3),
+    "queue_rru_r1": lambda c: rounds(c, queue(c, "label_uncertain"), 1),
+    "kc_r3": lambda c: rounds(c, lambda clf, taken, k: kc_next(c, clf, taken, k), 3),
 }
 
 
@@ -211,7 +253,14 @@ def main():
             P = clf.probabilities(logits).numpy().astype(np.float64)
             top = np.sort(P, axis=1)
             L = cache.embed(encoder, [t for t, _ in seed_rows], progress=False)[0].float().numpy().astype(np.float64)
-            ctx = {"L": L, "seed": seed, "X": emb.float().numpy().astype(np.float64), "P": P, "m": top[:, -1] - top[:, -2]}
+            turns, _margins = ba.stream_turns(clf, texts)
+
+            def retrain(chosen, seed=seed, seed_rows=seed_rows, stream=stream, folder=folder):
+                rows = seed_rows + [stream[i] for i in chosen]
+                return ba.classifier_of(ba.train_on(rows, seed, folder, f"round-{seed}-{next(RETRAINS)}"), cache, encoder)
+
+            ctx = {"L": L, "seed": seed, "X": emb.float().numpy().astype(np.float64), "P": P, "m": top[:, -1] - top[:, -2],
+                   "clf": clf, "texts": texts, "turns": turns, "retrain": retrain}
             gold = np.array([lb for _, lb in stream])
             pred = np.array([clf.labels[i] for i in P.argmax(1)])
             res = {"seed": seed, "base": ba.accuracy(clf, evalset), "eval": "test" if args.test else "val"}

@@ -61,6 +61,7 @@ ANSWER_ACTIONS = ("answer", "knowledge")
 # Bot reasons whose user turn answered the bot's own question (bot/policy.py Reason values).
 REPLY_REASONS = {"chosen", "slot_filled", "helpful", "not_helpful", "none_of_these", "silent"}
 
+ORDERS = ("group", "label")  # Queue.listed: the triage view, and the order to label in
 OUT_OF_SCOPE = "oos"  # finetune.data.OOS_LABEL: the label out_of_scope examples train as
 INTENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 MAX_CORRECTIONS_BYTES = 32 << 20
@@ -106,6 +107,16 @@ class Queue:
 
     def group_members(self, group: int) -> list[ReviewItem]:
         return [item for item in self.items if item.group == group]
+
+    def listed(self, order: str = "group") -> list[ReviewItem]:
+        """The items as the page, the API and the CLI list them: ORDERS[0] "group" (by group, the largest
+        first, its members together) or "label" (`labelling_order`: every group's least certain message
+        first, then every group's second, ...)."""
+        if order == "group":
+            return self.items
+        if order == "label":
+            return [self.items[p] for p in labelling_order([item.group for item in self.items])]
+        raise ReviewError(f"unknown order {order!r}: expected one of {', '.join(ORDERS)}")
 
 
 def normalise(text: str) -> str:

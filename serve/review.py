@@ -187,11 +187,15 @@ def install_review(app: FastAPI, admin_dependency: Any) -> None:
         group: Annotated[int | None, Query(ge=0, le=1_000_000, description="only this group")] = None,
         reason: Annotated[Literal["fallback", "clarify", "handoff", "low_margin", "not_helpful"] | None,
                           Query(description="only items queued for this reason")] = None,
+        order: Annotated[Literal["group", "label"], Query(
+            description="group: by group, the largest first (triage); label: every group's least certain "
+                        "message first, then every group's second, ... (the order to label in)")] = "group",
     ) -> ReviewResponse:
         """The review queue: customer messages the bot did not understand, near-duplicates grouped,
         the largest group first (docs/review.md). Needs the admin token."""
         queue = await service.queue()
-        items = [i for i in queue.items if (group is None or i.group == group) and (reason is None or i.reason == reason)]
+        items = [i for i in queue.listed(order)
+                 if (group is None or i.group == group) and (reason is None or i.reason == reason)]
         return ReviewResponse(
             items=[ReviewItemModel.model_validate(item, from_attributes=True) for item in items[offset: offset + limit]],
             total=len(items), groups=queue.groups, offset=offset, limit=limit, model_version=queue.model_version,

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--limit", type=int, default=30, metavar="N", help="messages to show (default 30)")
     review.add_argument("--offset", type=int, default=0, metavar="N", help="messages to skip (default 0)")
     review.add_argument("--group", type=int, metavar="G", help="show only group G")
+    review.add_argument("--order", choices=("group", "label"), default="group", help="group: by group, the largest "
+                        "first (default); label: every group's least certain message first, then every group's "
+                        "second, ... (the order to label in: docs/review.md)")
     review.add_argument("--similarity", type=float, metavar="X", help="cosine similarity at which messages group "
                         "(default: the settings' review_similarity, 0.8)")
     review.add_argument("--margin", type=float, metavar="X", help="answers whose top-1 minus top-2 probability is "
@@ -404,7 +407,7 @@ def cmd_review(args: argparse.Namespace) -> int:
         classifier = IntentClassifier.from_bundle(model)
         queue = build_queue(turns, classifier, similarity=args.similarity or settings.review_similarity,
                             margin=args.margin, labelled=labelled)
-    items = [i for i in queue.items if args.group is None or i.group == args.group]
+    items = [i for i in queue.listed(args.order) if args.group is None or i.group == args.group]
     shown = items[args.offset: args.offset + args.limit]
     print_queue(shown, len(items))
     print_summary("review queue", {

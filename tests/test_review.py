@@ -109,7 +109,14 @@ def test_review_api_groups_near_duplicates_largest_first_and_pages(served):
     page = http.get("/v1/admin/review", params={"offset": 1, "limit": 2}, headers=AUTH).json()
     assert [i["id"] for i in page["items"]] == [i["id"] for i in body["items"][1:3]]
     assert http.get("/v1/admin/review", params={"group": 0}, headers=AUTH).json()["total"] == 3
-    for params in ({"offset": -1}, {"limit": 0}, {"limit": 501}, {"limit": "many"}, {"reason": "bored"}):
+    to_label = http.get("/v1/admin/review", params={"order": "label"}, headers=AUTH).json()["items"]
+    leads = to_label[: body["groups"]]
+    assert len({i["group"] for i in leads}) == body["groups"], "every group's lead before any group's second"
+    least = {g: min(i["margin"] for i in body["items"] if i["group"] == g) for g in range(body["groups"])}
+    assert all(i["margin"] == least[i["group"]] for i in leads) and leads[0]["group"] == 0
+    assert sorted(i["id"] for i in to_label) == sorted(i["id"] for i in body["items"])
+    for params in ({"offset": -1}, {"limit": 0}, {"limit": 501}, {"limit": "many"}, {"reason": "bored"},
+                   {"order": "sideways"}):
         refused = http.get("/v1/admin/review", params=params, headers=AUTH)
         assert refused.status_code == 422, params
         assert set(refused.json()["error"]) >= {"code", "message"}
@@ -166,6 +173,9 @@ def test_review_command_lists_the_queue_and_errors_in_one_line(served, monkeypat
     summary = next(line for line in out.splitlines() if "queued messages" in line)
     assert summary.split()[-2] == str(total), "the terminal shows the API's queue"
     assert not any(text in out for text in CONFIDENT)
+    assert main(["review", "--model", str(settings.model), "--limit", "3", "--order", "label"]) == 0
+    groups = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("│")][:3]
+    assert len(set(groups)) == 3, "in the labelling order the first rows are three groups' leads"
     assert main(["review", "--model", str(settings.model), "--limit", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--limit" in err

@@ -47,6 +47,12 @@ def test_review_page_labels_a_message_and_a_whole_group(server, browser):
     for text in [*GROUP, SINGLE]:
         assert page.get_by_role("radio", name=text, exact=True).count() == 1
 
+    # The labelling order: every group's least certain message first, so the single one comes second.
+    page.get_by_label("Order").select_option("label")
+    page.wait_for_function(f"document.querySelectorAll('#items input')[1].getAttribute('aria-label') === {SINGLE!r}")
+    page.get_by_label("Order").select_option("group")
+    page.wait_for_function(f"document.querySelectorAll('#items input')[3].getAttribute('aria-label') === {SINGLE!r}")
+
     # One message to an existing intent.
     page.get_by_role("radio", name=SINGLE, exact=True).check()
     page.get_by_label("Label as").select_option("talk_to_human")

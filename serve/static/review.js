@@ -92,10 +92,11 @@ function render(data) {
 async function load() {
   showError("");
   try {
-    let data = await call(`/v1/admin/review?offset=${offset}&limit=${PAGE}`);
+    const order = encodeURIComponent($("order").value);
+    let data = await call(`/v1/admin/review?offset=${offset}&limit=${PAGE}&order=${order}`);
     if (!data.items.length && offset > 0) {  // the last page emptied by labelling: step back
       offset = Math.max(0, offset - PAGE);
-      data = await call(`/v1/admin/review?offset=${offset}&limit=${PAGE}`);
+      data = await call(`/v1/admin/review?offset=${offset}&limit=${PAGE}&order=${order}`);
     }
     render(data);
   } catch (error) {
@@ -135,6 +136,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("target").addEventListener("change", () => { $("new-name-box").hidden = $("target").value !== NEW; });
   $("label-one").addEventListener("click", () => label(false));
   $("label-group").addEventListener("click", () => label(true));
+  $("order").addEventListener("change", () => { offset = 0; load(); });
   $("previous").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); load(); });
   $("next").addEventListener("click", () => { offset += PAGE; load(); });
   if (token()) { $("login").hidden = true; load(); }
