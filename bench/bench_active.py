@@ -12,14 +12,26 @@ Per seed s (1, 2, 3):
    (bot.policy.decide at the bundle's fitted floor and gap) says what the bot did, stored as the
    user and bot turns a real conversation stores.
 3. Labelling 300 of them (their gold BANKING77 labels stand in for the reviewer):
-   - queue: the review queue built from those turns by `bot.review.build_queue` (fallbacks, clarify
-     questions and low-margin answers, near-duplicates grouped at the serving default similarity,
-     the largest group first) in `bot.review.labelling_order` (every group's least certain message,
-     largest group first, then every group's second, ...); should the queue hold fewer than 300, the
-     rest are the remaining stream messages with the smallest margin;
-   - margin: the 300 stream messages with the smallest top-1 minus top-2 margin (uncertainty
-     sampling without grouping; a reference point);
-   - random: 300 drawn at random (seed s).
+   - queue: the product's own loop, label -> retrain -> promote, in --rounds rounds (default 3 x 100).
+     Each round the review queue is built from the stored turns as the product builds it
+     (`bot.review.build_queue`: fallbacks, clarify questions and low-margin answers, near-duplicates
+     grouped at the serving default similarity, labelled texts left out, margins measured again by
+     the model the last round promoted) and walked as the product lists it in its labelling order
+     (`Queue.listed("label")`, what `GET /v1/admin/review?order=label`, the page's "To label" order
+     and `supportbot review --order label` show: every group's least certain message, the largest
+     group first, then every group's second, ...); should the queue hold fewer than a round's
+     labels, the rest are the unlabelled messages with the smallest margin. Then the same recipe
+     retrains on the 10-shot set plus everything labelled so far, and that model serves the next round.
+   - margin: the 300 stream messages with the smallest top-1 minus top-2 margin under the 10-shot
+     model, in one round (uncertainty sampling without grouping; a reference point);
+   - random: 300 drawn at random (seed s); rounds change nothing for it.
+   A label is one message labelled: the page can label a whole group in one action, but each member
+   is one more training example, so it costs one label each (a group of 5 is 5 of the 300).
+   Why rounds (decision, measured on validation seeds 11-13 with bench/bench_active_orders.py): a team
+   labels, retrains and looks at the queue again; in one round of 300 the queue's order is fixed by
+   the 10-shot model, in three the retrained model re-ranks what is left. Walking the queue in its
+   "group" order (each group's members together, largest first) spent the labels on paraphrases and
+   did no better than random there, so the bench and docs/review.md use the labelling order.
 4. Retrain: the same recipe on the 10-shot set plus the 300, and score top-1 accuracy on the full
    BANKING77 test split (3,080).
 
@@ -29,6 +41,8 @@ cached vectors (`CachedHeadBackend`: the same vectors and head as the torch back
 running the encoder again for each of the 12 bundles).
 
 Reported: mean ± sd over the seeds of each arm's test accuracy, and queue - random per seed.
+`--arms margin_by_intent` runs an older reference arm (smallest margins round-robin over the predicted
+intents, measured and not kept).
 """
 
 from __future__ import annotations

@@ -24,7 +24,12 @@ the largest problem. Inside a group the least certain message (smallest margin) 
 
 Labelling order (`labelling_order`): the lead of every group in group order, then every group's
 second message, and so on: a reviewer with a budget covers the largest problems first and does not
-spend it on near-duplicates. The active-learning benchmark (bench/bench_active.py) picks with it.
+spend it on near-duplicates. The queue is listed either way (`Queue.listed`, ORDERS): "group" for
+triage (each group's members together), "label" for labelling with a budget. Measured with the
+active-learning benchmark (bench/bench_active.py, docs/review.md): walking "group" order spent the
+labels on paraphrases and did no better than random; "label" order, in rounds with a retrain between
+them, is what the benchmark walks. Equal-size groups keep newest first: ordering them by their
+lead's margin instead measured no better (validation seeds).
 
 Corrections (`Corrections`): a YAML file in the domain pack's nlu.yaml format (`intents: {name:
 {examples: [...]}}`, `out_of_scope: [...]`), so `supportbot train` and `supportbot retrain` read it as
