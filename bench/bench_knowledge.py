@@ -1,26 +1,25 @@
-"""Knowledge answers: retrieval quality (frozen questions, the learned question map, dense + BM25, a learned
-answer-or-abstain rule, LoRA-adapted passages) and retrieval speed.
+"""Knowledge answers: retrieval quality (frozen questions, the learned question map, known questions as
+extra keys, dense + BM25, LoRA-adapted passages) and retrieval speed.
 
     python bench/bench_knowledge.py --model models/default                 # quality and speed
     python bench/bench_knowledge.py --model models/default --adapter       # + the retrieval adapter (minutes)
     python bench/bench_knowledge.py --model models/default --no-record     # print only
 
 Quality, on the questions of the knowledge folder the bundle was trained with (or --knowledge DIR).
-Every variant scores articles (an article scores its best passage, or its best known question
-where named), from the query vectors of the intent pass; its floor (and, where named, its margin:
-the least lead over the runner-up article) is fitted on validation.yaml exactly as training fits
-it, and the table shows the validation utility of that fit (right - cost x wrong: the basis of
+Every variant scores articles (an article scores its best passage, plus w x its best known
+question where named), from the query vectors of the intent pass; its floor (and, where named, its
+margin: the least lead over the runner-up article) is fitted on validation.yaml exactly as training
+fits it, and the table shows the validation utility of that fit (right - cost x wrong: the basis of
 every choice) next to the test.yaml figures (recall@1/@3, MRR; at the floor: answered-right,
 answered-wrong, abstention on unanswerable). Variants: the bundle's passages with the questions as
-the encoder made them (floor, floor + margin); train.yaml's questions as extra keys of their
-article; passages + w x BM25 (rank-bm25, scores divided by the query's best, w chosen on
-validation); the question map learned from train.yaml (finetune/knowledge_train.py
-`train_question_map`, what `supportbot train` serves); the question map with a logistic
-answer-or-abstain rule instead of the floor and margin (features: top score, leads over the second
-and third article, lexical overlap with the cited passage, agreement of the five best passages;
-fitted on train.yaml with 5-fold cross-fitting, answering at P(right) >= cost / (1 + cost)); with
---adapter, passages embedded by a LoRA adapter trained on train.yaml (`train_passage_adapter`, in
-PyTorch whatever the bundle's serving backend), without and with the question map.
+the encoder made them; passages + w x BM25 (rank-bm25, scores divided by the query's best, w chosen
+on validation); the question map learned from train.yaml (finetune/knowledge_train.py
+`train_question_map`); the map with train.yaml's questions as known questions of their article
+(through the map), weighted 0.25 / the bundle's weight / 1, or as a max instead of a sum; the
+bundle's own `article_scores` (what `supportbot train` serves); with --adapter, passages embedded by
+a LoRA adapter trained on train.yaml (`train_passage_adapter`, in PyTorch whatever the bundle's
+serving backend), alone, with the map, and with the map and the known questions. (A learned
+answer-or-abstain rule was measured here at commit bd22cc4 and not kept: BENCHMARKS.md, History.)
 
 Speed: one process, the shop pack's test messages one at a time: the intent pass
 (`IntentClassifier.predict([text])`) and retrieval over 5,000 passages (the bundle's passages
@@ -61,13 +60,6 @@ KEYS = ("recall_at_1", "recall_at_3", "mrr", "answered_right", "answered_wrong",
 WEIGHTS = (0.02, 0.05, 0.1, 0.2, 0.3)
 
 
-STOPWORDS = frozenset([  # left out of the lexical overlap feature
-    "a", "an", "the", "i", "my", "me", "to", "of", "for", "and", "or", "in", "on", "is",
-    "it", "do", "does", "can", "you", "your", "we", "what", "how", "when", "where", "why", "with", "be",
-    "are", "was", "if", "at", "this", "that", "not", "no", "get", "got", "have", "has",
-])
-
-
 def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
@@ -92,75 +84,10 @@ def mapped(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return F.normalize(vectors + vectors @ weights, dim=1)
 
 
-def decision_features(base: KnowledgeBase, queries: torch.Tensor, texts: list[str]) -> tuple[np.ndarray, torch.Tensor]:
-    """Per question, what a learned answer-or-abstain rule sees: the top article's score, its lead over the
-    second and over the third, the share of the question's content words in the cited passage, and the
-    share of the five best passages that belong to the top article; and the article scores."""
-    passage_scores = queries @ base.vectors.T
-    scores = base.aggregate(passage_scores)
-    top = scores.topk(3, dim=1)
-    columns = torch.tensor([base.articles.index(p.article) for p in base.passages])
-    rows = []
-    for i, text in enumerate(texts):
-        s1, s2, s3 = top.values[i].tolist()
-        article = int(top.indices[i, 0])
-        cited = int(passage_scores[i].masked_fill(columns != article, -9.0).argmax())
-        words = {w for w in _tokens(text) if w not in STOPWORDS and len(w) > 2}
-        overlap = len(words & set(_tokens(base.passages[cited].context_text))) / max(len(words), 1)
-        same = float((columns[passage_scores[i].topk(5).indices] == article).float().mean())
-        rows.append([s1, s1 - s2, s1 - s3, overlap, same])
-    return np.array(rows), scores
-
-
-def logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, scale, weights with bias last) of an L2-regularised logistic regression fitted by L-BFGS."""
-    mean, scale = x.mean(0), x.std(0) + 1e-6
-    z = torch.tensor((x - mean) / scale, dtype=torch.float32)
-    target = torch.tensor(y, dtype=torch.float32)
-    weights = torch.zeros(z.shape[1] + 1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weights], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z @ weights[:-1] + weights[-1], target) + l2 * (weights[:-1] ** 2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return mean, scale, weights.detach().numpy()
-
-
-def learned_decision(name: str, base: KnowledgeBase, train: list[Question], train_vectors: torch.Tensor,
-                     qs: dict[str, list[Question]], query: dict[str, torch.Tensor], weights: torch.Tensor,
-                     settings: QuestionMapConfig, cost: float, folds: int = 5) -> dict[str, float | str]:
-    """A logistic answer-or-abstain rule instead of the floor and margin, fitted on train.yaml with
-    cross-fitting (the question map of each fold learned without the fold's questions, so the features
-    are out-of-sample as validation's are), answering when P(right) >= cost / (1 + cost)."""
-    rng = np.random.default_rng(0)
-    fold = rng.integers(0, folds, len(train))
-    features, labels = np.zeros((len(train), 5)), np.zeros(len(train))
-    for k in range(folds):
-        fitting = [i for i, q in enumerate(train) if fold[i] != k and q.article is not None]
-        held = [i for i in range(len(train)) if fold[i] == k]
-        w = kt.train_question_map(train_vectors[fitting], [str(train[i].article) for i in fitting], base.passages,
-                                  base.vectors, settings)
-        x, scores = decision_features(base, mapped(train_vectors[held], w), [train[i].text for i in held])
-        top = scores.argmax(1).tolist()
-        features[held] = x
-        labels[held] = [float(train[i].article == base.articles[t]) for i, t in zip(held, top)]
-    mean, scale, coef = logistic(features, labels)
-    threshold = cost / (1 + cost)
-    out: dict[str, float | str] = {"variant": name}
-    for split in ("validation", "test"):
-        x, scores = decision_features(base, mapped(query[split], weights), [q.text for q in qs[split]])
-        probability = 1 / (1 + np.exp(-(((x - mean) / scale) @ coef[:-1] + coef[-1])))
-        figures = kt.retrieval_metrics(scores, base.articles, qs[split], 0.0, answered=probability >= threshold)
-        if split == "validation":
-            out.update(val_utility=utility(figures, cost), val_recall_at_1=figures["recall_at_1"])
-        else:
-            out.update({k: v for k, v in figures.items() if k in KEYS})
-    out.update(floor=threshold, margin=0.0)
-    return out
+def best_known(rows: torch.Tensor, keys: torch.Tensor, columns: torch.Tensor, n_articles: int) -> torch.Tensor:
+    """(queries, articles): each article's best known question's score (0 for an article without any)."""
+    return torch.zeros(rows.shape[0], n_articles).scatter_reduce(1, columns.expand(rows.shape[0], -1), rows @ keys.T,
+                                                                 "amax", include_self=False)
 
 
 def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, adapter: bool) -> list[dict[str, float | str]]:
@@ -171,26 +98,33 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
     known = [q for q in train if q.article is not None]
     cost = float(base.meta.get("wrong_answer_cost", 3.0))
     query = {split: classifier.embed_and_logits([q.text for q in qs[split]])[0] for split in qs}
-    train_vectors = classifier.embed_and_logits([q.text for q in train])[0]  # as build() embeds them: as messages
-    keys = train_vectors[[i for i, q in enumerate(train) if q.article is not None]]
-    keyed = KnowledgeBase(base.passages, base.vectors, base.sentence_vectors, base.floor,
-                          keys=keys, key_articles=tuple(str(q.article) for q in known))
-    plain = KnowledgeBase(base.passages, base.vectors, base.sentence_vectors, base.floor)
-    arts = keyed.articles
+    # known questions are embedded as build() embeds them: as messages
+    keys = classifier.embed_and_logits([q.text for q in known])[0]
+    arts = base.articles
+    key_columns = torch.tensor([arts.index(str(q.article)) for q in known])
     settings = QuestionMapConfig(**{k: v for k, v in (base.meta.get("question_map") or {}).items()
                                     if k in QuestionMapConfig.model_fields})
+    weight = base.key_weight if base.key_articles else 0.5
 
-    def dense(split: str, vectors: torch.Tensor, with_keys: bool, weights: torch.Tensor | None = None) -> torch.Tensor:
-        rows = query[split] if weights is None else mapped(query[split], weights)
-        return keyed.aggregate(rows @ vectors.T, rows @ keys.T if with_keys else None)
+    def dense(split: str, vectors: torch.Tensor, w: float = 0.0, question_map: torch.Tensor | None = None,
+              combine: str = "sum") -> torch.Tensor:
+        """Article scores: best passage (+ w x best known question; `combine="max"`: the better of the two)."""
+        rows = query[split] if question_map is None else mapped(query[split], question_map)
+        passages = base.aggregate(rows @ vectors.T)
+        if not w and combine == "sum":
+            return passages
+        key_rows = keys if question_map is None else mapped(keys, question_map)
+        best = best_known(rows, key_rows, key_columns, len(arts))
+        return torch.maximum(passages, best) if combine == "max" else passages + w * best
 
-    rows = []
-    for margin in (False, True):
-        rows.append(scored("passages, frozen questions" + (", floor + margin" if margin else ", floor"),
-                           dense("validation", base.vectors, False), dense("test", base.vectors, False), arts, qs, cost,
-                           margin))
-    rows.append(scored("passages + train.yaml questions as keys, floor + margin", dense("validation", base.vectors, True),
-                       dense("test", base.vectors, True), arts, qs, cost, True))
+    def variant(name: str, margin: bool = True, *, vectors: torch.Tensor, w: float = 0.0,
+                question_map: torch.Tensor | None = None, combine: str = "sum") -> dict[str, float | str]:
+        val, test = (dense(split, vectors, w, question_map, combine) for split in ("validation", "test"))
+        return scored(name, val, test, arts, qs, cost, margin)
+
+    rows = [variant("frozen questions, floor", False, vectors=base.vectors),
+            variant("frozen questions, floor + margin", vectors=base.vectors),
+            variant(f"frozen questions + known questions x {weight:g}, floor + margin", vectors=base.vectors, w=weight)]
 
     from rank_bm25 import BM25Okapi
 
@@ -203,23 +137,32 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
     lex = {split: lexical(split) for split in qs}
 
     def hybrid(split: str, w: float) -> torch.Tensor:
-        return keyed.aggregate(query[split] @ base.vectors.T + w * lex[split])
+        return base.aggregate(query[split] @ base.vectors.T + w * lex[split])
 
     best_w = max(WEIGHTS, key=lambda w: kt.retrieval_metrics(hybrid("validation", w), arts, qs["validation"], 0.0)["recall_at_1"])
-    rows.append(scored(f"passages + {best_w:g} x BM25, floor", hybrid("validation", best_w), hybrid("test", best_w),
-                       arts, qs, cost, False))
-    if base.question_map is not None:  # score exactly what the bundle serves
-        weights, seconds = base.question_map, float(base.meta["question_map"]["seconds"])
+    rows.append(scored(f"frozen questions, passages + {best_w:g} x BM25, floor", hybrid("validation", best_w),
+                       hybrid("test", best_w), arts, qs, cost, False))
+    if base.question_map is not None:  # score exactly the map the bundle serves
+        question_map, seconds = base.question_map, float(base.meta["question_map"]["seconds"])
     else:
         started = time.perf_counter()
-        weights = kt.train_question_map(keys, [str(q.article) for q in known], base.passages, base.vectors, settings)
+        question_map = kt.train_question_map(keys, [str(q.article) for q in known], base.passages, base.vectors, settings)
         seconds = time.perf_counter() - started
     label = f"question map ({len(known)} questions, learned in {seconds:.0f} s)"
-    for margin in (False, True):
-        rows.append(scored(label + (", floor + margin" if margin else ", floor"), dense("validation", base.vectors, False, weights),
-                           dense("test", base.vectors, False, weights), arts, qs, cost, margin))
-    rows.append(learned_decision("question map, learned answer-or-abstain rule (logistic, cross-fitted on train.yaml)",
-                                 plain, train, train_vectors, qs, query, weights, settings, cost))
+    rows += [variant(label + ", floor", False, vectors=base.vectors, question_map=question_map),
+             variant(label + ", floor + margin", vectors=base.vectors, question_map=question_map)]
+    rows += [variant(f"question map + known questions x {weight:g}, floor", False, vectors=base.vectors, w=weight,
+                     question_map=question_map),
+             variant(f"question map + known questions x {weight:g}, floor + margin", vectors=base.vectors, w=weight,
+                     question_map=question_map)]
+    rows += [variant(f"question map + known questions x {w:g}, floor + margin", vectors=base.vectors, w=w,
+                     question_map=question_map) for w in (0.25, 1.0) if w != weight]
+    rows.append(variant("question map + known questions, the better of passage and question (max), floor + margin",
+                        vectors=base.vectors, w=1.0, question_map=question_map, combine="max"))
+    if base.key_articles:  # the bundle's own scores, through its own code: must equal the row above of its weight
+        served = {split: base.article_scores(query[split]) for split in qs}
+        rows.append(scored("**served by this bundle**, floor + margin", served["validation"], served["test"], arts, qs,
+                           cost, True))
     if adapter:
         torch_backend = IntentClassifier.from_bundle(classifier.bundle.path, backend="torch").backend
         assert isinstance(torch_backend, TorchBackend)
@@ -233,11 +176,11 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
         merged = Encoder(model.merge_and_unload(), serving.tokenizer, max_tokens)
         vectors = merged.embed([p.context_text for p in base.passages])
         label = f"LoRA passages (r 8, 2 epochs, {len(known)} questions, {seconds:.0f} s)"
-        rows.append(scored(label + ", floor + margin", dense("validation", vectors, False), dense("test", vectors, False),
-                           arts, qs, cost, True))
+        rows.append(variant(label + ", floor + margin", vectors=vectors))
         adapted = kt.train_question_map(keys, [str(q.article) for q in known], base.passages, vectors, settings)
-        rows.append(scored("LoRA passages + question map, floor + margin", dense("validation", vectors, False, adapted),
-                           dense("test", vectors, False, adapted), arts, qs, cost, True))
+        rows.append(variant("LoRA passages + question map, floor + margin", vectors=vectors, question_map=adapted))
+        rows.append(variant(f"LoRA passages + question map + known questions x {weight:g}, floor + margin",
+                            vectors=vectors, w=weight, question_map=adapted))
     return rows
 
 

@@ -12,10 +12,16 @@ Decisions, and why:
   so retrieval costs one matrix-vector product over unit vectors (cosine), no second encoder pass.
 - Sentences of every passage are embedded at training time too, so the extractive quote (the
   sentences most similar to the question) also costs a dot product, not an encoder pass.
-- Articles, not passages, compete: an article scores its best passage (and, when the bundle was
-  trained with `knowledge.question_keys`, its best known question), and the answer cites the top
-  article's best passage. Two passages of one article are not rivals, so the runner-up that matters
-  is the next article.
+- Articles, not passages, compete: an article scores its best passage (plus, when the bundle was
+  trained with known questions, `key_weight` x its best known question), and the answer cites the
+  top article's best passage. Two passages of one article are not rivals, so the runner-up that
+  matters is the next article.
+- Known questions add to an article's score; they do not replace it. The training questions
+  (`questions/train.yaml`, through the question map like messages) are the articles' other keys,
+  as FAQ matching does, and an article scores best passage + `key_weight` x best known question
+  (0.5 in the default recipe, data of the bundle). As a max instead of a sum, a near paraphrase of
+  another article's detail won outright and the keys lost on validation; as a sum, a key only tips
+  the balance between articles whose passages already fit (docs/knowledge.md).
 - Knowing when not to answer: the retrieval floor and the margin (the least lead of the top
   article over the next one) are fitted on validation questions (answerable and unanswerable) at
   training time and stored in `knowledge.json` in the bundle, which is checksummed like every
@@ -118,7 +124,7 @@ class Source:
 
 @dataclass(frozen=True)
 class Hit:
-    """An article's best passage. `score`: the article's score (its best passage or known question);
+    """An article's best passage. `score`: the article's score (best passage, + weighted best known question);
     `margin`: its lead over the next article (1.0 when no other article exists)."""
 
     passage: Passage
@@ -322,16 +328,21 @@ class KnowledgeBase:
     meta: dict[str, Any] = field(default_factory=dict)
     keys: torch.Tensor | None = None  # (known questions, dim), unit rows: extra retrieval keys of their article
     key_articles: tuple[str, ...] = ()  # the article of each key row
+    key_weight: float = 1.0  # an article scores its best passage + key_weight x its best known question
     margin: float = 0.0  # the least lead over the runner-up article to answer; 0: no such rule
     question_map: torch.Tensor | None = None  # (dim, dim) W: a message is retrieved as unit(q + q W); None: q itself
     articles: list[str] = field(init=False)  # article slugs in passage order: the columns of `article_scores`
     _offsets: list[int] = field(init=False, repr=False)
     _index: dict[str, int] = field(init=False, repr=False)
-    _passage_columns: torch.Tensor = field(init=False, repr=False)
-    _column_of: list[int] = field(init=False, repr=False)
+    _passage_columns: torch.Tensor = field(init=False, repr=False)  # each passage's article column
     _key_columns: torch.Tensor = field(init=False, repr=False)
     _matrix: np.ndarray = field(init=False, repr=False)  # `vectors` as one contiguous float32 array
     _map: np.ndarray | None = field(init=False, repr=False)  # `question_map` as a contiguous float32 array
+    _by_article: np.ndarray = field(init=False, repr=False)  # passage indices grouped by article (column order)
+    _starts: np.ndarray = field(init=False, repr=False)  # where each article's group starts in `_by_article`
+    _key_matrix: np.ndarray = field(init=False, repr=False)  # key rows grouped by article
+    _key_starts: np.ndarray = field(init=False, repr=False)  # where each group of keys starts
+    _key_owners: np.ndarray = field(init=False, repr=False)  # the article column of each group of keys
 
     def __post_init__(self) -> None:
         offsets, total = [], 0
@@ -344,8 +355,8 @@ class KnowledgeBase:
         self._index = {p.id: i for i, p in enumerate(self.passages)}
         self.articles = list(dict.fromkeys(p.article for p in self.passages))
         column = {slug: i for i, slug in enumerate(self.articles)}
-        self._column_of = [column[p.article] for p in self.passages]
-        self._passage_columns = torch.tensor(self._column_of, dtype=torch.long)
+        column_of = np.array([column[p.article] for p in self.passages], dtype=np.int64)
+        self._passage_columns = torch.from_numpy(column_of)
         keys = self.keys if self.keys is not None else torch.zeros(0, self.vectors.shape[1])
         if keys.shape[0] != len(self.key_articles) or any(a not in column for a in self.key_articles):
             raise ValueError("knowledge keys do not match their articles")
@@ -358,6 +369,12 @@ class KnowledgeBase:
         # after an intent pass (bench/bench_knowledge.py's speed test). Same memory, no copy.
         self._matrix = self.vectors.numpy()
         self._key_columns = torch.tensor([column[a] for a in self.key_articles], dtype=torch.long)
+        # search reduces scores per article with np.maximum.reduceat, which needs each article's rows together
+        self._by_article = np.argsort(column_of, kind="stable")
+        self._starts = np.searchsorted(column_of[self._by_article], np.arange(len(self.articles)))
+        key_order = np.argsort(self._key_columns.numpy(), kind="stable")
+        self._key_matrix = np.ascontiguousarray(self.keys.numpy()[key_order])
+        self._key_owners, self._key_starts = np.unique(self._key_columns.numpy()[key_order], return_index=True)
         if self.question_map is not None:
             dim = self.vectors.shape[1]
             if tuple(self.question_map.shape) != (dim, dim):
@@ -382,8 +399,8 @@ class KnowledgeBase:
             keys = tensors["keys"].float() if "keys" in tensors else None
             question_map = tensors["question_map"].float() if "question_map" in tensors else None
             return cls(passages, tensors["passages"].float(), tensors["sentences"].float(), float(meta["floor"]), meta,
-                       keys=keys, key_articles=key_articles, margin=float(meta.get("margin") or 0.0),
-                       question_map=question_map)
+                       keys=keys, key_articles=key_articles, key_weight=float(meta.get("key_weight", 1.0)),
+                       margin=float(meta.get("margin") or 0.0), question_map=question_map)
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise BundleError(f"bundle {bundle.path}: {KNOWLEDGE_JSON} is not usable: {exc}") from None
 
@@ -400,44 +417,49 @@ class KnowledgeBase:
         return map_questions(rows, self.question_map)
 
     def aggregate(self, passage_scores: torch.Tensor, key_scores: torch.Tensor | None = None) -> torch.Tensor:
-        """(queries, articles): each article's best score over its passages (and its keys, when given)."""
+        """(queries, articles): each article's best passage score, plus `key_weight` x its best known
+        question's score when key scores are given (0 for an article without known questions)."""
         rows = passage_scores.shape[0]
         out = torch.full((rows, len(self.articles)), -1.0)  # no cosine is below -1
         # out of place, so that training the question map can differentiate through it
         out = out.scatter_reduce(1, self._passage_columns.expand(rows, -1), passage_scores.float(), "amax")
         if key_scores is not None and key_scores.shape[1]:
-            out = out.scatter_reduce(1, self._key_columns.expand(rows, -1), key_scores.float(), "amax")
+            best_key = torch.zeros_like(out).scatter_reduce(
+                1, self._key_columns.expand(rows, -1), key_scores.float(), "amax", include_self=False)
+            out = out + self.key_weight * best_key
         return out
 
     def article_scores(self, queries: torch.Tensor) -> torch.Tensor:
-        """(queries, articles), columns as `articles`: an article scores its best passage or known question."""
+        """(queries, articles), columns as `articles`: an article scores its best passage (+ `key_weight` x its
+        best known question, when the bundle has known questions)."""
         assert self.keys is not None
         rows = self.retrieval_queries(queries)
         return self.aggregate(rows @ self.vectors.T, rows @ self.keys.T)
 
     def search(self, query: torch.Tensor, k: int = 3) -> list[Hit]:
-        """The k best articles for one query vector, best first, each as its best passage (no floor applied)."""
-        assert self.keys is not None
+        """The k best articles for one query vector, best first, each as its best passage (no floor applied).
+        The same scores as `article_scores`, in NumPy: one gemv over the passages (and one over the known
+        questions), then a max per article over its group of rows (np.maximum.reduceat)."""
+        if not self.passages:
+            return []
         vector = query.reshape(-1).float().numpy()
         if self._map is not None:  # one (dim x dim) product: about 0.02 ms, no encoder pass
             vector = vector + vector @ self._map
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-        row = torch.from_numpy(vector).reshape(1, -1)
-        passage = torch.from_numpy(self._matrix @ vector)
+        passage = (self._matrix @ vector)[self._by_article]  # grouped by article
+        articles = np.maximum.reduceat(passage, self._starts)
+        if len(self._key_owners):
+            best_key = np.zeros_like(articles)
+            best_key[self._key_owners] = np.maximum.reduceat(self._key_matrix @ vector, self._key_starts)
+            articles = articles + np.float32(self.key_weight) * best_key
         wanted = min(k + 1, len(self.articles))  # the k articles and the runner-up that sets the last lead
-        if self.keys.shape[0] == 0:  # articles score their best passage: the best passages, in order, name them
-            values, order = passage.topk(min(passage.shape[0], 8 * wanted))
-            firsts: dict[int, tuple[int, float]] = {}
-            for value, index in zip(values.tolist(), order.tolist()):
-                firsts.setdefault(self._column_of[index], (index, value))
-                if len(firsts) == wanted:
-                    return self._hits(list(firsts.values()), k)
-        articles = self.aggregate(passage.reshape(1, -1), row @ self.keys.T)[0]
-        values, columns = articles.topk(wanted)
+        columns = np.argsort(-articles, kind="stable")[:wanted]
+        ends = [*self._starts[1:].tolist(), len(passage)]
         best = []
-        for value, column in zip(values.tolist(), columns.tolist()):
-            within = passage.masked_fill(self._passage_columns != column, float("-inf"))
-            best.append((int(within.argmax()), value))
+        for column in columns.tolist():
+            start = int(self._starts[column])
+            best.append((int(self._by_article[start + int(np.argmax(passage[start : ends[column]]))]),
+                         float(articles[column])))
         return self._hits(best, k)
 
     def _hits(self, ranked: list[tuple[int, float]], k: int) -> list[Hit]:

@@ -12,8 +12,10 @@ right answers minus `wrong_answer_cost` x wrong answers on validation, where a w
 citing the wrong article or citing anything for a question no article answers. With
 `knowledge.fit_margin`, a margin (the top article's least lead over the next article) is fitted
 jointly and kept only when it raises that utility. Scores are per article (bot/knowledge.py
-`KnowledgeBase.article_scores`); `knowledge.question_keys` adds train.yaml's questions as keys of
-their article (measured on the shop pack and not kept: see docs/knowledge.md).
+`KnowledgeBase.article_scores`); `knowledge.question_keys` (on by default) adds train.yaml's
+questions, through the question map, as keys of their article: an article scores its best passage
+plus `knowledge.key_weight` x its best known question (a sum: as a max they lost on validation;
+see docs/knowledge.md).
 
 With `questions/train.yaml`, `train_question_map` learns a linear map of question vectors
 (`knowledge.question_map`, on by default: seconds of training, one 384 x 384 product per message)
@@ -270,7 +272,7 @@ def build(
     articles = read_articles(folder)
     slugs = [a.slug for a in articles]
     passages = split_all(articles, serving, cfg.max_tokens)
-    retrieval = "dense, passages and known questions" if cfg.question_keys else "dense, passages"
+    retrieval = f"dense, passages + {cfg.key_weight:g} x known questions" if cfg.question_keys else "dense, passages"
     train_file = folder / QUESTIONS_DIR / "train.yaml"
     mapped = cfg.question_map.enabled and train_file.is_file()
     if mapped:
@@ -305,7 +307,7 @@ def build(
         if known:  # known questions are compared with mapped messages: they go through the same map
             keys = torch.nn.functional.normalize(keys + keys @ question_map, dim=1)
     unfitted = KnowledgeBase(passages, vectors, sentence_vectors, 1.0, keys=keys, key_articles=key_articles,
-                             question_map=question_map)
+                             key_weight=cfg.key_weight, question_map=question_map)
     questions_file = folder / QUESTIONS_DIR / "validation.yaml"
     validation: dict[str, Any] | None = None
     margin = 0.0
@@ -331,6 +333,7 @@ def build(
         "max_tokens": cfg.max_tokens,
         "wrong_answer_cost": cfg.wrong_answer_cost,
         "retrieval": retrieval,
+        "key_weight": cfg.key_weight,
         "adapter": adapter["meta"] if adapter else None,
         "question_map": map_meta,
         "articles": [{"slug": a.slug, "title": a.title, "url": a.url, "tags": list(a.tags)} for a in articles],
@@ -355,7 +358,7 @@ def build(
         state = adapter["state"]
         writers[ADAPTER_FILE] = lambda p: save_file(state, str(p))
     base = KnowledgeBase(passages, vectors, sentence_vectors, floor, knowledge_meta, keys=keys, key_articles=key_articles,
-                         margin=margin, question_map=question_map)
+                         key_weight=cfg.key_weight, margin=margin, question_map=question_map)
     meta = {"articles": len(articles), "passages": len(passages), "keys": len(known), "floor": floor, "margin": margin,
             "floor_method": method, "max_tokens": cfg.max_tokens, "retrieval": retrieval,
             "adapter": adapter["meta"] if adapter else None, "question_map": map_meta, "validation": validation}
