@@ -583,7 +583,8 @@ def evaluate_knowledge(model: str | Path, questions_file: Path, *, worst: int = 
         **metrics,
         "dialogue_actions": {action: count / n for action, count in sorted(actions.items())},
         "worst_misses": misses[:worst],
-        "note": "retrieval metrics score the top article (its best passage or known question); answered = its "
+        "note": "retrieval metrics score the top article (its best passage, plus the bundle's key_weight x its best "
+        "known question); answered = its "
         "score >= the bundle's retrieval floor and its lead over the next article >= the bundle's margin (both "
         "fitted on validation questions); dialogue_actions: what the bot does with each "
         "question as a first message (intents answer confidently before the articles are asked)",
