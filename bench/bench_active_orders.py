@@ -16,6 +16,11 @@ on the 2x/3x smallest margins, the least certain per cluster), agg* (average-lin
 entropy / least confidence; _init: the 10-shot set as picks already made; _sq: distance squared;
 _pool2: within the 600 smallest margins), badge (k-means++ seeding on last-layer gradient
 embeddings; _greedy: farthest point), dens_b1 (margin x mean similarity to the 10 nearest).
+In rounds (`_rN`: N labelling rounds with a retrain between them, bench.bench_active.in_rounds, the
+product's label -> retrain loop): margin_rN, kc_r3 (the picks so far as centres), and queue_* (the
+review queue rebuilt by each round's model from the stored turns and walked as the product lists it:
+queue_rr = `label` order, queue_shown = `group` order, queue_rru = `label` with equal-size groups'
+leads least certain first).
 """
 
 from __future__ import annotations
@@ -212,6 +217,7 @@ STRATS = {
     "margin_r6": lambda c: rounds(c, smallest(c), 6),
     "queue_rr_r1": lambda c: rounds(c, queue(c, "label"), 1),
     "queue_rr_r3": lambda c: rounds(c, queue(c, "label"), 3),
+    "queue_rr_r6": lambda c: rounds(c, queue(c, "label"), 6),
     "queue_shown_r1": lambda c: rounds(c, queue(c, "group"), 1),
     "queue_shown_r3": lambda c: rounds(c, queue(c, "group"), 3),
     "queue_rru_r3": lambda c: rounds(c, queue(c, "label_uncertain"), 3),
