@@ -27,6 +27,7 @@ was measured against the floor and margin and not kept (bench/bench_knowledge.py
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,16 +147,13 @@ def top_and_lead(scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def retrieval_metrics(
     scores: torch.Tensor, articles: Sequence[str], questions: Sequence[Question], floor: float, margin: float = 0.0,
-    *, answered: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """recall@1/@3 and MRR on answerable questions; at the floor and margin, answered-right/-wrong/abstained
-    (answerable), and abstention on unanswerable questions. `scores`: (questions, articles); `answered`:
-    another answer-or-abstain rule's decisions per question, instead of the floor and margin."""
+    (answerable), and abstention on unanswerable questions. `scores`: (questions, articles)."""
     rank = ranks(scores, articles, questions)
     top, lead = top_and_lead(scores)
     answerable = rank >= 0
-    if answered is None:
-        answered = clears(top, lead, floor, margin)
+    answered = clears(top, lead, floor, margin)
     right = answerable & (rank == 0)
     n_ans, n_un = int(answerable.sum()), int((~answerable).sum())
     out: dict[str, Any] = {
@@ -285,27 +283,27 @@ def build(
     vectors = passage_embed(passage_encoder(passage_side, cfg.max_tokens), [p.context_text for p in passages])
     # sentences are compared with the message's vector: the question side, never adapted
     sentence_vectors = embed(passage_encoder(serving, cfg.max_tokens), [s for p in passages for s in p.sentences])
-    known = _known_questions(cfg, folder, slugs)
-    # known questions are matched with messages: embedded as messages are (the serving encoder, its length)
-    keys = embed(serving, [q.text for q in known]) if known else torch.zeros(0, vectors.shape[1])
+    # train.yaml's questions, read and embedded once: the question map learns from them and, with
+    # `question_keys`, they are the articles' known questions. Embedded as messages are (the serving
+    # encoder, its length), because both compare them with messages.
+    examples = _train_questions(folder, slugs) if (mapped or cfg.question_keys) else []
+    example_vectors = embed(serving, [q.text for q in examples]) if examples else torch.zeros(0, vectors.shape[1])
+    known = examples if cfg.question_keys else []
+    keys = example_vectors if known else torch.zeros(0, vectors.shape[1])
     key_articles = tuple(str(q.article) for q in known)
     question_map: torch.Tensor | None = None
     map_meta: dict[str, Any] | None = None
     if mapped:
-        import time
-
         started = time.perf_counter()
-        examples = [q for q in read_questions(train_file, slugs) if q.article is not None]
         if not examples:
             raise KnowledgeError(f"{train_file}: no question with an article to learn the question map from")
-        # training questions are embedded as messages are, so the map learns from the vectors it will see
-        question_map = train_question_map(embed(serving, [q.text for q in examples]), [str(q.article) for q in examples],
-                                          passages, vectors, cfg.question_map)
+        question_map = train_question_map(example_vectors, [str(q.article) for q in examples], passages, vectors,
+                                          cfg.question_map)
         seconds = round(time.perf_counter() - started, 1)
         map_meta = {**cfg.question_map.model_dump(), "train_questions": len(examples), "seconds": seconds}
         log(f"knowledge: question map learned from {len(examples)} questions in {seconds} s")
         if known:  # known questions are compared with mapped messages: they go through the same map
-            keys = torch.nn.functional.normalize(keys + keys @ question_map, dim=1)
+            keys = map_questions(keys, question_map)
     unfitted = KnowledgeBase(passages, vectors, sentence_vectors, 1.0, keys=keys, key_articles=key_articles,
                              key_weight=cfg.key_weight, question_map=question_map)
     questions_file = folder / QUESTIONS_DIR / "validation.yaml"
@@ -370,10 +368,10 @@ def build(
     return KnowledgeBuild(base, meta, writers, summary)
 
 
-def _known_questions(cfg: KnowledgeConfig, folder: Path, slugs: Sequence[str]) -> list[Question]:
-    """questions/train.yaml's questions with an article, when `question_keys` is on and the file exists."""
+def _train_questions(folder: Path, slugs: Sequence[str]) -> list[Question]:
+    """questions/train.yaml's questions with an article ([] without the file)."""
     train_file = folder / QUESTIONS_DIR / "train.yaml"
-    if not cfg.question_keys or not train_file.is_file():
+    if not train_file.is_file():
         return []
     return [q for q in read_questions(train_file, slugs) if q.article is not None]
 
@@ -424,8 +422,6 @@ def _adapted(
     body: torch.nn.Module | None, precision: str, progress: bool, log: Callable[[str], None],
 ) -> tuple[Encoder, dict[str, Any]]:
     """Train the passage-side adapter; (the encoder that embeds passages, its weights and summary)."""
-    import time
-
     from peft import get_peft_model_state_dict
 
     if body is None:
