@@ -159,10 +159,18 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
                      question_map=question_map) for w in (0.25, 1.0) if w != weight]
     rows.append(variant("question map + known questions, the better of passage and question (max), floor + margin",
                         vectors=base.vectors, w=1.0, question_map=question_map, combine="max"))
-    if base.key_articles:  # the bundle's own scores, through its own code: must equal the row above of its weight
+    if base.key_articles:  # the bundle's own scores, through its own (half-precision) code
         served = {split: base.article_scores(query[split]) for split in qs}
         rows.append(scored("**served by this bundle**, floor + margin", served["validation"], served["test"], arts, qs,
                            cost, True))
+        # the sentence reranker at other weights (0: none), through the same served code
+        for w in (0.0, 0.25, 0.5, 1.0):
+            if w != base.sentence_weight:
+                other = replace(base, sentence_weight=w)
+                scores = {split: other.article_scores(query[split]) for split in qs}
+                name = (f"served scoring, the best {base.rerank} articles reranked by {w:g} x their best sentence"
+                        if w else "served scoring without the sentence reranker")
+                rows.append(scored(name + ", floor + margin", scores["validation"], scores["test"], arts, qs, cost, True))
     if adapter:
         torch_backend = IntentClassifier.from_bundle(classifier.bundle.path, backend="torch").backend
         assert isinstance(torch_backend, TorchBackend)
@@ -188,10 +196,15 @@ def speed(classifier: IntentClassifier, base: KnowledgeBase, n_passages: int, re
     generator = torch.Generator().manual_seed(0)
     rows = base.vectors[torch.arange(n_passages) % len(base.passages)]
     vectors = F.normalize(rows + 0.05 * torch.randn(rows.shape, generator=generator), dim=1)
-    passages = [replace(base.passages[i % len(base.passages)], id=f"p{i}", sentences=()) for i in range(n_passages)]
+    passages = [replace(base.passages[i % len(base.passages)], id=f"p{i}") for i in range(n_passages)]
+    starts = np.cumsum([0] + [len(p.sentences) for p in base.passages])  # each passage's sentence rows
+    sentence_rows = torch.from_numpy(np.concatenate(
+        [np.arange(starts[i % len(base.passages)], starts[i % len(base.passages) + 1]) for i in range(n_passages)]))
+    sentences = base.sentence_vectors[sentence_rows]  # the reranker reads each article's sentences
     keys = base.keys if base.keys is not None else torch.zeros(0, vectors.shape[1])
-    big = KnowledgeBase(passages, vectors, base.sentence_vectors[:0], base.floor,  # search reads no sentences
-                        keys=keys, key_articles=base.key_articles, margin=base.margin, question_map=base.question_map)
+    big = KnowledgeBase(passages, vectors, sentences, base.floor, keys=keys, key_articles=base.key_articles,
+                        key_weight=base.key_weight, margin=base.margin, question_map=base.question_map,
+                        sentence_weight=base.sentence_weight, rerank=base.rerank)
     texts = shop_messages()[:repeats]
     intent_ms, retrieval_ms = [], []
     for text in texts[:10]:  # warm-up

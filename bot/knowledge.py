@@ -38,13 +38,29 @@ Decisions, and why:
   felts"); the map moves questions towards the passages that answer them. It raised recall@1 on the
   shop pack's validation questions from 0.860 to about 0.93 (docs/knowledge.md). Sentences for the
   quote are still compared with the unmapped vector, in the encoder's own space.
+- Scores in half precision. Right after an intent pass the retrieval matrices come from memory, not
+  cache, so retrieval time is their bytes: the passage, known-question and sentence matrices are
+  stored in the bundle in float16 and multiplied in float16 (torch's matrix-vector product
+  accumulates in float32), reading half the bytes of NumPy's float32 product. Every score is made by one function
+  (`_article_row`), for training's fit of the floor and margin, for evaluation and for serving, so the
+  fitted thresholds hold for the served scores bit for bit; against float32 a score moves by at most
+  about 2e-3 (tests/test_knowledge.py), and the best article did not change for any shop question.
+- A late look at sentences reranks the best articles. An article's passage is a blurred summary of
+  several sentences; the best `rerank` (3) articles add `sentence_weight` (0.5) x their best
+  sentence's cosine with the mapped message (the sentence vectors are already in the bundle for the
+  quote). It raised validation utility from 88 to 90 on the shop pack (docs/knowledge.md) and reads
+  only the three articles' sentences.
+- A bundle whose known questions predate `key_weight` (when a known question's score replaced the
+  passage's) is refused at load with one line asking to retrain: its floor and margin were fitted on
+  another rule, so serving it with today's would be silently wrong.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +77,7 @@ from .fileio import read_yaml
 KNOWLEDGE_JSON = "knowledge.json"
 KNOWLEDGE_VECTORS = "knowledge.safetensors"
 FORMAT = 1
+SCORE_DTYPE = torch.float16  # the retrieval matrices as scored (and stored in the bundle)
 MAX_ARTICLE_BYTES = 1 << 20
 MAX_ARTICLES = 20_000
 
@@ -143,8 +160,25 @@ class Hit:
 def map_questions(rows: torch.Tensor, question_map: torch.Tensor) -> torch.Tensor:
     """Message vectors (rows) as retrieval compares them through a question map W: unit(q + q W).
     Differentiable in W, so training learns W through this very function (`search` does the same
-    product in NumPy on its hot path; a test holds the two together)."""
+    product in its own code, `_article_row`; a test holds the two together)."""
     return torch.nn.functional.normalize(rows + rows @ question_map, dim=1)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's intra-op work in the calling thread alone while inside. Retrieval's products are small and
+    read from memory; a second thread must be woken, and on a busy machine it waits for the other core:
+    torch's float16 product over 5,000 passages took 12 ms with two threads on the loaded 2-core machine,
+    0.22 ms with one. The setting is the calling thread's own (OpenMP's), so nothing else changes."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def clears(score: Any, lead: Any, floor: float, margin: float) -> Any:
@@ -331,18 +365,22 @@ class KnowledgeBase:
     key_weight: float = 1.0  # an article scores its best passage + key_weight x its best known question
     margin: float = 0.0  # the least lead over the runner-up article to answer; 0: no such rule
     question_map: torch.Tensor | None = None  # (dim, dim) W: a message is retrieved as unit(q + q W); None: q itself
+    sentence_weight: float = 0.0  # the top `rerank` articles add this x their best sentence; 0: no reranking
+    rerank: int = 3  # how many of the best articles the sentence score reranks
     articles: list[str] = field(init=False)  # article slugs in passage order: the columns of `article_scores`
     _offsets: list[int] = field(init=False, repr=False)
     _index: dict[str, int] = field(init=False, repr=False)
     _passage_columns: torch.Tensor = field(init=False, repr=False)  # each passage's article column
     _key_columns: torch.Tensor = field(init=False, repr=False)
-    _matrix: np.ndarray = field(init=False, repr=False)  # `vectors` as one contiguous float32 array
-    _map: np.ndarray | None = field(init=False, repr=False)  # `question_map` as a contiguous float32 array
+    _matrix: torch.Tensor = field(init=False, repr=False)  # `vectors` in half precision, rows grouped by article
+    _map_t: torch.Tensor | None = field(init=False, repr=False)  # `question_map` transposed (q W = W^T q), half precision
     _by_article: np.ndarray = field(init=False, repr=False)  # passage indices grouped by article (column order)
     _starts: np.ndarray = field(init=False, repr=False)  # where each article's group starts in `_by_article`
-    _key_matrix: np.ndarray = field(init=False, repr=False)  # key rows grouped by article
+    _key_matrix: torch.Tensor = field(init=False, repr=False)  # key rows grouped by article, half precision
     _key_starts: np.ndarray = field(init=False, repr=False)  # where each group of keys starts
     _key_owners: np.ndarray = field(init=False, repr=False)  # the article column of each group of keys
+    _sentence_matrix: torch.Tensor = field(init=False, repr=False)  # sentence rows grouped by article, half precision
+    _sentence_bounds: np.ndarray = field(init=False, repr=False)  # (articles + 1): each article's sentence rows
 
     def __post_init__(self) -> None:
         offsets, total = [], 0
@@ -362,25 +400,33 @@ class KnowledgeBase:
             raise ValueError("knowledge keys do not match their articles")
         self.keys = keys.float()
         self.vectors = self.vectors.float().contiguous()
-        # One message's passage scores are a matrix-vector product read straight from memory (the
-        # intent pass has just evicted the passages from the cache). NumPy's gemv does it in about
-        # half the time of torch's matmul, whose OpenMP workers sleep between messages (serving
-        # sets them passive) and must be woken: 0.59 against 1.10 ms over 5,000 passages right
-        # after an intent pass (bench/bench_knowledge.py's speed test). Same memory, no copy.
-        self._matrix = self.vectors.numpy()
         self._key_columns = torch.tensor([column[a] for a in self.key_articles], dtype=torch.long)
-        # search reduces scores per article with np.maximum.reduceat, which needs each article's rows together
+        # search reduces scores per article with np.maximum.reduceat, which needs each article's rows together:
+        # the scoring matrices are stored grouped by article, so no gather follows the product
         self._by_article = np.argsort(column_of, kind="stable")
         self._starts = np.searchsorted(column_of[self._by_article], np.arange(len(self.articles)))
         key_order = np.argsort(self._key_columns.numpy(), kind="stable")
-        self._key_matrix = np.ascontiguousarray(self.keys.numpy()[key_order])
         self._key_owners, self._key_starts = np.unique(self._key_columns.numpy()[key_order], return_index=True)
+        # The scoring matrices in half precision (SCORE_DTYPE): right after an intent pass they are read
+        # from memory, not cache, so retrieval time is their bytes. torch's fp16 matrix-vector product
+        # (fp32 accumulation) reads half of NumPy's float32 gemv (0.43 against 0.74 ms over 5,000
+        # passages in a single thread; docs/knowledge.md). Every score the floor and margin are fitted
+        # on, evaluated with and served comes from `_article_row`, so they are fitted on these very scores.
+        self._matrix = self.vectors[torch.from_numpy(self._by_article)].to(SCORE_DTYPE).contiguous()
+        self._key_matrix = self.keys[torch.from_numpy(key_order)].to(SCORE_DTYPE).contiguous()
         if self.question_map is not None:
             dim = self.vectors.shape[1]
             if tuple(self.question_map.shape) != (dim, dim):
                 raise ValueError("the knowledge question map does not match the vectors")
             self.question_map = self.question_map.float().contiguous()
-        self._map = self.question_map.numpy() if self.question_map is not None else None
+        self._map_t = self.question_map.T.to(SCORE_DTYPE).contiguous() if self.question_map is not None else None
+        if self.rerank < 2 and self.sentence_weight:
+            raise ValueError("the sentence reranker needs at least the two best articles (rerank >= 2)")
+        sentence_columns = np.repeat(column_of, [len(p.sentences) for p in self.passages])
+        sentence_order = np.argsort(sentence_columns, kind="stable")
+        self._sentence_bounds = np.searchsorted(sentence_columns[sentence_order], np.arange(len(self.articles) + 1))
+        self.sentence_vectors = self.sentence_vectors.float()
+        self._sentence_matrix = self.sentence_vectors[torch.from_numpy(sentence_order)].to(SCORE_DTYPE).contiguous()
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> KnowledgeBase | None:
@@ -397,10 +443,16 @@ class KnowledgeBase:
             ]
             key_articles = tuple(str(k["article"]) for k in meta.get("keys") or [])
             keys = tensors["keys"].float() if "keys" in tensors else None
+            if (keys is not None or key_articles) and "key_weight" not in meta:
+                # made before key_weight existed, when a known question's score replaced the passage's
+                # (a max); its floor and margin were fitted on those scores, not on today's sum
+                raise BundleError(f"bundle {bundle.path}: its known questions were scored by an older rule "
+                                  "(no key_weight in knowledge.json); retrain it with supportbot train")
             question_map = tensors["question_map"].float() if "question_map" in tensors else None
             return cls(passages, tensors["passages"].float(), tensors["sentences"].float(), float(meta["floor"]), meta,
-                       keys=keys, key_articles=key_articles, key_weight=float(meta.get("key_weight", 1.0)),
-                       margin=float(meta.get("margin") or 0.0), question_map=question_map)
+                       keys=keys, key_articles=key_articles, key_weight=float(meta.get("key_weight", 0.0)),
+                       margin=float(meta.get("margin") or 0.0), question_map=question_map,
+                       sentence_weight=float(meta.get("sentence_weight", 0.0)), rerank=int(meta.get("rerank", 3)))
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise BundleError(f"bundle {bundle.path}: {KNOWLEDGE_JSON} is not usable: {exc}") from None
 
@@ -431,27 +483,74 @@ class KnowledgeBase:
 
     def article_scores(self, queries: torch.Tensor) -> torch.Tensor:
         """(queries, articles), columns as `articles`: an article scores its best passage (+ `key_weight` x its
-        best known question, when the bundle has known questions)."""
+        best known question, when the bundle has known questions). Row by row through `_article_row`, the
+        code `search` serves, so a floor fitted on these scores is fitted on the served ones, bit for bit."""
+        rows = queries.reshape(-1, self.vectors.shape[1])
+        out = np.zeros((rows.shape[0], len(self.articles)), dtype=np.float32)
+        for i in range(rows.shape[0]):
+            out[i] = self._article_row(rows[i])[1]
+        return torch.from_numpy(out)
+
+    def reference_scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """`article_scores` in float32 throughout (torch products over `vectors`, `keys` and `sentence_vectors`):
+        the reference the half-precision scores are held to (tests/test_knowledge.py states the tolerance)."""
         assert self.keys is not None
         rows = self.retrieval_queries(queries)
-        return self.aggregate(rows @ self.vectors.T, rows @ self.keys.T)
+        scores = self.aggregate(rows @ self.vectors.T, rows @ self.keys.T)
+        if not self.sentence_weight:
+            return scores
+        sentences = rows @ self.sentence_vectors.T  # sentences in passage order, as `_offsets` counts them
+        columns = self._passage_columns.repeat_interleave(
+            torch.tensor([len(p.sentences) for p in self.passages], dtype=torch.long))
+        best = torch.full_like(scores, -1.0).scatter_reduce(1, columns.expand(rows.shape[0], -1), sentences, "amax")
+        top = scores.topk(min(self.rerank, scores.shape[1]), dim=1).indices
+        reranked = scores - self.sentence_weight
+        return reranked.scatter(1, top, scores.gather(1, top) + self.sentence_weight * best.gather(1, top))
+
+    def _article_row(self, query: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One message vector's passage scores (grouped by article, as `_matrix`) and article scores.
+        The products in half precision (fp32 accumulation; the question map's too, added to the message
+        vector in float32), the per-article max (np.maximum.reduceat) and the weighted sums in float32;
+        all in the calling thread (`_one_thread`)."""
+        with _one_thread():
+            vector = query.reshape(-1).float()
+            if self._map_t is not None:  # one (dim x dim) product: q + q W, no encoder pass
+                vector = vector + torch.mv(self._map_t, vector.to(SCORE_DTYPE)).float()
+                vector = vector / vector.norm().clamp_min(1e-12)
+            half = vector.to(SCORE_DTYPE)
+            passage = torch.mv(self._matrix, half).float().numpy()
+            articles = np.maximum.reduceat(passage, self._starts)
+            if len(self._key_owners):
+                best_key = np.zeros_like(articles)
+                keys = torch.mv(self._key_matrix, half).float().numpy()
+                best_key[self._key_owners] = np.maximum.reduceat(keys, self._key_starts)
+                articles = articles + np.float32(self.key_weight) * best_key
+            if self.sentence_weight:
+                articles = self._reranked(articles, half)
+        return passage, articles
+
+    def _reranked(self, articles: np.ndarray, half: torch.Tensor) -> np.ndarray:
+        """The sentence reranker: each of the `rerank` best articles adds `sentence_weight` x its best sentence's
+        cosine with the (mapped) message, a late look at the article at a finer grain than its passages. The
+        other articles add the least it could be (x -1, the least cosine), so they still rank below every
+        reranked one, in their own order: the scores stay one total order for ranking and leads."""
+        weight = np.float32(self.sentence_weight)
+        reranked = articles - weight
+        count = min(self.rerank, len(articles))
+        for column in np.argpartition(-articles, count - 1)[:count].tolist():
+            start, end = int(self._sentence_bounds[column]), int(self._sentence_bounds[column + 1])
+            if end > start:
+                best = float(torch.mv(self._sentence_matrix[start:end], half).max())
+                reranked[column] = articles[column] + weight * np.float32(best)
+        return reranked
 
     def search(self, query: torch.Tensor, k: int = 3) -> list[Hit]:
         """The k best articles for one query vector, best first, each as its best passage (no floor applied).
-        The same scores as `article_scores`, in NumPy: one gemv over the passages (and one over the known
-        questions), then a max per article over its group of rows (np.maximum.reduceat)."""
+        The scores of `article_scores` (the same `_article_row`): one half-precision product over the
+        passages (and one over the known questions), then a max per article over its group of rows."""
         if not self.passages:
             return []
-        vector = query.reshape(-1).float().numpy()
-        if self._map is not None:  # one (dim x dim) product: about 0.02 ms, no encoder pass
-            vector = vector + vector @ self._map
-            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-        passage = (self._matrix @ vector)[self._by_article]  # grouped by article
-        articles = np.maximum.reduceat(passage, self._starts)
-        if len(self._key_owners):
-            best_key = np.zeros_like(articles)
-            best_key[self._key_owners] = np.maximum.reduceat(self._key_matrix @ vector, self._key_starts)
-            articles = articles + np.float32(self.key_weight) * best_key
+        passage, articles = self._article_row(query)
         wanted = min(k + 1, len(self.articles))  # the k articles and the runner-up that sets the last lead
         columns = np.argsort(-articles, kind="stable")[:wanted]
         ends = [*self._starts[1:].tolist(), len(passage)]

@@ -43,6 +43,7 @@ from bot.knowledge import (
     FORMAT,
     KNOWLEDGE_JSON,
     KNOWLEDGE_VECTORS,
+    SCORE_DTYPE,
     Article,
     KnowledgeBase,
     KnowledgeError,
@@ -275,6 +276,8 @@ def build(
     mapped = cfg.question_map.enabled and train_file.is_file()
     if mapped:
         retrieval += "; questions through the learned question map"
+    if cfg.sentence_weight:
+        retrieval += f"; the best {cfg.rerank} articles reranked by {cfg.sentence_weight:g} x their best sentence"
     log(f"knowledge: {len(articles)} articles, {len(passages)} passages (<= {cfg.max_tokens} tokens each)")
     passage_side, passage_embed, adapter = serving, embed, None
     if cfg.adapter.enabled:
@@ -304,8 +307,13 @@ def build(
         log(f"knowledge: question map learned from {len(examples)} questions in {seconds} s")
         if known:  # known questions are compared with mapped messages: they go through the same map
             keys = map_questions(keys, question_map)
-    unfitted = KnowledgeBase(passages, vectors, sentence_vectors, 1.0, keys=keys, key_articles=key_articles,
-                             key_weight=cfg.key_weight, question_map=question_map)
+    # the bundle stores the passage, key and sentence matrices in half precision, as search scores them: the floor and
+    # margin below are fitted on the knowledge base exactly as a server loads it
+    vectors, keys = vectors.to(SCORE_DTYPE).float(), keys.to(SCORE_DTYPE).float()
+    sentence_vectors = sentence_vectors.to(SCORE_DTYPE).float()
+    scoring = {"keys": keys, "key_articles": key_articles, "key_weight": cfg.key_weight, "question_map": question_map,
+               "sentence_weight": cfg.sentence_weight, "rerank": cfg.rerank}
+    unfitted = KnowledgeBase(passages, vectors, sentence_vectors, 1.0, **scoring)
     questions_file = folder / QUESTIONS_DIR / "validation.yaml"
     validation: dict[str, Any] | None = None
     margin = 0.0
@@ -332,6 +340,9 @@ def build(
         "wrong_answer_cost": cfg.wrong_answer_cost,
         "retrieval": retrieval,
         "key_weight": cfg.key_weight,
+        "score_dtype": str(SCORE_DTYPE).removeprefix("torch."),
+        "sentence_weight": cfg.sentence_weight,
+        "rerank": cfg.rerank,
         "adapter": adapter["meta"] if adapter else None,
         "question_map": map_meta,
         "articles": [{"slug": a.slug, "title": a.title, "url": a.url, "tags": list(a.tags)} for a in articles],
@@ -343,9 +354,9 @@ def build(
         "keys": [{"article": q.article, "text": q.text} for q in known],
         "validation": validation,
     }
-    tensors = {"passages": vectors.contiguous(), "sentences": sentence_vectors.contiguous()}
+    tensors = {"passages": vectors.to(SCORE_DTYPE).contiguous(), "sentences": sentence_vectors.to(SCORE_DTYPE).contiguous()}
     if known:
-        tensors["keys"] = keys.contiguous()
+        tensors["keys"] = keys.to(SCORE_DTYPE).contiguous()
     if question_map is not None:
         tensors["question_map"] = question_map.contiguous()
     writers: dict[str, Callable[[Path], None]] = {
@@ -355,8 +366,7 @@ def build(
     if adapter:
         state = adapter["state"]
         writers[ADAPTER_FILE] = lambda p: save_file(state, str(p))
-    base = KnowledgeBase(passages, vectors, sentence_vectors, floor, knowledge_meta, keys=keys, key_articles=key_articles,
-                         key_weight=cfg.key_weight, margin=margin, question_map=question_map)
+    base = KnowledgeBase(passages, vectors, sentence_vectors, floor, knowledge_meta, margin=margin, **scoring)
     meta = {"articles": len(articles), "passages": len(passages), "keys": len(known), "floor": floor, "margin": margin,
             "floor_method": method, "max_tokens": cfg.max_tokens, "retrieval": retrieval,
             "adapter": adapter["meta"] if adapter else None, "question_map": map_meta, "validation": validation}

@@ -24,6 +24,10 @@ from bot.sessions import SQLiteSessionStore
 from finetune.knowledge_train import token_counter
 
 WOOL_URL = "https://help.example.test/articles/wool-care"
+# Retrieval scores in half precision (bot/knowledge.py SCORE_DTYPE): fp16 rounds a unit vector's entries by at
+# most 2^-11 of their size and a score by at most 2^-12, so a cosine moves by at most about 1.2e-3 and an
+# article's score (best passage + 0.5 x best known question) by at most about 1.8e-3 from float32.
+HALF_TOLERANCE = 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -292,12 +296,39 @@ def test_a_known_question_adds_to_its_articles_score_and_the_cited_passage_stays
     assert _base().best(query).passage.id == "b#0"  # without the keys, b wins
     hit = keyed.best(query)
     assert hit is not None and hit.passage.id == "a#0"  # a's best passage is cited
-    assert hit.score == pytest.approx(0.6 + 0.5 * 1.0) and hit.margin == pytest.approx(1.1 - 0.8)
+    # scored in half precision: within HALF_TOLERANCE of the float32 arithmetic
+    assert hit.score == pytest.approx(0.6 + 0.5 * 1.0, abs=HALF_TOLERANCE)
+    assert hit.margin == pytest.approx(1.1 - 0.8, abs=HALF_TOLERANCE)
     # a sum, not a max: a known question of a that sits on b's passage does not outweigh that passage
     near_b = _base(keys=_unit([0.1, 0, 1]), key_articles=("a",), key_weight=0.5).best(_unit([0.1, 0, 1])[0])
     assert near_b is not None and near_b.passage.id == "b#0"
     with pytest.raises(ValueError, match="keys do not match"):
         _base(keys=_unit([1, 0, 0]), key_articles=("nope",))
+
+
+def test_the_sentence_reranker_lets_an_article_whose_sentence_answers_overtake_a_closer_passage():
+    import torch
+
+    from bot.knowledge import Passage
+
+    passages = [Passage("a#0", "a", "A", "/a", "", ("One.", "Two.")), Passage("b#0", "b", "B", "/b", "", ("Three.",)),
+                Passage("c#0", "c", "C", "/c", "", ("Four.",))]
+    vectors = _unit([0.8, 0.6, 0], [0.9, 0, 0.436], [0, 0, 1])
+    sentences = _unit([1, 0, 0], [0, 1, 0], [0.3, 0, 0.95], [0, 0, 1])  # a's first sentence is the question itself
+    query = _unit([1, 0, 0])[0]
+    plain = KnowledgeBase(passages, vectors, sentences, 0.5)
+    assert plain.best(query).passage.article == "b"  # b's passage is the closer one
+    reranked = KnowledgeBase(passages, vectors, sentences, 0.5, sentence_weight=0.5, rerank=2)
+    hit = reranked.best(query)
+    b_score = 0.9 + 0.5 * float(sentences[2] @ query)
+    assert hit is not None and hit.passage.id == "a#0"
+    assert hit.score == pytest.approx(0.8 + 0.5 * 1.0, abs=HALF_TOLERANCE)
+    assert hit.margin == pytest.approx(0.8 + 0.5 - b_score, abs=HALF_TOLERANCE)
+    scores = reranked.article_scores(query)[0]
+    assert float(scores[2]) == pytest.approx(0.0 - 0.5, abs=HALF_TOLERANCE)  # c, not reranked: its sentence at -1
+    assert torch.allclose(scores, reranked.reference_scores(query)[0], atol=HALF_TOLERANCE)
+    with pytest.raises(ValueError, match=r"rerank >= 2"):
+        KnowledgeBase(passages, vectors, sentences, 0.5, sentence_weight=0.5, rerank=1)
 
 
 def test_the_margin_is_fitted_only_when_it_raises_right_minus_cost_times_wrong():
@@ -342,7 +373,9 @@ def test_training_questions_become_keys_unless_turned_off_and_the_floor_and_marg
     assert plain.base.keys is not None and plain.base.keys.shape[0] == 0 and plain.meta["keys"] == 0
     keyed = build(KnowledgeConfig(), ARTICLES, encoder, log=lambda _m: None)  # on by default
     assert keyed.meta["keys"] == 6 and keyed.base.key_articles and set(keyed.base.key_articles) <= set(keyed.base.articles)
-    assert keyed.meta["retrieval"] == "dense, passages + 0.5 x known questions; questions through the learned question map"
+    assert keyed.meta["retrieval"] == ("dense, passages + 0.5 x known questions; questions through the learned question "
+                                       "map; the best 3 articles reranked by 0.5 x their best sentence")
+    assert (keyed.base.sentence_weight, keyed.base.rerank) == (0.5, 3)
     assert keyed.base.key_weight == 0.5
     for built in (plain, keyed):
         validation = built.meta["validation"]
@@ -351,7 +384,8 @@ def test_training_questions_become_keys_unless_turned_off_and_the_floor_and_marg
 
 
 @pytest.mark.parametrize(("with_map", "with_keys"), [(False, False), (True, False), (True, True)])
-def test_the_fast_search_agrees_with_the_article_scores(with_map, with_keys):
+def test_the_fast_search_serves_the_article_scores_within_half_precision_of_float32(with_map, with_keys):
+    import numpy as np
     import torch
 
     from bot.knowledge import Passage
@@ -364,19 +398,48 @@ def test_the_fast_search_agrees_with_the_article_scores(with_map, with_keys):
     key_articles = tuple(f"a{(5 * i) % 6}" for i in range(30)) if with_keys else ()  # a6 has no known question
     base = KnowledgeBase(passages, vectors, torch.zeros(0, 16), 0.0, question_map=question_map, keys=keys,
                          key_articles=key_articles, key_weight=0.5)
-    for raw in torch.nn.functional.normalize(torch.randn(20, 16, generator=generator), dim=1):
+    queries = torch.nn.functional.normalize(torch.randn(20, 16, generator=generator), dim=1)
+    served, reference = base.article_scores(queries), base.reference_scores(queries)
+    assert served.dtype == torch.float32 and float((served - reference).abs().max()) < HALF_TOLERANCE
+    assert float((served - reference).abs().max()) > 0  # the half-precision path is the one being served
+    for raw, scores in zip(queries, served):
         query = raw
         if with_map:  # search maps the message itself; the brute-force check below needs the mapped vector
             query = torch.nn.functional.normalize(raw + raw @ question_map, dim=0)
             assert float((base.retrieval_queries(raw)[0] - query).abs().max()) < 1e-6
-        hits, scores = base.search(raw, 3), base.article_scores(raw)[0]
-        top = scores.topk(4)
-        assert [h.passage.article for h in hits] == [base.articles[int(c)] for c in top.indices[:3]]
-        # search scores with NumPy's gemv, article_scores with torch: float32 sums in another order
-        assert [h.score for h in hits] == pytest.approx(top.values[:3].tolist(), abs=1e-6)
-        assert [h.margin for h in hits] == pytest.approx((top.values[:3] - top.values[1:]).tolist(), abs=1e-6)
+        hits = base.search(raw, 3)
+        order = np.argsort(-scores.numpy(), kind="stable")[:4]  # half precision ties: the first column wins
+        assert [h.passage.article for h in hits] == [base.articles[int(c)] for c in order[:3]]
+        # article_scores and search share one scoring path: the very same numbers
+        top = scores.numpy()[order]
+        assert [h.score for h in hits] == top[:3].tolist()
+        assert [h.margin for h in hits] == (top[:3] - top[1:]).tolist()
         own = torch.tensor([p.article == hits[0].passage.article for p in passages])
         assert hits[0].passage.id == passages[int((query @ vectors.T).masked_fill(~own, -9).argmax())].id
+
+
+def test_a_bundle_with_known_questions_but_no_key_weight_is_refused_with_one_line_asking_to_retrain(
+        knowledge_bundle, tmp_path, capsys):
+    import shutil
+
+    from supportbot.cli import main
+
+    source = bundle_mod.load(knowledge_bundle)
+    old = json.loads((source.path / KNOWLEDGE_JSON).read_text())
+    assert old["keys"] and "key_weight" in old
+    del old["key_weight"]  # as written before key_weight existed: a known question's score was a max then
+    writers = {name: (lambda target, name=name: shutil.copyfile(source.path / name, target))
+               for name in source.meta["files"] if name != KNOWLEDGE_JSON}
+    writers[KNOWLEDGE_JSON] = lambda target: target.write_text(json.dumps(old), encoding="utf-8")
+    older = bundle_mod.write(tmp_path / "older", source.meta, writers).path  # checksummed: a genuine older bundle
+    with pytest.raises(BundleError, match=r"no key_weight in knowledge\.json.*retrain it"):
+        KnowledgeBase.from_bundle(bundle_mod.load(older))
+    messages = tmp_path / "messages.csv"
+    messages.write_text("text,label\nwhere is my order #48213,order_status\nhello there,greet\n", encoding="utf-8")
+    code = main(["evaluate", "--model", str(older), "--data", str(messages), "--output", str(tmp_path / "e"),
+                 "--questions", str(ARTICLES / "questions" / "test.yaml"), "--latency-sample", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "retrain it with supportbot train" in err and len(err.strip().splitlines()) == 1
 
 
 # ---- the question map ---------------------------------------------------------------------------
@@ -427,3 +490,17 @@ def test_the_shop_help_centre_answers_nine_in_ten_validation_questions_rightly(s
     validation = summary["validation"]
     assert validation["recall_at_1"] >= 0.94 and validation["answered_right"] >= 0.85
     assert validation["answered_wrong"] <= 0.05 and validation["unanswerable_abstained"] >= 0.9
+    # the served half-precision scores against float32 on the pack's validation questions: the same best
+    # article for every question, every article's score within HALF_TOLERANCE
+    from bot.knowledge import read_questions
+    from finetune.knowledge_train import knowledge_folder
+
+    classifier = IntentClassifier.from_bundle(shop_bundle)
+    base = KnowledgeBase.from_bundle(classifier.bundle)
+    folder = knowledge_folder("pack:shop", None)
+    assert base is not None and folder is not None
+    questions = read_questions(folder / "questions" / "validation.yaml", base.articles)
+    vectors = classifier.embed_and_logits([q.text for q in questions])[0]
+    served, reference = base.article_scores(vectors), base.reference_scores(vectors)
+    assert float((served - reference).abs().max()) < HALF_TOLERANCE
+    assert served.argmax(dim=1).tolist() == reference.argmax(dim=1).tolist()
