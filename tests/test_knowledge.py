@@ -250,7 +250,8 @@ def test_the_retrieval_adapter_moves_passages_towards_the_training_questions(tmp
     assert float((adapted.base.vectors.norm(dim=1) - 1).abs().max()) < 1e-4  # ... and stays a unit vector
     first = list(adapted.base.passages[0].sentences)
     same = frozen_side.embed(first)  # the question side (sentences, queries) is not adapted
-    assert float((adapted.base.sentence_vectors[: len(first)] - same).abs().max()) < 1e-5
+    # the same vectors, as the bundle keeps them: in half precision (entries below 1 round by at most 2^-12)
+    assert float((adapted.base.sentence_vectors[: len(first)] - same).abs().max()) < 3e-4
     for name, write in adapted.writers.items():
         write(tmp_path / name)
     assert (tmp_path / ADAPTER_FILE).stat().st_size > 0
