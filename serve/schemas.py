@@ -49,7 +49,7 @@ class IntentScore(BaseModel):
 class SourceModel(BaseModel):
     title: str = Field(..., description="the help-centre article's title")
     url: str = Field(..., description="the article's link")
-    score: float = Field(..., description="cosine similarity of the message and the passage")
+    score: float = Field(..., description="the article's retrieval score, compared with the bundle's fitted floor: its best passage's cosine with the message, plus the bundle's weights times its best known question's and best sentence's (docs/knowledge.md)")
     passage_id: str = Field(..., description="which passage of the article was quoted (<slug>#<n>)")
 
 
