@@ -49,12 +49,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import random
 import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +72,7 @@ from bot.classifier import IntentClassifier  # noqa: E402
 from bot.encoder import DEFAULT_BASE, Encoder, base_weights_sha256, resolve_base  # noqa: E402
 from bot.heads import IntentHead  # noqa: E402
 from bot.policy import decide  # noqa: E402
-from bot.review import build_queue, margins_of, normalise  # noqa: E402
+from bot.review import ORDERS, build_queue, margins_of  # noqa: E402
 from finetune import data  # noqa: E402
 from finetune.cache import EmbeddingCache, default_cache_dir  # noqa: E402
 from finetune.config import load_config  # noqa: E402
@@ -77,12 +80,38 @@ from finetune.train import train  # noqa: E402
 from serve.settings import Settings  # noqa: E402
 
 BANKING = "../shared/data/banking77"
-SHOTS, STREAM, BUDGET = 10, 2000, 300
-ARMS: list[str] = []  # --arms: only these (default: DEFAULT_ARMS)
-DEFAULT_ARMS = ("queue", "margin", "random")
-ROUNDS = [3]  # --rounds: labelling rounds for the queue arm
 MAX_LENGTH = 64  # the default recipe's, so training and the cached vectors agree
 SIMILARITY = float(Settings.model_fields["review_similarity"].default)
+ARMS = ("queue", "margin", "random", "margin_by_intent")  # what an arm labels: see the module docstring
+DEFAULT_ARMS = ("queue", "margin", "random")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What one run of the simulation does (the command line's options; the defaults are the reported run)."""
+
+    shots: int = 10  # the serving model's examples per intent
+    stream: int = 2000  # live messages
+    budget: int = 300  # messages labelled per arm
+    rounds: int = 3  # the queue arm's labelling rounds, a retrain between them
+    order: str = "label"  # the queue's listed order the queue arm walks (bot.review.ORDERS)
+    similarity: float = SIMILARITY  # the queue's near-duplicate grouping (the serving default)
+    arms: tuple[str, ...] = DEFAULT_ARMS
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The live stream of one seed: its labelled messages, the turns a bot stored for them, and where
+    each stored customer turn sits in the stream."""
+
+    rows: list[tuple[str, str]]  # (text, gold label), stream order
+    turns: list[dict[str, Any]]  # user and bot turns, oldest first, as bot/sessions.py stores them
+    position: dict[int, int]  # a customer turn's seq -> its message's stream position
+    margins: np.ndarray  # each message's margin under the serving model that met it
+
+    @property
+    def texts(self) -> list[str]:
+        return [text for text, _label in self.rows]
 
 
 class CachedHeadBackend:
@@ -129,25 +158,46 @@ def train_on(rows: list[tuple[str, str]], seed: int, folder: Path, name: str) ->
     return train(cfg, progress=False, log=lambda _m: None).bundle.path
 
 
-def stream_turns(classifier: IntentClassifier, texts: list[str]) -> tuple[list[dict], np.ndarray]:
-    """The turns a live bot stores for these first messages (user turn, then the bot's turn), and each
-    message's margin (top-1 minus top-2 probability)."""
+def stream_turns(classifier: IntentClassifier, texts: list[str]) -> tuple[list[dict[str, Any]], dict[int, int], np.ndarray]:
+    """The turns a live bot stores for these first messages (user turn, then the bot's turn; one session
+    each), the customer turns' seq -> stream position, and each message's margin (top-1 minus top-2)."""
     predictions = classifier.predict(texts, top_k=2)
     top1 = np.array([p.confidence for p in predictions])
     top2 = np.array([p.ranking[1][1] if len(p.ranking) > 1 else 0.0 for p in predictions])
     actions = decide(top1, top2, classifier.confidence_floor, classifier.ambiguity_gap)
-    turns = []
+    turns: list[dict[str, Any]] = []
+    position: dict[int, int] = {}
+    seq = itertools.count(1)
     for i, (text, prediction, action) in enumerate(zip(texts, predictions, actions)):
         common = {"session_id": f"stream-{i}", "intent": prediction.label, "confidence": prediction.confidence,
                   "action": str(action), "model_version": classifier.version, "at": f"2026-01-01T00:00:00.{i:04d}"}
-        turns.append({"seq": 2 * i + 1, "role": "user", "text": text, "metadata": {}, **common})
-        turns.append({"seq": 2 * i + 2, "role": "bot", "text": "...", "metadata": {"reason": "simulated"}, **common})
-    return turns, np.array([p.margin for p in predictions])
+        user = next(seq)
+        position[user] = i
+        turns.append({"seq": user, "role": "user", "text": text, "metadata": {}, **common})
+        turns.append({"seq": next(seq), "role": "bot", "text": "...", "metadata": {"reason": "simulated"}, **common})
+    return turns, position, np.array([p.margin for p in predictions])
 
 
-def queue_info(classifier: IntentClassifier, turns: list[dict]) -> dict[str, int]:
+def make_stream(rows: list[tuple[str, str]], classifier: IntentClassifier, seed: int, size: int) -> Stream:
+    """`size` of `rows` (seeded), met by `classifier` as a live bot meets first messages."""
+    sample = random.Random(seed).sample(rows, size)
+    turns, position, margins = stream_turns(classifier, [text for text, _label in sample])
+    return Stream(sample, turns, position, margins)
+
+
+def few_shot_rows(train_rows: list[tuple[str, str]], shots: int, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(the serving model's `shots` examples per intent, the train rows left for the stream), seeded."""
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({"text": [t for t, _ in train_rows], "label": [label for _, label in train_rows]})
+    picked = data.few_shot(dataset, shots, seed)
+    taken = set(picked["text"])
+    return list(zip(picked["text"], picked["label"])), [(t, label) for t, label in train_rows if t not in taken]
+
+
+def queue_info(classifier: IntentClassifier, stream: Stream, similarity: float) -> dict[str, int]:
     """What the first round's review queue looked like."""
-    queue = build_queue(turns, classifier, similarity=SIMILARITY, max_items=len(turns))
+    queue = build_queue(stream.turns, classifier, similarity=similarity, max_items=len(stream.turns))
     reasons = [item.reason for item in queue.items]
     return {"queued": len(queue.items), "groups": queue.groups, "fallback": reasons.count("fallback"),
             "clarify": reasons.count("clarify"), "low_margin": reasons.count("low_margin")}
@@ -165,38 +215,32 @@ def fill_by_margin(chosen: list[int], margins: np.ndarray, k: int, taken: Sequen
     return (chosen + rest)[:k]
 
 
-def walk_queue(classifier: IntentClassifier, turns: list[dict], taken: Sequence[int], k: int, order: str) -> list[int]:
+def walk_queue(classifier: IntentClassifier, stream: Stream, taken: Sequence[int], k: int, order: str,
+               similarity: float = SIMILARITY) -> list[int]:
     """The next k stream positions a reviewer labels, walking the review queue as the product lists it now.
 
     The queue is built from the stored turns as the product builds it (`bot.review.build_queue`: the
     labelled texts leave it, margins measured again by the serving model) and walked in
-    `Queue.listed(order)`, the order the page, the API and `supportbot review --order` show: "group"
-    (the largest group first, its members together) or "label" (every group's least certain message
-    first). "label_uncertain" (measured on validation, not kept): "label" with equal-size groups' leads
-    least certain first instead of newest first. A label is one message labelled: labelling a whole
-    group in one action still costs one label per member, as it adds one training example per member.
-    When the queue runs out, the rest are the unlabelled messages with the smallest margin."""
-    texts = [turn["text"] for turn in turns if turn["role"] == "user"]
-    labelled = {normalise(texts[i]) for i in taken}
-    queue = build_queue(turns, classifier, similarity=SIMILARITY, labelled=labelled, max_items=len(texts))
-    if order == "label_uncertain":
-        lead = {i.group: i.margin for i in reversed(queue.items)}
-        rank: dict[int, int] = {}
-        keyed = []
-        for item in queue.items:
-            rank[item.group] = rank.get(item.group, -1) + 1
-            keyed.append(((rank[item.group], -item.group_size, lead[item.group], item.group), item))
-        items = [item for _key, item in sorted(keyed, key=lambda pair: pair[0])]
-    else:
-        items = queue.listed(order)
-    chosen = [(item.id - 1) // 2 for item in items if (item.id - 1) // 2 not in set(taken)][:k]
+    `Queue.listed(order)`, the order the page, the API and `supportbot review --order` show. A label
+    is one message labelled: labelling a whole group in one action still costs one label per member,
+    as it adds one training example per member. When the queue runs out, the rest are the unlabelled
+    messages with the smallest margin."""
+    texts = stream.texts
+    done = set(taken)
+    queue = build_queue(stream.turns, classifier, similarity=similarity, labelled=[texts[i] for i in taken],
+                        max_items=len(texts))
+    positions = (stream.position[item.id] for item in queue.listed(order))
+    chosen = [p for p in positions if p not in done][:k]
     if len(chosen) < k:
         chosen = fill_by_margin(chosen, stream_margins(classifier, texts), k, taken)
     return chosen
 
 
-def in_rounds(pick: Callable[[IntentClassifier, list[int], int], list[int]], classifier: IntentClassifier,
-              retrain: Callable[[list[int]], IntentClassifier], rounds: int, budget: int = BUDGET) -> list[int]:
+Pick = Callable[[IntentClassifier, list[int], int], list[int]]
+
+
+def in_rounds(pick: Pick, classifier: IntentClassifier, retrain: Callable[[list[int]], IntentClassifier],
+              rounds: int, budget: int) -> list[int]:
     """`budget` labels in `rounds` equal rounds with a retrain between them: the product's label ->
     `supportbot retrain` -> promote loop, each round's queue ranked by the model the last round promoted.
     pick(serving model, labelled so far, k) -> k new stream positions. The last round's retrain is the
@@ -207,117 +251,123 @@ def in_rounds(pick: Callable[[IntentClassifier, list[int], int], list[int]], cla
             classifier = retrain(chosen)
         k = budget * (r + 1) // rounds - len(chosen)
         new = pick(classifier, chosen, k)
-        assert len(new) == k and not set(new) & set(chosen)
+        if len(new) != k or set(new) & set(chosen):
+            raise RuntimeError(f"round {r + 1}: {len(new)} picks for {k} labels, or a message labelled twice")
         chosen += new
     return chosen
 
 
-def by_intent(margins: np.ndarray, predicted: list[str]) -> list[int]:
+def by_intent(margins: np.ndarray, predicted: list[str], budget: int) -> list[int]:
     """Uncertainty with diversity over the model's intents: round-robin over the predicted intents
     (the intent whose least certain message is least certain first), each intent's smallest margin first."""
     queues: dict[str, list[int]] = {}
     for i in np.argsort(margins):
         queues.setdefault(predicted[int(i)], []).append(int(i))
     order = sorted((rank, margins[members[0]], i) for members in queues.values() for rank, i in enumerate(members))
-    return [i for _rank, _first, i in order][:BUDGET]
+    return [i for _rank, _first, i in order][:budget]
 
 
-def run_seed(seed: int, train_rows: list[tuple[str, str]], test, folder: Path, cache: EmbeddingCache,
-             encoder: Encoder) -> dict:
-    from datasets import Dataset
-
-    dataset = Dataset.from_dict({"text": [t for t, _ in train_rows], "label": [label for _, label in train_rows]})
-    shots = data.few_shot(dataset, SHOTS, seed)
-    seed_rows = list(zip(shots["text"], shots["label"]))
-    taken = set(shots["text"])
-    pool = [(t, label) for t, label in train_rows if t not in taken]
-    stream = random.Random(seed).sample(pool, STREAM)
-    texts = [t for t, _ in stream]
-
+def run_seed(seed: int, protocol: Protocol, train_rows: list[tuple[str, str]], test: Any, folder: Path,
+             cache: EmbeddingCache, encoder: Encoder) -> dict[str, Any]:
+    seed_rows, pool = few_shot_rows(train_rows, protocol.shots, seed)
     base = train_on(seed_rows, seed, folder, f"base-{seed}")
     classifier = classifier_of(base, cache, encoder)
-    results: dict = {"base": accuracy(classifier, test)}
-    turns, margins = stream_turns(classifier, texts)
-    results["queue_info"] = queue_info(classifier, turns)
-    predicted = [turn["intent"] for turn in turns if turn["role"] == "user"]
+    results: dict[str, Any] = {"base": accuracy(classifier, test)}
+    stream = make_stream(pool, classifier, seed, protocol.stream)
+    results["queue_info"] = queue_info(classifier, stream, protocol.similarity)
+    predicted = [turn["intent"] for turn in stream.turns if turn["role"] == "user"]
 
     def retrain(chosen: list[int]) -> IntentClassifier:
-        rows = seed_rows + [stream[i] for i in chosen]
+        rows = seed_rows + [stream.rows[i] for i in chosen]
         return classifier_of(train_on(rows, seed, folder, f"round-{seed}-{len(chosen)}"), cache, encoder)
 
     def walk(clf: IntentClassifier, taken: list[int], k: int) -> list[int]:
-        return walk_queue(clf, turns, taken, k, "label")
+        return walk_queue(clf, stream, taken, k, protocol.order, protocol.similarity)
 
+    budget = protocol.budget
     picks: dict[str, Callable[[], list[int]]] = {
-        "queue": lambda: in_rounds(walk, classifier, retrain, ROUNDS[0]),
-        "margin": lambda: [int(i) for i in np.argsort(margins)[:BUDGET]],
-        "random": lambda: random.Random(seed).sample(range(STREAM), BUDGET),
-        "margin_by_intent": lambda: by_intent(margins, predicted),
+        "queue": lambda: in_rounds(walk, classifier, retrain, protocol.rounds, budget),
+        "margin": lambda: [int(i) for i in np.argsort(stream.margins)[:budget]],
+        "random": lambda: random.Random(seed).sample(range(len(stream.rows)), budget),
+        "margin_by_intent": lambda: by_intent(stream.margins, predicted, budget),
     }
-    for arm in ARMS or DEFAULT_ARMS:
+    for arm in protocol.arms:
         chosen = picks[arm]()
-        assert len(set(chosen)) == BUDGET
-        bundle = train_on(seed_rows + [stream[i] for i in chosen], seed, folder, f"{arm}-{seed}")
+        if len(set(chosen)) != budget:
+            raise RuntimeError(f"arm {arm}: {len(set(chosen))} messages labelled, not {budget}")
+        bundle = train_on(seed_rows + [stream.rows[i] for i in chosen], seed, folder, f"{arm}-{seed}")
         results[arm] = accuracy(classifier_of(bundle, cache, encoder), test)
         print(f"  seed {seed} {arm}: {100 * float(results[arm]):.2f}%", flush=True)
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--arms", nargs="+", default=[], choices=[*DEFAULT_ARMS, "margin_by_intent"],
-                        help="run only these arms (default: queue, margin, random)")
-    parser.add_argument("--rounds", type=int, default=ROUNDS[0], help="labelling rounds of the queue arm, "
-                        "a retrain between them (default 3: 3 x 100)")
-    parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
-    args = parser.parse_args()
-    ARMS.extend(args.arms)
-    ROUNDS[0] = args.rounds
-
+def load_banking(max_length: int = MAX_LENGTH) -> tuple[list[tuple[str, str]], Any, Encoder, EmbeddingCache]:
+    """BANKING77's train rows, its test split, the frozen base and the embedding cache, every text embedded once."""
     splits = data.load(BANKING)
     train_rows = list(zip(splits["train"]["text"], splits["train"]["label"]))
-    test = splits["test"]
-    encoder = Encoder.load(DEFAULT_BASE, max_length=MAX_LENGTH)
-    cache = EmbeddingCache(default_cache_dir(), base_weights_sha256(resolve_base(DEFAULT_BASE)), MAX_LENGTH)
-    cache.embed(encoder, [t for t, _ in train_rows] + list(test["text"]), progress=True)  # once, for every bundle
-    per_seed = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            per_seed[seed] = run_seed(seed, train_rows, test, Path(tmp), cache, encoder)
-            print(f"seed {seed}: {per_seed[seed]}", flush=True)
+    encoder = Encoder.load(DEFAULT_BASE, max_length=max_length)
+    cache = EmbeddingCache(default_cache_dir(), base_weights_sha256(resolve_base(DEFAULT_BASE)), max_length)
+    cache.embed(encoder, [t for t, _ in train_rows] + list(splits["test"]["text"]), progress=True)
+    return train_rows, splits["test"], encoder, cache
 
-    if ARMS:  # a partial run: the per-seed lines above are its result
-        return
 
+def report(protocol: Protocol, seeds: list[int], per_seed: dict[int, dict[str, Any]], test_size: int) -> str:
     def cell(arm: str) -> str:
-        values = [100 * float(per_seed[s][arm]) for s in args.seeds]
+        values = [100 * float(per_seed[s][arm]) for s in seeds]
         return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
-    gains = [100 * (float(per_seed[s]["queue"]) - float(per_seed[s]["random"])) for s in args.seeds]
+    budget = protocol.budget
+    gains = [100 * (float(per_seed[s]["queue"]) - float(per_seed[s]["random"])) for s in seeds]
     lines = [
-        f"BANKING77: a 10-shot `head` model (seed s), {STREAM:,} other train messages as the live stream, "
-        f"{BUDGET} of them labelled, retrained, top-1 accuracy on the full test split ({len(test):,}); "
-        f"seeds {', '.join(map(str, args.seeds))} (mean ± sd, %).",
+        f"BANKING77: a {protocol.shots}-shot `head` model (seed s), {protocol.stream:,} other train messages as the "
+        f"live stream, {budget} of them labelled, retrained, top-1 accuracy on the full test split ({test_size:,}); "
+        f"seeds {', '.join(map(str, seeds))} (mean ± sd, %).",
         "",
         "| labelled | test accuracy (%) |",
         "|---|---:|",
-        f"| none (the 10-shot model) | {cell('base')} |",
-        f"| {BUDGET} from the review queue: {ROUNDS[0]} rounds, its labelling order, retrained between rounds "
-        f"| {cell('queue')} |",
-        f"| {BUDGET} with the smallest margin (no grouping) | {cell('margin')} |",
-        f"| {BUDGET} at random | {cell('random')} |",
+        f"| none (the {protocol.shots}-shot model) | {cell('base')} |",
+        f"| {budget} from the review queue: {protocol.rounds} rounds, its `{protocol.order}` order, retrained "
+        f"between rounds | {cell('queue')} |",
+        f"| {budget} with the smallest margin (no grouping) | {cell('margin')} |",
+        f"| {budget} at random | {cell('random')} |",
         "",
-        "queue - random per seed: " + ", ".join(f"seed {s}: {g:+.2f}" for s, g in zip(args.seeds, gains))
+        "queue - random per seed: " + ", ".join(f"seed {s}: {g:+.2f}" for s, g in zip(seeds, gains))
         + f" (mean {statistics.mean(gains):+.2f} points).",
         "The queue per seed: " + "; ".join(
             f"seed {s}: {q['queued']} queued ({q['fallback']} fallback, {q['clarify']} clarify, {q['low_margin']} "
-            f"low margin) in {q['groups']} groups at the first round" for s in args.seeds for q in [per_seed[s]["queue_info"]]),
+            f"low margin) in {q['groups']} groups at the first round" for s in seeds for q in [per_seed[s]["queue_info"]]),
     ]
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, help="run only these arms (default: queue, margin, "
+                        "random); a partial run prints its per-seed lines and records nothing")
+    parser.add_argument("--rounds", type=int, default=Protocol.rounds, help="labelling rounds of the queue arm, "
+                        "a retrain between them (default 3: 3 x 100)")
+    parser.add_argument("--order", choices=ORDERS, default=Protocol.order,
+                        help=f"the queue's listed order the queue arm walks (default {Protocol.order})")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    protocol = Protocol(rounds=args.rounds, order=args.order, arms=tuple(args.arms or DEFAULT_ARMS))
+
+    train_rows, test, encoder, cache = load_banking()
+    per_seed = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            per_seed[seed] = run_seed(seed, protocol, train_rows, test, Path(tmp), cache, encoder)
+            print(f"seed {seed}: {per_seed[seed]}", flush=True)
+    if args.arms:  # a partial run: the per-seed lines above are its result
+        return
+    text = report(protocol, args.seeds, per_seed, len(test))
+    print(text)
     if not args.no_record:
         append_section("Active learning: review queue vs random labelling (BANKING77)", command_line("bench/bench_active.py"),
-                       "\n".join(lines))
+                       text)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bench.bench_active as ba  # noqa: E402
 from bot.encoder import DEFAULT_BASE, Encoder, base_weights_sha256, resolve_base  # noqa: E402
-from bot.review import group_vectors  # noqa: E402
+from bot.review import ORDERS, group_vectors  # noqa: E402
 from finetune import data  # noqa: E402
 from finetune.cache import EmbeddingCache, default_cache_dir  # noqa: E402
 
@@ -181,7 +181,7 @@ def kc_next(ctx, clf, taken, k):
 
 def rounds(ctx, pick, n):
     """The picks of `pick` over n labelling rounds with a retrain between them (ba.in_rounds)."""
-    return ba.in_rounds(pick, ctx["clf"], ctx["retrain"], n)
+    return ba.in_rounds(pick, ctx["clf"], ctx["retrain"], n, B)
 
 
 def smallest(ctx):
@@ -189,7 +189,7 @@ def smallest(ctx):
 
 
 def queue(ctx, order):
-    return lambda clf, taken, k: ba.walk_queue(clf, ctx["turns"], taken, k, order)
+    return lambda clf, taken, k: ba.walk_queue(clf, ctx["stream"], taken, k, order)
 
 
 STRATS = {
@@ -212,17 +212,13 @@ STRATS = {
     "kc_init_a1": lambda c: kcenter_unc(c, 0, 1.0, init=True),
     "kc_sq_a1": lambda c: kcenter_unc(c, 0, 1.0, power=2.0),
     "kc_pool2_a1": lambda c: kcenter_unc(c, 2, 1.0),
-    # labelling rounds with a retrain between them; queue_*: the product's review queue, walked as named
+    # labelling rounds with a retrain between them; queue_*: the product's review queue, walked in the
+    # order it lists (bot.review.ORDERS)
     "margin_r3": lambda c: rounds(c, smallest(c), 3),
     "margin_r6": lambda c: rounds(c, smallest(c), 6),
-    "queue_rr_r1": lambda c: rounds(c, queue(c, "label"), 1),
-    "queue_rr_r3": lambda c: rounds(c, queue(c, "label"), 3),
-    "queue_rr_r6": lambda c: rounds(c, queue(c, "label"), 6),
-    "queue_shown_r1": lambda c: rounds(c, queue(c, "group"), 1),
-    "queue_shown_r3": lambda c: rounds(c, queue(c, "group"), 3),
-    "queue_rru_r3": lambda c: rounds(c, queue(c, "label_uncertain"), 3),
-    "queue_rru_r1": lambda c: rounds(c, queue(c, "label_uncertain"), 1),
     "kc_r3": lambda c: rounds(c, lambda clf, taken, k: kc_next(c, clf, taken, k), 3),
+    **{f"queue_{order}_r{n}": (lambda c, order=order, n=n: rounds(c, queue(c, order), n))
+       for order in ORDERS for n in (1, 3, 6)},
 }
 
 
@@ -238,36 +234,30 @@ def main():
     encoder = Encoder.load(DEFAULT_BASE, max_length=ba.MAX_LENGTH)
     cache = EmbeddingCache(default_cache_dir(), base_weights_sha256(resolve_base(DEFAULT_BASE)), ba.MAX_LENGTH)
     cache.embed(encoder, [t for t, _ in train_rows] + list(splits["test"]["text"]), progress=False)
-    from datasets import Dataset
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            dataset = Dataset.from_dict({"text": [t for t, _ in train_rows], "label": [lb for _, lb in train_rows]})
-            shots = data.few_shot(dataset, ba.SHOTS, seed)
-            seed_rows = list(zip(shots["text"], shots["label"]))
-            taken = set(shots["text"])
-            pool = [(t, lb) for t, lb in train_rows if t not in taken]
-            stream = random.Random(seed).sample(pool, ba.STREAM)
-            in_stream = {t for t, _ in stream}
+            seed_rows, pool = ba.few_shot_rows(train_rows, ba.Protocol.shots, seed)
+            base = ba.train_on(seed_rows, seed, folder, f"base-{seed}")
+            clf = ba.classifier_of(base, cache, encoder)
+            stream = ba.make_stream(pool, clf, seed, ba.Protocol.stream)
+            in_stream = set(stream.texts)
             rest = [(t, lb) for t, lb in pool if t not in in_stream]
             val_rows = random.Random(1000 + seed).sample(rest, 3000)
             evalset = splits["test"] if args.test else {"text": [t for t, _ in val_rows], "label": [lb for _, lb in val_rows]}
-            texts = [t for t, _ in stream]
-            base = ba.train_on(seed_rows, seed, folder, f"base-{seed}")
-            clf = ba.classifier_of(base, cache, encoder)
+            texts = stream.texts
             emb, logits = clf.embed_and_logits(texts)
             P = clf.probabilities(logits).numpy().astype(np.float64)
             top = np.sort(P, axis=1)
             L = cache.embed(encoder, [t for t, _ in seed_rows], progress=False)[0].float().numpy().astype(np.float64)
-            turns, _margins = ba.stream_turns(clf, texts)
 
             def retrain(chosen, seed=seed, seed_rows=seed_rows, stream=stream, folder=folder):
-                rows = seed_rows + [stream[i] for i in chosen]
+                rows = seed_rows + [stream.rows[i] for i in chosen]
                 return ba.classifier_of(ba.train_on(rows, seed, folder, f"round-{seed}-{next(RETRAINS)}"), cache, encoder)
 
             ctx = {"L": L, "seed": seed, "X": emb.float().numpy().astype(np.float64), "P": P, "m": top[:, -1] - top[:, -2],
-                   "clf": clf, "texts": texts, "turns": turns, "retrain": retrain}
-            gold = np.array([lb for _, lb in stream])
+                   "clf": clf, "texts": texts, "stream": stream, "retrain": retrain}
+            gold = np.array([lb for _, lb in stream.rows])
             pred = np.array([clf.labels[i] for i in P.argmax(1)])
             res = {"seed": seed, "base": ba.accuracy(clf, evalset), "eval": "test" if args.test else "val"}
             print(json.dumps(res), flush=True)
@@ -278,7 +268,7 @@ def main():
                 chosen_arr = np.array(chosen)
                 err = float((gold[chosen_arr] != pred[chosen_arr]).mean())
                 ncls = len(set(gold[chosen_arr]))
-                bundle = ba.train_on(seed_rows + [stream[i] for i in chosen], seed, folder, f"{name}-{seed}")
+                bundle = ba.train_on(seed_rows + [stream.rows[i] for i in chosen], seed, folder, f"{name}-{seed}")
                 acc = ba.accuracy(ba.classifier_of(bundle, cache, encoder), evalset)
                 row = {"seed": seed, "strat": name, "acc": round(100 * acc, 2), "err_rate": round(err, 3),
                        "classes": ncls, "s": round(time.time() - t0, 1), "eval": res["eval"]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from serve_helpers import live_server, make_settings
@@ -55,8 +56,12 @@ def test_candidates_queue_what_the_bot_did_not_understand_and_skip_replies_to_it
     assert [i.text for i in answered] == ["track my parcel"]  # queued only if its margin is low
 
 
-def test_labelling_order_takes_each_group_lead_first():
-    assert labelling_order([0, 0, 0, 1, 1, 2]) == [0, 3, 5, 1, 4, 2]
+def test_labelling_order_puts_the_least_certain_first_and_near_duplicates_of_listed_messages_last():
+    vectors = np.array([[1.0, 0.0, 0.0], [0.99, 0.14, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    margins = np.array([0.05, 0.01, 0.6, 0.3])
+    # 1 is least certain; 0 is nearly 1 and waits behind the distant, more certain 3 and 2.
+    assert labelling_order(vectors, margins) == [1, 3, 2, 0]
+    assert labelling_order(np.zeros((0, 3)), np.zeros(0)) == []
 
 
 def test_corrections_keep_every_label_under_concurrent_writers(tmp_path):
