@@ -16,12 +16,14 @@ Per seed s (1, 2, 3):
      Each round the review queue is built from the stored turns as the product builds it
      (`bot.review.build_queue`: fallbacks, clarify questions and low-margin answers, near-duplicates
      grouped at the serving default similarity, labelled texts left out, margins measured again by
-     the model the last round promoted) and walked as the product lists it in its labelling order
-     (`Queue.listed("label")`, what `GET /v1/admin/review?order=label`, the page's "To label" order
-     and `supportbot review --order label` show: every group's least certain message, the largest
-     group first, then every group's second, ...); should the queue hold fewer than a round's
-     labels, the rest are the unlabelled messages with the smallest margin. Then the same recipe
-     retrains on the 10-shot set plus everything labelled so far, and that model serves the next round.
+     the model the last round promoted) and walked from the top as the product lists it in its
+     labelling order (`Queue.listed("label")`, what `GET /v1/admin/review?order=label`, the page's
+     "To label" order and `supportbot review --order label` show: the least certain message first,
+     then always the one with the largest (1 - margin) x distance to those listed above it); should
+     the queue hold fewer than a round's labels, the rest are the unlabelled messages with the
+     smallest margin. Then the same recipe retrains on the 10-shot set plus everything labelled so
+     far, and that model serves the next round. `--order group` walks the triage order instead.
+     Which stream message a queued item is comes from its turn's seq (`Stream.position`).
    - margin: the 300 stream messages with the smallest top-1 minus top-2 margin under the 10-shot
      model, in one round (uncertainty sampling without grouping; a reference point);
    - random: 300 drawn at random (seed s); rounds change nothing for it.
@@ -31,7 +33,9 @@ Per seed s (1, 2, 3):
    labels, retrains and looks at the queue again; in one round of 300 the queue's order is fixed by
    the 10-shot model, in three the retrained model re-ranks what is left. Walking the queue in its
    "group" order (each group's members together, largest first) spent the labels on paraphrases and
-   did no better than random there, so the bench and docs/review.md use the labelling order.
+   did no better than random there, so the bench and docs/review.md use the labelling order; the
+   present labelling order beat the previous one (each group's least certain message round-robin)
+   on all three validation seeds.
 4. Retrain: the same recipe on the 10-shot set plus the 300, and score top-1 accuracy on the full
    BANKING77 test split (3,080).
 
@@ -40,7 +44,8 @@ the embedding cache `head` training uses (finetune/cache.py), and each bundle's 
 cached vectors (`CachedHeadBackend`: the same vectors and head as the torch backend, without
 running the encoder again for each of the 12 bundles).
 
-Reported: mean ± sd over the seeds of each arm's test accuracy, and queue - random per seed.
+Reported: mean ± sd over the seeds of each arm's test accuracy, and queue - random per seed. The run's
+settings are a `Protocol` (the defaults are the reported run; --rounds, --order and --arms change it).
 `--arms margin_by_intent` runs an older reference arm (smallest margins round-robin over the predicted
 intents, measured and not kept).
 """

@@ -17,10 +17,13 @@ entropy / least confidence; _init: the 10-shot set as picks already made; _sq: d
 _pool2: within the 600 smallest margins), badge (k-means++ seeding on last-layer gradient
 embeddings; _greedy: farthest point), dens_b1 (margin x mean similarity to the 10 nearest).
 In rounds (`_rN`: N labelling rounds with a retrain between them, bench.bench_active.in_rounds, the
-product's label -> retrain loop): margin_rN, kc_r3 (the picks so far as centres), and queue_* (the
-review queue rebuilt by each round's model from the stored turns and walked as the product lists it:
-queue_rr = `label` order, queue_shown = `group` order, queue_rru = `label` with equal-size groups'
-leads least certain first).
+product's label -> retrain loop): margin_rN, kc_r3 (the picks so far as centres), and
+queue_<order>_rN (the review queue rebuilt by each round's model from the stored turns and walked as
+the product lists it in bot.review's ORDERS: queue_label_r3 is the reported protocol). The queue's
+orders measured and replaced are in BENCHMARKS.md History under their names then (queue_rr: the
+previous `label` order, each group's least certain message round-robin; queue_shown: `group`;
+queue_rru: queue_rr with equal-size groups' leads least certain first; queue_spread: the present
+`label` order; queue_spreadl: it with the labelled texts as messages listed already).
 """
 
 from __future__ import annotations

@@ -22,14 +22,20 @@ a run of near neighbours), needs no number of groups (a queue has no true k), an
 Groups are numbered by size, largest first (ties: the newest message first), so the first group is
 the largest problem. Inside a group the least certain message (smallest margin) leads.
 
-Labelling order (`labelling_order`): the lead of every group in group order, then every group's
-second message, and so on: a reviewer with a budget covers the largest problems first and does not
-spend it on near-duplicates. The queue is listed either way (`Queue.listed`, ORDERS): "group" for
-triage (each group's members together), "label" for labelling with a budget. Measured with the
-active-learning benchmark (bench/bench_active.py, docs/review.md): walking "group" order spent the
-labels on paraphrases and did no better than random; "label" order, in rounds with a retrain between
-them, is what the benchmark walks. Equal-size groups keep newest first: ordering them by their
-lead's margin instead measured no better (validation seeds).
+Labelling order (`labelling_order`, decision): an uncertainty-weighted k-center walk. The least certain
+message comes first; after it, always the message whose (1 - margin) times its cosine distance to the
+nearest message listed above it is largest. A reviewer with a budget labels from the top: uncertain
+messages first, and each page covers different confusions, since a near-duplicate of a message listed
+above scores near zero however uncertain it is (the grouping's similarity cut is not needed for that).
+Computed once per queue build on the same vectors as the grouping (O(n^2), seconds at the item cap).
+The queue is listed either way (`Queue.listed`, ORDERS): "group" for triage (each group's members
+together), "label" for labelling with a budget. Measured with the active-learning benchmark
+(bench/bench_active.py, docs/review.md; chosen on validation seeds 11-13 with
+bench/bench_active_orders.py): in 3 rounds of 100 with a retrain between them it beat the previous
+label order (every group's least certain message, largest group first, then every group's second)
+on all three validation seeds, +1.88 against +1.58 points over random; walking the "group" order
+spent the labels on paraphrases and did no better than random. Seeding the walk with the texts
+labelled already (their vectors as messages listed above) measured no better (+1.81): not done.
 
 Corrections (`Corrections`): a YAML file in the domain pack's nlu.yaml format (`intents: {name:
 {examples: [...]}}`, `out_of_scope: [...]`), so `supportbot train` and `supportbot retrain` read it as

@@ -188,8 +188,9 @@ def install_review(app: FastAPI, admin_dependency: Any) -> None:
         reason: Annotated[Literal["fallback", "clarify", "handoff", "low_margin", "not_helpful"] | None,
                           Query(description="only items queued for this reason")] = None,
         order: Annotated[Literal["group", "label"], Query(
-            description="group: by group, the largest first (triage); label: every group's least certain "
-                        "message first, then every group's second, ... (the order to label in)")] = "group",
+            description="group: by group, the largest first (triage); label: the least certain message "
+                        "first, then always the one whose uncertainty x distance to those listed above it is "
+                        "largest, so near-duplicates wait (the order to label in)")] = "group",
     ) -> ReviewResponse:
         """The review queue: customer messages the bot did not understand, near-duplicates grouped,
         the largest group first (docs/review.md). Needs the admin token."""

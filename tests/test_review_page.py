@@ -14,6 +14,7 @@ pytestmark = pytest.mark.browser
 ADMIN = "review-page-admin-token-42"
 GROUP = ["flibber jabberwock nonsense", "flibber jabberwock nonsense!!", "Flibber Jabberwock nonsense please"]
 SINGLE = "I want to talk to a human"
+ODD = "the purple elephant sings opera"  # the model's least certain message
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def server(shop_bundle, tmp_path_factory):
     settings = make_settings(shop_bundle, tmp_path_factory.mktemp("review-page"), admin_token=ADMIN)
     with live_server(settings) as live:
         with httpx.Client(base_url=live.url, timeout=120) as http:
-            for i, text in enumerate([*GROUP, SINGLE]):
+            for i, text in enumerate([*GROUP, ODD, SINGLE]):
                 assert http.post("/v1/chat", json={"session_id": f"p{i}", "message": text}).status_code == 200
         yield live
 
@@ -47,9 +48,12 @@ def test_review_page_labels_a_message_and_a_whole_group(server, browser):
     for text in [*GROUP, SINGLE]:
         assert page.get_by_role("radio", name=text, exact=True).count() == 1
 
-    # The labelling order: every group's least certain message first, so the single one comes second.
+    # The labelling order: the least certain message first, then the group's least certain member, its
+    # near-duplicates after it, and the message the model is sure of (the handoff request) last.
     page.get_by_label("Order").select_option("label")
-    page.wait_for_function(f"document.querySelectorAll('#items input')[1].getAttribute('aria-label') === {SINGLE!r}")
+    page.wait_for_function(f"document.querySelectorAll('#items input')[0].getAttribute('aria-label') === {ODD!r}")
+    page.wait_for_function(f"document.querySelectorAll('#items input')[1].getAttribute('aria-label') === {GROUP[2]!r}")
+    page.wait_for_function(f"document.querySelectorAll('#items input')[4].getAttribute('aria-label') === {SINGLE!r}")
     page.get_by_label("Order").select_option("group")
     page.wait_for_function(f"document.querySelectorAll('#items input')[3].getAttribute('aria-label') === {SINGLE!r}")
 
