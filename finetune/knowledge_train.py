@@ -15,7 +15,10 @@ jointly and kept only when it raises that utility. Scores are per article (bot/k
 `KnowledgeBase.article_scores`); `knowledge.question_keys` (on by default) adds train.yaml's
 questions, through the question map, as keys of their article: an article scores its best passage
 plus `knowledge.key_weight` x its best known question (a sum: as a max they lost on validation;
-see docs/knowledge.md).
+see docs/knowledge.md), and the best `knowledge.rerank` articles add `knowledge.sentence_weight` x
+their best sentence. The floor and margin are fitted on `article_scores`, which is the served code
+itself (half-precision products, row by row), and the bundle stores the passage, key and sentence
+vectors in half precision, so a loaded bundle scores exactly what was fitted.
 
 With `questions/train.yaml`, `train_question_map` learns a linear map of question vectors
 (`knowledge.question_map`, on by default: seconds of training, one 384 x 384 product per message)
@@ -590,7 +593,7 @@ def evaluate_knowledge(model: str | Path, questions_file: Path, *, worst: int = 
         "dialogue_actions": {action: count / n for action, count in sorted(actions.items())},
         "worst_misses": misses[:worst],
         "note": "retrieval metrics score the top article (its best passage, plus the bundle's key_weight x its best "
-        "known question); answered = its "
+        "known question; the best `rerank` articles plus sentence_weight x their best sentence); answered = its "
         "score >= the bundle's retrieval floor and its lead over the next article >= the bundle's margin (both "
         "fitted on validation questions); dialogue_actions: what the bot does with each "
         "question as a first message (intents answer confidently before the articles are asked)",
