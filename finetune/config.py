@@ -122,6 +122,10 @@ class TrainConfig(_Strict):
     patience: int | None = Field(default=None, ge=1, description="epochs without a better validation loss before stopping")
     warmup: float = Field(default=0.06, ge=0, lt=1, description="lora/full: share of steps with a linear warm-up")
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    probe_head: bool = Field(
+        default=False, description="lora/full: first fit the head alone on the frozen base's vectors, as `head` trains it, "
+        "then train body and head together from there (linear probing, then fine-tuning: LP-FT)"
+    )
     embed_batch_size: int = Field(default=64, ge=1)
     cache_dir: str | None = Field(default=None, description="embedding cache (head); default $SUPPORTBOT_DATA_DIR/cache")
     head: HeadConfig = HeadConfig()

@@ -261,6 +261,11 @@ class EncoderStrategy(TrainingStrategy):
     def body(self, run: Run) -> nn.Module:
         raise NotImplementedError
 
+    def fit(self, run: Run, model: nn.Module, inputs: Inputs) -> Fitted:
+        if run.cfg.probe_head:
+            probe_head(run, body_of(model))
+        return fit_supervised(self, run, model, inputs)
+
     def merged_body(self, model: nn.Module) -> nn.Module:
         """The trained body as plain encoder modules (what `apply_precision` converts)."""
         return body_of(model)
@@ -272,6 +277,24 @@ class EncoderStrategy(TrainingStrategy):
             return fitted.model
         body = apply_precision(self.merged_body(fitted.model), run.cfg.precision)
         return EncoderClassifier(run.encoder, body, run.head)
+
+
+def probe_head(run: Run, body: nn.Module) -> None:
+    """LP-FT's first phase (Kumar et al., 2022): fit `run.head` alone on the frozen base's sentence vectors,
+    exactly as the `head` strategy trains it (its defaults, its embedding cache), so that joint training
+    starts from a head that already separates the intents instead of a random one, which would pull
+    the adapters towards its own noise in the first steps.
+
+    `body` is the model that will train; it is put in eval mode while the vectors are taken (no
+    dropout: the cache holds the base's deterministic vectors) and its LoRA layers, still at their
+    zero initialisation, leave those vectors unchanged.
+    """
+    body.eval()
+    vectors = Head().inputs(run)
+    body.train()
+    head_cfg = run.cfg.model_copy(update={**Head.defaults, "head_lr": Head.defaults["lr"]})
+    probed = fit_supervised(Head(), dataclasses.replace(run, cfg=head_cfg), run.head, vectors)
+    run.log(f"head probed on the frozen base: best epoch {probed.best_epoch}, validation loss {probed.best_loss:.3f}")
 
 
 @register

@@ -123,6 +123,19 @@ def test_lora_recipe_serves_its_head_scale_and_runs_every_epoch(tmp_path, bankin
     assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.6
 
 
+def test_probe_head_starts_lora_from_a_head_fitted_on_the_frozen_base(tmp_path, banking_slice):
+    """LP-FT: with learning rates too small to move anything, only the probed head can make the model
+    accurate; the probe's vectors are the head strategy's cached ones (the body in eval mode)."""
+    logs: list[str] = []
+    cfg = load_config(None, [
+        f"data={banking_slice['train']}", "strategy=lora", f"output={tmp_path / 'lpft'}", "probe_head=true",
+        "epochs=1", "lr=1e-9", "head_lr=1e-9", "max_length=32", "lora.r=4", "batch_size=16", "onnx=false",
+    ])
+    result = train(cfg, progress=False, log=logs.append)
+    assert any(line.startswith("head probed on the frozen base") for line in logs)
+    assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.7  # chance is 1/8; an unprobed head stays near it
+
+
 def test_best_epoch_is_chosen_on_validation_loss_with_the_recipes_label_smoothing(tmp_path, banking_slice):
     import torch.nn.functional as F
 
