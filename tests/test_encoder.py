@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.encoder import DEFAULT_BASE, Encoder, base_weights_sha256, length_sorted_batches, mean_pool, resolve_base
+from bot.encoder import (
+    DEFAULT_BASE,
+    BaseModelError,
+    Encoder,
+    base_weights_sha256,
+    length_sorted_batches,
+    mean_pool,
+    resolve_base,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +74,11 @@ def test_length_sorted_batches_cover_every_index_once():
     batches = list(length_sorted_batches(lengths, 3))
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert [[lengths[i] for i in b] for b in batches] == [[1, 2, 3], [3, 5, 7], [9]]
+
+
+def test_a_base_that_cannot_be_opened_is_one_line_naming_it(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(BaseModelError) as raised:
+        Encoder.load(missing)
+    message = str(raised.value)
+    assert "\n" not in message and repr(missing) in message and "docs/training.md" in message
