@@ -314,7 +314,7 @@ def build(
     # margin below are fitted on the knowledge base exactly as a server loads it
     vectors, keys = vectors.to(SCORE_DTYPE).float(), keys.to(SCORE_DTYPE).float()
     sentence_vectors = sentence_vectors.to(SCORE_DTYPE).float()
-    scoring = {"keys": keys, "key_articles": key_articles, "key_weight": cfg.key_weight, "question_map": question_map,
+    scoring: dict[str, Any] = {"keys": keys, "key_articles": key_articles, "key_weight": cfg.key_weight, "question_map": question_map,
                "sentence_weight": cfg.sentence_weight, "rerank": cfg.rerank}
     unfitted = KnowledgeBase(passages, vectors, sentence_vectors, 1.0, **scoring)
     questions_file = folder / QUESTIONS_DIR / "validation.yaml"
