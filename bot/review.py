@@ -73,6 +73,10 @@ ANSWER_ACTIONS = ("answer", "knowledge")
 REPLY_REASONS = {"chosen", "slot_filled", "helpful", "not_helpful", "none_of_these", "silent"}
 
 ORDERS = ("group", "label")  # Queue.listed: the triage view, and the order to label in
+ORDERS_HELP = (  # what the API's `order` parameter and `supportbot review --order` say of ORDERS
+    "group: by group, the largest first (triage); label: the least certain message first, then always the one "
+    "whose uncertainty x distance to those listed above it is largest, so near-duplicates wait (the order to label in)"
+)
 OUT_OF_SCOPE = "oos"  # finetune.data.OOS_LABEL: the label out_of_scope examples train as
 INTENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 MAX_CORRECTIONS_BYTES = 32 << 20

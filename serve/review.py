@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from bot.review import (
+    ORDERS_HELP,
     Queue,
     ReviewError,
     ReviewItem,
@@ -187,10 +188,7 @@ def install_review(app: FastAPI, admin_dependency: Any) -> None:
         group: Annotated[int | None, Query(ge=0, le=1_000_000, description="only this group")] = None,
         reason: Annotated[Literal["fallback", "clarify", "handoff", "low_margin", "not_helpful"] | None,
                           Query(description="only items queued for this reason")] = None,
-        order: Annotated[Literal["group", "label"], Query(
-            description="group: by group, the largest first (triage); label: the least certain message "
-                        "first, then always the one whose uncertainty x distance to those listed above it is "
-                        "largest, so near-duplicates wait (the order to label in)")] = "group",
+        order: Annotated[Literal["group", "label"], Query(description=ORDERS_HELP)] = "group",
     ) -> ReviewResponse:
         """The review queue: customer messages the bot did not understand, near-duplicates grouped,
         the largest group first (docs/review.md). Needs the admin token."""

@@ -119,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--limit", type=int, default=30, metavar="N", help="messages to show (default 30)")
     review.add_argument("--offset", type=int, default=0, metavar="N", help="messages to skip (default 0)")
     review.add_argument("--group", type=int, metavar="G", help="show only group G")
-    review.add_argument("--order", choices=("group", "label"), default="group", help="group: by group, the largest "
-                        "first (default); label: the least certain message first, then always the one whose "
-                        "uncertainty x distance to those listed above it is largest, so near-duplicates wait "
-                        "(the order to label in: docs/review.md)")
+    from bot.review import ORDERS, ORDERS_HELP  # numpy and yaml only; the model loads when the command runs
+
+    review.add_argument("--order", choices=ORDERS, default=ORDERS[0],
+                        help=f"{ORDERS_HELP}; default {ORDERS[0]} (docs/review.md)")
     review.add_argument("--similarity", type=float, metavar="X", help="cosine similarity at which messages group "
                         "(default: the settings' review_similarity, 0.8)")
     review.add_argument("--margin", type=float, metavar="X", help="answers whose top-1 minus top-2 probability is "
