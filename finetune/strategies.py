@@ -287,13 +287,16 @@ def probe_head(run: Run, body: nn.Module) -> None:
 
     `body` is the model that will train; it is put in eval mode while the vectors are taken (no
     dropout: the cache holds the base's deterministic vectors) and its LoRA layers, still at their
-    zero initialisation, leave those vectors unchanged.
+    zero initialisation, leave those vectors unchanged. The vectors are float32 whatever the recipe's
+    `precision`: the joint phase trains the body in float32 (int8 is applied to the serving copy after
+    it), so that is what the probed head must fit.
     """
+    head_cfg = run.cfg.model_copy(update={**Head.defaults, "head_lr": Head.defaults["lr"], "precision": "fp32"})
+    head_run = dataclasses.replace(run, cfg=head_cfg)
     body.eval()
-    vectors = Head().inputs(run)
+    vectors = Head().inputs(head_run)
     body.train()
-    head_cfg = run.cfg.model_copy(update={**Head.defaults, "head_lr": Head.defaults["lr"]})
-    probed = fit_supervised(Head(), dataclasses.replace(run, cfg=head_cfg), run.head, vectors)
+    probed = fit_supervised(Head(), head_run, run.head, vectors)
     run.log(f"head probed on the frozen base: best epoch {probed.best_epoch}, validation loss {probed.best_loss:.3f}")
 
 

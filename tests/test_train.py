@@ -123,13 +123,16 @@ def test_lora_recipe_serves_its_head_scale_and_runs_every_epoch(tmp_path, bankin
     assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.6
 
 
-def test_probe_head_starts_lora_from_a_head_fitted_on_the_frozen_base(tmp_path, banking_slice):
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_probe_head_starts_lora_from_a_head_fitted_on_the_frozen_base(tmp_path, banking_slice, precision):
     """LP-FT: with learning rates too small to move anything, only the probed head can make the model
-    accurate; the probe's vectors are the head strategy's cached ones (the body in eval mode)."""
+    accurate; the probe's vectors are the head strategy's cached float32 ones (the body in eval mode),
+    also when the bundle serves at int8."""
     logs: list[str] = []
     cfg = load_config(None, [
         f"data={banking_slice['train']}", "strategy=lora", f"output={tmp_path / 'lpft'}", "probe_head=true",
         "epochs=1", "lr=1e-9", "head_lr=1e-9", "max_length=32", "lora.r=4", "batch_size=16", "onnx=false",
+        f"precision={precision}",
     ])
     result = train(cfg, progress=False, log=logs.append)
     assert any(line.startswith("head probed on the frozen base") for line in logs)
