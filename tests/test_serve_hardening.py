@@ -216,19 +216,27 @@ def long_texts(count: int, chars: int = 1990) -> list[str]:
 
 
 def test_a_chat_message_does_not_wait_behind_bulk_classify(server):
-    """A classify request of long texts runs in chunks, and a chat message goes before the next chunk."""
+    """A classify request of long texts runs in chunks, and a chat message goes before the next chunk.
+
+    The chat is sent once the server has run the bulk request's first chunk (seen in /metrics), not
+    after a fixed sleep: on a quiet machine a sleep let the whole request finish first."""
+    texts = long_texts(50)  # 99,500 characters: 25 chunks, the most one request may send
 
     async def scenario() -> tuple[httpx.Response, httpx.Response, bool]:
         async with httpx.AsyncClient(base_url=server.url, timeout=300, headers=KEY) as client:
-            bulk = asyncio.create_task(client.post("/v1/classify", json={"texts": long_texts(24)}))
-            await asyncio.sleep(0.3)  # the classify request is in the queue and its first pass running
+            assert (await client.post("/v1/chat", json={"message": "hello"})).status_code == 200  # warm
+            passes = metric_value((await client.get("/metrics")).text, "supportbot_batch_size_count")
+            bulk = asyncio.create_task(client.post("/v1/classify", json={"texts": texts}))
+            while metric_value((await client.get("/metrics")).text, "supportbot_batch_size_count") == passes:
+                assert not bulk.done(), bulk.result().text
+                await asyncio.sleep(0.005)
             chat = await client.post("/v1/chat", json={"message": "where is my order #48213"})
             bulk_still_running = not bulk.done()  # in one queue the chat would come after every chunk
             return chat, await bulk, bulk_still_running
 
     chat, classified, bulk_still_running = asyncio.run(scenario())
     assert chat.status_code == 200 and classified.status_code == 200
-    assert len(classified.json()["predictions"]) == 24
+    assert len(classified.json()["predictions"]) == 50
     assert bulk_still_running, "the chat message was answered only after the whole classify request"
 
 
