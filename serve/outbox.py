@@ -239,8 +239,12 @@ class Store(Protocol):
     owner: str
     lease_s: float
     shared: bool
-    max_locks: int | None
-    """How many conversation locks may be held at once (each holds a connection); None: no limit."""
+
+    @property
+    def max_locks(self) -> int | None:
+        """How many conversation locks may be held at once (each holds a connection); None: no limit.
+
+        Read-only here, so a store may declare it `int` (PostgreSQL) or `None` (SQLite)."""
 
     def seen(self, keys: Sequence[str]) -> Duplicate | None: ...
     def commit(self, keys: Sequence[str], actions: Sequence[NewAction], *, now: float,
@@ -363,7 +367,7 @@ class OutboxStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 rows = self._db.execute(SQL_HEADS, {"now": now, "limit": limit + len(busy)}).fetchall()
-                claimed = []
+                claimed: list[Action] = []
                 for row in rows:
                     if row[1] in busy or len(claimed) >= limit:
                         continue
