@@ -11,6 +11,7 @@ answered after our timeout already has the reply, and posting it again would sho
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -135,6 +136,8 @@ class Invalid:
 
 
 ConversationCommand = Literal["handoff", "release", "reset"]
+# What a conversation_status_changed event's new status asks of the bot (other statuses: nothing).
+STATUS_COMMANDS: Mapping[str, ConversationCommand] = {"open": "handoff", "pending": "release", "resolved": "reset"}
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ def _command_for(event: ConversationEvent) -> ConversationCommand | None:
     if event.event == "conversation_status_changed":
         change = event.status_change
         current = change[1] if change else event.status
-        return {"open": "handoff", "pending": "release", "resolved": "reset"}.get(current or "")
+        return STATUS_COMMANDS.get(current or "")
     return None  # conversation_updated: assignments, labels, ...; status changes come as their own events
 
 
