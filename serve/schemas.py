@@ -15,13 +15,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 from bot.policy import Action
 from bot.validation import SESSION_ID_PATTERN
 
 # What the schema says of a customer text: at least one character that is not white space (the
 # server refuses blank texts with 422). Checked by bot.validation.check_message, stated here.
-NOT_BLANK = {"pattern": r"\S"}
+NOT_BLANK: JsonDict = {"pattern": r"\S"}
 
 if TYPE_CHECKING:
     from bot.chatbot import Reply
