@@ -117,7 +117,8 @@ class FleetStore:
         """Verify the bundle and record it as the fleet's model (BundleError when it does not verify)."""
         path = Path(path).resolve()
         version, sha256 = verify(path)
-        params = {"path": str(path), "version": version, "sha256": sha256, "now": time.time()}
+        now = time.time()
+        params = {"path": str(path), "version": version, "sha256": sha256, "now": now}
         if self.engine is not None:
             with unavailable_as("promoting a model"), self.engine.begin() as conn:
                 generation = int(conn.execute(text(SQL_PROMOTE), params).scalar_one())
@@ -131,7 +132,7 @@ class FleetStore:
             finally:
                 db.close()
         log.info("promoted model %s (generation %d) from %s", version, generation, path)
-        return FleetModel(generation, str(path), version, sha256, params["now"])
+        return FleetModel(generation, str(path), version, sha256, now)
 
 
 class FleetWatcher:
