@@ -228,8 +228,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     Overrides that are None are ignored, so CLI options left unset do not hide the YAML or env.
     Raises SettingsError with one line naming the bad setting.
     """
+    path: Path | None
     if config is not None:
-        path: Path | None = Path(config)
+        path = Path(config)
         if not path.is_file():
             raise SettingsError(f"settings file {path} does not exist")
     else:
