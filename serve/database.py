@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, Engine, create_engine, text
@@ -114,7 +114,8 @@ MIGRATIONS: tuple[Migration, ...] = (
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
-def is_postgres(url: str | None) -> bool:
+def is_postgres(url: str | None) -> TypeGuard[str]:
+    """True for a PostgreSQL URL (and so, to the type checker, `url` is then a str); False for None or blank."""
     return bool(url) and urlsplit(str(url)).scheme.split("+")[0] in ("postgresql", "postgres")
 
 
