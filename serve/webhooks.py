@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 from urllib.parse import urlsplit
 
 import httpx
@@ -227,7 +227,12 @@ def _json(raw: bytes) -> Any:
         raise ApiError(400, "invalid_json", "the request body is not valid JSON: nested too deeply") from None
 
 
+@overload
+def _delivery_id(request: Request, scheme: signing.Scheme, *, required: Literal[True]) -> str: ...
+@overload
+def _delivery_id(request: Request, scheme: signing.Scheme, *, required: Literal[False]) -> str | None: ...
 def _delivery_id(request: Request, scheme: signing.Scheme, *, required: bool) -> str | None:
+    """The delivery id header, checked; a required one that is missing answers 400 (so it is never None)."""
     value = (request.headers.get(scheme.delivery) or "").strip()
     if not value:
         if required:
@@ -527,7 +532,8 @@ def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-_ERRORS = {status: {"description": text} for status, text in [
+# FastAPI's `responses` type: status -> OpenAPI response object.
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"description": text} for status, text in [
     (400, "not JSON, or a bad delivery id"), (401, "missing, bad or stale signature"),
     (413, "body too large"), (415, "the body is not declared as application/json"),
     (422, "a field is missing or invalid"),
