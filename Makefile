@@ -27,11 +27,12 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	  else echo "Chromium is missing: sudo apt-get install chromium chromium-driver"; exit 1; fi; }
 
-# ruff (rules in pyproject.toml) over the tree; mypy strict on bot/, and over finetune/ and supportbot/ (pyproject.toml).
+# ruff (rules in pyproject.toml) over the tree; mypy strict on bot/, and over finetune/, supportbot/ and serve/ (pyproject.toml).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy bot
 	$(BIN)/mypy finetune supportbot
+	$(BIN)/mypy serve
 
 # The README's test command: lint first, then the whole suite.
 # The PostgreSQL tests start throwaway clusters with Debian's initdb/pg_ctl (tests/pg_cluster.py).
