@@ -221,7 +221,7 @@ STRATS = {
     "margin_r6": lambda c: rounds(c, smallest(c), 6),
     "kc_r3": lambda c: rounds(c, lambda clf, taken, k: kc_next(c, clf, taken, k), 3),
     **{f"queue_{order}_r{n}": (lambda c, order=order, n=n: rounds(c, queue(c, order), n))
-       for order in ORDERS for n in (1, 3, 6)},
+       for order in ORDERS for n in (1, 3, 6, 10, 15)},
 }
 
 
