@@ -169,7 +169,10 @@ def _one_thread() -> Iterator[None]:
     """torch's intra-op work in the calling thread alone while inside. Retrieval's products are small and
     read from memory; a second thread must be woken, and on a busy machine it waits for the other core:
     torch's float16 product over 5,000 passages took 12 ms with two threads on the loaded 2-core machine,
-    0.22 ms with one. The setting is the calling thread's own (OpenMP's), so nothing else changes."""
+    0.22 ms with one. The count is the calling thread's own (OpenMP's), so threads already running torch
+    keep theirs; torch also takes it as the default of a thread that first uses torch while inside (measured:
+    such a thread keeps one). The server's model thread first uses torch for the first forward pass, which
+    comes before any retrieval (retrieval reads that pass's vectors), so its count is settled by then."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield
