@@ -87,7 +87,7 @@ class KnowledgeConfig(_Strict):
     floor: float | None = Field(default=None, ge=-1, le=1, description="a fixed retrieval floor instead of fitting it on questions/validation.yaml")
     question_keys: bool = Field(default=True, description="questions/train.yaml's questions as extra retrieval keys of their article (through the question map, as messages): an article scores its best passage + key_weight x its best known question")
     key_weight: float = Field(default=0.5, ge=0, description="weight of an article's best known question in its score (chosen on the shop pack's validation questions, docs/knowledge.md)")
-    fit_margin: bool = Field(default=True, description="also fit, on validation, the least lead over the runner-up article needed to answer")
+    fit_margin: bool = Field(default=True, description="also fit, on validation, the least lead over the runner-up article needed to answer (kept only when it raises the cross-validated utility)")
     sentence_weight: float = Field(default=0.5, ge=0, description="the best `rerank` articles add this x their best sentence's cosine with the (mapped) message; 0: no reranking (chosen on the shop pack's validation questions, docs/knowledge.md)")
     rerank: int = Field(default=3, ge=2, le=50, description="how many of the best articles the sentence score reranks")
     adapter: RetrievalAdapterConfig = RetrievalAdapterConfig()

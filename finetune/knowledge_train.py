@@ -11,7 +11,8 @@ The floor is chosen like the intent floor (finetune/calibrate.py): the value tha
 right answers minus `wrong_answer_cost` x wrong answers on validation, where a wrong answer is
 citing the wrong article or citing anything for a question no article answers. With
 `knowledge.fit_margin`, a margin (the top article's least lead over the next article) is fitted
-jointly and kept only when it raises that utility. Scores are per article (bot/knowledge.py
+jointly and kept only when it raises that utility cross-validated on the validation questions
+(`cross_validated`): in-sample, a second threshold always raises it. Scores are per article (bot/knowledge.py
 `KnowledgeBase.article_scores`); `knowledge.question_keys` (on by default) adds train.yaml's
 questions, through the question map, as keys of their article: an article scores its best passage
 plus `knowledge.key_weight` x its best known question (a sum: as a max they lost on validation;
@@ -190,16 +191,11 @@ def _floor_for(top: np.ndarray, gain: np.ndarray) -> tuple[float, float]:
     return float((sorted_top[k - 1] + sorted_top[k]) / 2), float(cumulative[k])
 
 
-def fit_floor(
-    scores: torch.Tensor, articles: Sequence[str], questions: Sequence[Question], cost: float, *, margin: bool = False
-) -> tuple[float, float]:
-    """(floor, margin) maximising right - cost x wrong over validation questions (wrong: a wrong article,
-    or any citation for an unanswerable question). Answering needs the best article's score >= floor
-    and, with `margin`, its lead over the second article >= the margin; margin candidates are the
-    midpoints between validation leads, and a margin is kept only when it raises the utility
-    (otherwise 0: no margin rule)."""
-    if not questions:
-        raise KnowledgeError("no validation questions to fit the retrieval floor on")
+def _fit_pair(
+    scores: torch.Tensor, articles: Sequence[str], questions: Sequence[Question], cost: float, margin: bool
+) -> tuple[float, float, float]:
+    """(floor, margin, utility) maximising right - cost x wrong on `questions` themselves (in-sample);
+    without `margin`, or when no margin raises that utility, the margin is 0."""
     rank = ranks(scores, articles, questions)
     top, lead = top_and_lead(scores)
     gain = np.where(rank == 0, 1.0, -cost)  # answering question q gains this
@@ -214,6 +210,55 @@ def fit_floor(
             f, utility = _floor_for(top[keep], gain[keep])
             if utility > best + 1e-9:
                 floor, best, chosen = f, utility, float(candidate)
+    return floor, chosen, best
+
+
+def cross_validated(
+    scores: torch.Tensor, articles: Sequence[str], questions: Sequence[Question], cost: float, *, margin: bool,
+    folds: int = 5, repeats: int = 10, seed: int = 0,
+) -> dict[str, float]:
+    """How the rule fitted on these questions does on questions it was not fitted on, from the
+    questions alone: fitted on all folds but one and scored on that one (at most `folds` folds, one
+    question each below that), the held-out counts summed per shuffle. Returns the mean over
+    `repeats` shuffles of answered_right / answered_wrong (of answerable questions), unanswerable_cited
+    and utility (right - cost x wrong, in questions), and utility_sd across shuffles."""
+    rank = ranks(scores, articles, questions)
+    top, lead = top_and_lead(scores)
+    answerable, right = rank >= 0, rank == 0
+    rng = np.random.default_rng(seed)
+    totals = []
+    for _ in range(repeats):
+        order = rng.permutation(len(questions))
+        answered = np.zeros(len(questions), dtype=bool)
+        for held in np.array_split(order, min(folds, len(questions))):
+            rest = np.setdiff1d(order, held)
+            floor, lead_needed, _ = _fit_pair(scores[rest], articles, [questions[i] for i in rest], cost, margin)
+            answered[held] = clears(top[held], lead[held], floor, lead_needed)
+        totals.append([(answered & right).sum(), (answered & answerable & ~right).sum(), (answered & ~answerable).sum()])
+    r, w, c = np.array(totals, dtype=float).T
+    utility = r - cost * (w + c)
+    n_ans, n_un = max(int(answerable.sum()), 1), max(int((~answerable).sum()), 1)
+    return {"answered_right": float(r.mean() / n_ans), "answered_wrong": float(w.mean() / n_ans),
+            "unanswerable_cited": float(c.mean() / n_un), "utility": float(utility.mean()),
+            "utility_sd": float(utility.std(ddof=1)) if repeats > 1 else 0.0}
+
+
+def fit_floor(
+    scores: torch.Tensor, articles: Sequence[str], questions: Sequence[Question], cost: float, *, margin: bool = False
+) -> tuple[float, float]:
+    """(floor, margin) maximising right - cost x wrong over validation questions (wrong: a wrong article,
+    or any citation for an unanswerable question). Answering needs the best article's score >= floor
+    and, with `margin`, its lead over the second article >= the margin; margin candidates are the
+    midpoints between validation leads. A second threshold always raises the utility on the questions
+    it is fitted on, so the margin is kept only when it also raises the utility cross-validated on
+    them (`cross_validated`): otherwise 0, no margin rule, and the floor alone."""
+    if not questions:
+        raise KnowledgeError("no validation questions to fit the retrieval floor on")
+    floor, chosen, _ = _fit_pair(scores, articles, questions, cost, margin)
+    if chosen and len(questions) > 1:
+        with_margin = cross_validated(scores, articles, questions, cost, margin=True)["utility"]
+        if with_margin <= cross_validated(scores, articles, questions, cost, margin=False)["utility"] + 1e-9:
+            floor, chosen, _ = _fit_pair(scores, articles, questions, cost, False)
     return floor, chosen
 
 

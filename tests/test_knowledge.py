@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import KNOWLEDGE_ARTICLES as ARTICLES
 
 from bot import bundle as bundle_mod
@@ -332,25 +333,46 @@ def test_the_sentence_reranker_lets_an_article_whose_sentence_answers_overtake_a
         KnowledgeBase(passages, vectors, sentences, 0.5, sentence_weight=0.5, rerank=1)
 
 
-def test_the_margin_is_fitted_only_when_it_raises_right_minus_cost_times_wrong():
-    import torch
+def _two_article_scores(cases: list[tuple[float, float]]) -> torch.Tensor:
+    """(question, 2) scores: the top article "a" at `top`, "b" `lead` below it."""
+    return torch.tensor([[top, top - lead] for top, lead in cases])
+
+
+def test_a_margin_is_kept_when_it_separates_wrong_answers_on_questions_it_was_not_fitted_on():
+    import numpy as np
 
     from bot.knowledge import Question
-    from finetune.knowledge_train import fit_floor, retrieval_metrics
+    from finetune.knowledge_train import cross_validated, fit_floor, retrieval_metrics
 
-    articles = ["a", "b"]
-    # two right answers with a clear lead, two wrong ones just as high but nearly tied: only a margin separates them
-    scores = torch.tensor([[0.9, 0.3], [0.8, 0.2], [0.85, 0.84], [0.82, 0.81]])
-    questions = [Question("q1", "a"), Question("q2", "a"), Question("q3", "b"), Question("q4", None)]
-    floor, margin = fit_floor(scores, articles, questions, 3.0, margin=False)
-    alone = retrieval_metrics(scores, articles, questions, floor, margin)
-    assert margin == 0.0 and alone["answered_right"] == 1 / 3  # a floor alone must drop q2 to drop the wrong q3
-    floor, margin = fit_floor(scores, articles, questions, 3.0, margin=True)
-    assert 0.01 < margin < 0.5
-    fitted = retrieval_metrics(scores, articles, questions, floor, margin)
-    assert (fitted["answered_right"], fitted["answered_wrong"], fitted["unanswerable_abstained"]) == (2 / 3, 0.0, 1.0)
-    clean = torch.tensor([[0.9, 0.3], [0.8, 0.2], [0.3, 0.1]])  # the floor alone is enough: no margin rule
-    assert fit_floor(clean, articles, [*questions[:2], Question("q4", None)], 3.0, margin=True)[1] == 0.0
+    # 12 right answers with clear leads; 6 wrong or unanswerable just as high but nearly tied: a floor alone cannot
+    # drop them without the right ones, a margin can, and does so on every held-out fold too
+    right = [(float(t), 0.1 + 0.02 * i) for i, t in enumerate(np.linspace(0.80, 0.95, 12))]
+    wrong = [(float(t), 0.005 + 0.002 * i) for i, t in enumerate(np.linspace(0.82, 0.93, 6))]
+    scores = _two_article_scores(right + wrong)
+    questions = [Question(f"r{i}", "a") for i in range(12)] + [Question(f"w{i}", "b" if i % 2 else None) for i in range(6)]
+    floor, margin = fit_floor(scores, ["a", "b"], questions, 3.0, margin=False)
+    assert margin == 0.0 and retrieval_metrics(scores, ["a", "b"], questions, floor)["answered_right"] < 0.5
+    floor, margin = fit_floor(scores, ["a", "b"], questions, 3.0, margin=True)
+    assert 0.015 < margin < 0.1
+    fitted = retrieval_metrics(scores, ["a", "b"], questions, floor, margin)
+    assert (fitted["answered_right"], fitted["answered_wrong"], fitted["unanswerable_abstained"]) == (12 / 15, 0.0, 1.0)
+    held_out = cross_validated(scores, ["a", "b"], questions, 3.0, margin=True)
+    assert held_out["utility"] > cross_validated(scores, ["a", "b"], questions, 3.0, margin=False)["utility"]
+
+
+def test_a_margin_that_only_fits_the_questions_it_was_fitted_on_is_dropped():
+    from bot.knowledge import Question
+    from finetune.knowledge_train import _fit_pair, fit_floor
+
+    # one unanswerable question high above the floor with a middling lead, right answers with leads on both
+    # sides of it: in-sample a margin just below that lead pays (+3 for the two right answers below it lost), but held out
+    # the lone question teaches nothing about the others, so cross-validation drops the margin
+    right = [(0.80 + 0.01 * i, lead) for i, lead in enumerate([0.01, 0.02, 0.06, 0.07, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3])]
+    scores = _two_article_scores([*right, (0.9, 0.05)])
+    questions = [*(Question(f"r{i}", "a") for i in range(10)), Question("none", None)]
+    assert _fit_pair(scores, ["a", "b"], questions, 3.0, True)[1] > 0.0  # in-sample, a margin wins
+    floor, margin = fit_floor(scores, ["a", "b"], questions, 3.0, margin=True)
+    assert margin == 0.0 and floor < 0.8
 
 
 def test_the_policy_does_not_cite_a_passage_that_clears_the_floor_without_the_margin(classifier, tmp_path):
