@@ -107,19 +107,22 @@ def test_adapter_strategies_train_adapters_only_and_leave_the_base_bit_identical
 
 
 def test_lora_recipe_serves_its_head_scale_and_runs_every_epoch(tmp_path, banking_slice):
-    """configs/lora.yaml's head scale reaches the served head, and its patience never cuts its schedule short."""
+    """A recipe's head scale reaches the served head (set to 20 here: configs/lora.yaml's own 10 is the
+    default, which would not show it), and configs/lora.yaml's patience never cuts its schedule short."""
     recipe = ROOT / "configs" / "lora.yaml"
     written = load_config(recipe)
-    assert written.head.scale != HeadConfig().scale and written.label_smoothing > 0  # the recipe sets both
+    assert written.label_smoothing > 0 and written.head_lr != load_config(None).head_lr  # the recipe sets both
     assert written.patience is not None and written.epochs is not None and written.patience >= written.epochs
+    scale = 20.0
+    assert scale != HeadConfig().scale
     cfg = load_config(recipe, [
         f"data={banking_slice['train']}", f"output={tmp_path / 'lora'}", "epochs=2", "patience=2",
-        "max_length=32", "lora.r=4", "onnx=false",
+        "max_length=32", "lora.r=4", "onnx=false", f"head.scale={scale}",
     ])
     result = train(cfg, progress=False, log=lambda _m: None)
     meta = json.loads((result.bundle.path / "bundle.json").read_text())
-    assert meta["head"]["scale"] == written.head.scale and meta["training"]["epochs_run"] == 2
-    assert IntentClassifier.from_bundle(result.bundle.path).backend.head.scale == written.head.scale
+    assert meta["head"]["scale"] == scale and meta["training"]["epochs_run"] == 2
+    assert IntentClassifier.from_bundle(result.bundle.path).backend.head.scale == scale
     assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.6
 
 
