@@ -90,8 +90,12 @@ def best_known(rows: torch.Tensor, keys: torch.Tensor, columns: torch.Tensor, n_
                                                                  "amax", include_self=False)
 
 
-def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, adapter: bool) -> list[dict[str, float | str]]:
-    """Every variant from the same query vectors (the intent pass's), article-level scores, chosen on validation."""
+Row = dict[str, float | str]
+
+
+def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, adapter: bool) -> tuple[list[Row], list[Row]]:
+    """Every variant from the same query vectors (the intent pass's), article-level scores, chosen on validation;
+    and the bundle's own rules (floor alone, floor + margin) cross-validated on its served validation scores."""
     slugs = sorted({p.article for p in base.passages})
     qs = {split: read_questions(folder / "questions" / f"{split}.yaml", slugs) for split in ("validation", "test")}
     train = read_questions(folder / "questions" / "train.yaml", slugs)
@@ -159,8 +163,11 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
                      question_map=question_map) for w in (0.25, 1.0) if w != weight]
     rows.append(variant("question map + known questions, the better of passage and question (max), floor + margin",
                         vectors=base.vectors, w=1.0, question_map=question_map, combine="max"))
-    if base.key_articles:  # the bundle's own scores, through its own (half-precision) code
-        served = {split: base.article_scores(query[split]) for split in qs}
+    served = {split: base.article_scores(query[split]) for split in qs}  # the bundle's own code (half precision)
+    rules: list[Row] = [{"rule": name, "questions": len(qs["validation"]),
+                         **kt.cross_validated(served["validation"], arts, qs["validation"], cost, margin=margin)}
+                        for name, margin in (("floor alone", False), ("floor + margin", True))]
+    if base.key_articles:
         rows.append(scored("**served by this bundle**, floor + margin", served["validation"], served["test"], arts, qs,
                            cost, True))
         # the sentence reranker at other weights (0: none), through the same served code
@@ -189,11 +196,11 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
         rows.append(variant("LoRA passages + question map, floor + margin", vectors=vectors, question_map=adapted))
         rows.append(variant(f"LoRA passages + question map + known questions x {weight:g}, floor + margin",
                             vectors=vectors, w=weight, question_map=adapted))
-    return rows
+    return rows, rules
 
 
-def rules_table(rules: list[dict[str, float | str]], n: int) -> str:
-    lines = [f"The served scores' answer-or-abstain rules, cross-validated on the {n} validation questions alone "
+def rules_table(rules: list[Row]) -> str:
+    lines = [f"The served scores' answer-or-abstain rules, cross-validated on the {rules[0]['questions']} validation questions alone "
              "(`finetune/knowledge_train.py` `cross_validated`: fitted on 4/5, scored on the held-out 1/5; the same 10 "
              "shuffles of 5 folds for both rules; test not read). Training keeps the margin only when its utility here is "
              "higher:", "",
@@ -252,12 +259,7 @@ def main() -> int:
         parser.error(f"{args.model} has no help-centre articles; train it with --knowledge DIR")
     folder = Path(args.knowledge) if args.knowledge else kt.knowledge_folder("pack:shop", None)
     assert folder is not None
-    rows = quality(classifier, base, folder, args.adapter)
-    validation = read_questions(folder / "questions" / "validation.yaml", base.articles)
-    served = base.article_scores(classifier.embed_and_logits([q.text for q in validation])[0])
-    cost = float(base.meta.get("wrong_answer_cost", 3.0))
-    rules = [{"rule": name, **kt.cross_validated(served, base.articles, validation, cost, margin=margin)}
-             for name, margin in (("floor alone", False), ("floor + margin", True))]
+    rows, rules = quality(classifier, base, folder, args.adapter)
     timing = speed(classifier, base, args.passages, args.messages)
 
     columns = ("val_utility", "val_recall_at_1", *KEYS, "floor", "margin")
@@ -272,7 +274,7 @@ def main() -> int:
     body = (f"Questions: {shown}/questions (floor, and margin where named, fitted on validation.yaml; val_utility: right "
             f"- cost x wrong on validation at that fit, the basis of every choice; the other columns: test.yaml). "
             f"Served by this bundle: {base.meta.get('retrieval', 'dense, passages')}, margin {base.margin:.3f}.\n\n"
-            f"{table}\n{rules_table(rules, len(validation))}\n\n{speed_line}\n")
+            f"{table}\n{rules_table(rules)}\n\n{speed_line}\n")
     if args.note:
         body += f"\n{args.note}\n"
     print(body)

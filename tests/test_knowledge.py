@@ -358,6 +358,8 @@ def test_a_margin_is_kept_when_it_separates_wrong_answers_on_questions_it_was_no
     assert (fitted["answered_right"], fitted["answered_wrong"], fitted["unanswerable_abstained"]) == (12 / 15, 0.0, 1.0)
     held_out = cross_validated(scores, ["a", "b"], questions, 3.0, margin=True)
     assert held_out["utility"] > cross_validated(scores, ["a", "b"], questions, 3.0, margin=False)["utility"]
+    clean = _two_article_scores([(0.9, 0.6), (0.8, 0.6), (0.3, 0.2)])  # the floor alone is enough: no margin rule
+    assert fit_floor(clean, ["a", "b"], [*questions[:2], Question("none", None)], 3.0, margin=True)[1] == 0.0
 
 
 def test_a_margin_that_only_fits_the_questions_it_was_fitted_on_is_dropped():
