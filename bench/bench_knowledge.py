@@ -24,7 +24,9 @@ answer-or-abstain rule was measured here at commit bd22cc4 and not kept: BENCHMA
 Speed: one process, the shop pack's test messages one at a time: the intent pass
 (`IntentClassifier.predict([text])`) and retrieval over 5,000 passages (the bundle's passages
 repeated with noise, unit rows; through the bundle's question map when it has one) from the vector
-the intent pass made, timed in alternation; p50 of each and their ratio. Appends a section to BENCHMARKS.md unless --no-record.
+the intent pass made, timed in alternation; p50 of each and their ratio. Retrieval is timed as a server
+loads it (scores in the arithmetic `fastest_dtype` measures as faster on this CPU) and with float32 and
+float16 forced: one arithmetic at a time over every message, in two rounds. Appends a section to BENCHMARKS.md unless --no-record.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,7 +55,7 @@ from bench.record import append_section, command_line  # noqa: E402
 from bot import bundle as bundle_mod  # noqa: E402
 from bot.classifier import IntentClassifier, TorchBackend  # noqa: E402
 from bot.encoder import Encoder  # noqa: E402
-from bot.knowledge import KnowledgeBase, Question, read_questions  # noqa: E402
+from bot.knowledge import SCORE_DTYPES, KnowledgeBase, Question, read_questions  # noqa: E402
 from finetune import knowledge_train as kt  # noqa: E402
 from finetune.config import QuestionMapConfig  # noqa: E402
 
@@ -212,7 +215,7 @@ def rules_table(rules: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def speed(classifier: IntentClassifier, base: KnowledgeBase, n_passages: int, repeats: int) -> dict[str, float]:
+def speed(classifier: IntentClassifier, base: KnowledgeBase, n_passages: int, repeats: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     rows = base.vectors[torch.arange(n_passages) % len(base.passages)]
     vectors = F.normalize(rows + 0.05 * torch.randn(rows.shape, generator=generator), dim=1)
@@ -222,24 +225,36 @@ def speed(classifier: IntentClassifier, base: KnowledgeBase, n_passages: int, re
         [np.arange(starts[i % len(base.passages)], starts[i % len(base.passages) + 1]) for i in range(n_passages)]))
     sentences = base.sentence_vectors[sentence_rows]  # the reranker reads each article's sentences
     keys = base.keys if base.keys is not None else torch.zeros(0, vectors.shape[1])
-    big = KnowledgeBase(passages, vectors, sentences, base.floor, keys=keys, key_articles=base.key_articles,
-                        key_weight=base.key_weight, margin=base.margin, question_map=base.question_map,
-                        sentence_weight=base.sentence_weight, rerank=base.rerank)
+    # as a server loads it (the arithmetic measured here, `fastest_dtype`), then each arithmetic forced
+    bases = {dtype: KnowledgeBase(passages, vectors, sentences, base.floor, keys=keys, key_articles=base.key_articles,
+                                  key_weight=base.key_weight, margin=base.margin, question_map=base.question_map,
+                                  sentence_weight=base.sentence_weight, rerank=base.rerank, score_dtype=dtype)
+             for dtype in (None, *SCORE_DTYPES)}
+    chosen = bases[None].score_dtype
     texts = shop_messages()[:repeats]
-    intent_ms, retrieval_ms = [], []
+    intent_ms: list[float] = []
+    retrieval_ms: dict[torch.dtype | None, list[float]] = {dtype: [] for dtype in bases}
     for text in texts[:10]:  # warm-up
-        big.best(classifier.predict([text])[0].embedding)
-    for text in texts:
-        started = time.perf_counter()
-        prediction = classifier.predict([text])[0]
-        middle = time.perf_counter()
-        big.best(prediction.embedding)
-        done = time.perf_counter()
-        intent_ms.append((middle - started) * 1000)
-        retrieval_ms.append((done - middle) * 1000)
-    intent, retrieval = statistics.median(intent_ms), statistics.median(retrieval_ms)
-    return {"messages": len(texts), "passages": n_passages, "intent_p50_ms": intent, "retrieval_p50_ms": retrieval,
-            "ratio": retrieval / intent}
+        for big in bases.values():
+            big.best(classifier.predict([text])[0].embedding)
+    # one arithmetic at a time over every message (intent pass, then search), as a server holds one knowledge
+    # base; two rounds, so a drift of the machine's speed does not fall on one arithmetic alone
+    for _ in range(2):
+        for dtype, big in bases.items():
+            for text in texts:
+                started = time.perf_counter()
+                prediction = classifier.predict([text])[0]
+                middle = time.perf_counter()
+                big.best(prediction.embedding)
+                done = time.perf_counter()
+                if dtype is None:
+                    intent_ms.append((middle - started) * 1000)
+                retrieval_ms[dtype].append((done - middle) * 1000)
+    intent = statistics.median(intent_ms)
+    p50 = {dtype: statistics.median(times) for dtype, times in retrieval_ms.items()}
+    return {"messages": len(texts), "passages": n_passages, "intent_p50_ms": intent, "retrieval_p50_ms": p50[None],
+            "ratio": p50[None] / intent, "chosen": str(chosen).removeprefix("torch."),
+            "by_dtype": {str(d).removeprefix("torch."): p50[d] for d in SCORE_DTYPES}}
 
 
 def main() -> int:
@@ -267,9 +282,10 @@ def main() -> int:
     table = header + "".join(
         f"| {r['variant']} | " + " | ".join(f"{float(r[k]):.3f}" for k in columns) + " |\n" for r in rows
     )
+    forced = ", ".join(f"{name} {ms:.3f} ms" for name, ms in timing["by_dtype"].items())
     speed_line = (f"Speed: {timing['messages']} messages one at a time, {timing['passages']:,} passages: intent pass p50 "
-                  f"{timing['intent_p50_ms']:.2f} ms, retrieval p50 {timing['retrieval_p50_ms']:.3f} ms "
-                  f"(ratio {timing['ratio']:.3f}).")
+                  f"{timing['intent_p50_ms']:.2f} ms, retrieval p50 as loaded here (scores in {timing['chosen']}) "
+                  f"{timing['retrieval_p50_ms']:.3f} ms (ratio {timing['ratio']:.3f}); each arithmetic forced: {forced}.")
     shown = folder.resolve().relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
     body = (f"Questions: {shown}/questions (floor, and margin where named, fitted on validation.yaml; val_utility: right "
             f"- cost x wrong on validation at that fit, the basis of every choice; the other columns: test.yaml). "

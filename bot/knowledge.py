@@ -38,13 +38,18 @@ Decisions, and why:
   felts"); the map moves questions towards the passages that answer them. It raised recall@1 on the
   shop pack's validation questions from 0.860 to about 0.93 (docs/knowledge.md). Sentences for the
   quote are still compared with the unmapped vector, in the encoder's own space.
-- Scores in half precision. Right after an intent pass the retrieval matrices come from memory, not
-  cache, so retrieval time is their bytes: the passage, known-question and sentence matrices are
-  stored in the bundle in float16 and multiplied in float16 (torch's matrix-vector product
-  accumulates in float32), reading half the bytes of NumPy's float32 product. Every score is made by one function
-  (`_article_row`), for training's fit of the floor and margin, for evaluation and for serving, so the
-  fitted thresholds hold for the served scores bit for bit; against float32 a score moves by at most
-  about 2e-3 (tests/test_knowledge.py), and the best article did not change for any shop question.
+- The score arithmetic is the machine's, measured at load. The bundle stores the passage,
+  known-question and sentence matrices in float16 (half the bytes). Right after an intent pass they
+  are read from memory, not cache, so retrieval time is their bytes on one CPU, and on another the
+  speed of its float16 kernels: over 5,000 passages torch's float16 matrix-vector product took 0.43 ms
+  against NumPy's float32 0.74 on an AMD EPYC, and 0.68 ms against torch's float32 0.28 on a Xeon with
+  AVX-512 FP16 and AMX (docs/knowledge.md). So a loaded knowledge base times both products over its
+  own passage matrix (`fastest_dtype`, one thread) and scores in the faster one; float32 when the
+  matrix is too small for the difference to matter (then exact, and the choice costs nothing). Training
+  fits the floor and margin on float32 scores of the float16-stored vectors, the reference; float16
+  scores stay within 2e-3 of them (tests/test_knowledge.py), which moved no shop question's best
+  article. Every score is made by one function (`_article_row`), for training's fit, for evaluation
+  and for serving; only its dtype varies.
 - A late look at sentences reranks the best articles. An article's passage is a blurred summary of
   several sentences; the best `rerank` (3) articles add `sentence_weight` (0.5) x their best
   sentence's cosine with the mapped message (the sentence vectors are already in the bundle for the
@@ -59,6 +64,8 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -77,7 +84,9 @@ from .fileio import read_yaml
 KNOWLEDGE_JSON = "knowledge.json"
 KNOWLEDGE_VECTORS = "knowledge.safetensors"
 FORMAT = 1
-SCORE_DTYPE = torch.float16  # the retrieval matrices as scored (and stored in the bundle)
+STORE_DTYPE = torch.float16  # the retrieval matrices as stored in the bundle
+SCORE_DTYPES = (torch.float32, torch.float16)  # the arithmetics `fastest_dtype` chooses from; float32 is the reference
+TIMED_ROWS = 2048  # below this many passage rows a product takes microseconds either way: float32, untimed
 MAX_ARTICLE_BYTES = 1 << 20
 MAX_ARTICLES = 20_000
 
@@ -182,6 +191,26 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def fastest_dtype(matrix: torch.Tensor, repeats: int = 15) -> torch.dtype:
+    """The faster of `SCORE_DTYPES` for matrix-vector products over `matrix` on this machine (median of
+    `repeats` products each, one thread, after one untimed product). Float32 for fewer than `TIMED_ROWS`
+    rows, and on a tie within 10%: the reference arithmetic unless float16 clearly pays."""
+    if matrix.shape[0] < TIMED_ROWS:
+        return torch.float32
+    seconds = {}
+    with _one_thread():
+        for dtype in SCORE_DTYPES:
+            rows, vector = matrix.to(dtype).contiguous(), matrix[0].to(dtype)
+            torch.mv(rows, vector)
+            timings = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                torch.mv(rows, vector)
+                timings.append(time.perf_counter() - started)
+            seconds[dtype] = statistics.median(timings)
+    return torch.float16 if seconds[torch.float16] < 0.9 * seconds[torch.float32] else torch.float32
 
 
 def clears(score: Any, lead: Any, floor: float, margin: float) -> Any:
@@ -370,19 +399,20 @@ class KnowledgeBase:
     question_map: torch.Tensor | None = None  # (dim, dim) W: a message is retrieved as unit(q + q W); None: q itself
     sentence_weight: float = 0.0  # the top `rerank` articles add this x their best sentence; 0: no reranking
     rerank: int = 3  # how many of the best articles the sentence score reranks
+    score_dtype: torch.dtype | None = None  # the products' arithmetic (`SCORE_DTYPES`); None: `fastest_dtype` at load
     articles: list[str] = field(init=False)  # article slugs in passage order: the columns of `article_scores`
     _offsets: list[int] = field(init=False, repr=False)
     _index: dict[str, int] = field(init=False, repr=False)
     _passage_columns: torch.Tensor = field(init=False, repr=False)  # each passage's article column
     _key_columns: torch.Tensor = field(init=False, repr=False)
-    _matrix: torch.Tensor = field(init=False, repr=False)  # `vectors` in half precision, rows grouped by article
-    _map_t: torch.Tensor | None = field(init=False, repr=False)  # `question_map` transposed (q W = W^T q), half precision
+    _matrix: torch.Tensor = field(init=False, repr=False)  # `vectors` in `score_dtype`, rows grouped by article
+    _map_t: torch.Tensor | None = field(init=False, repr=False)  # `question_map` transposed (q W = W^T q), `score_dtype`
     _by_article: np.ndarray = field(init=False, repr=False)  # passage indices grouped by article (column order)
     _starts: np.ndarray = field(init=False, repr=False)  # where each article's group starts in `_by_article`
-    _key_matrix: torch.Tensor = field(init=False, repr=False)  # key rows grouped by article, half precision
+    _key_matrix: torch.Tensor = field(init=False, repr=False)  # key rows grouped by article, `score_dtype`
     _key_starts: np.ndarray = field(init=False, repr=False)  # where each group of keys starts
     _key_owners: np.ndarray = field(init=False, repr=False)  # the article column of each group of keys
-    _sentence_matrix: torch.Tensor = field(init=False, repr=False)  # sentence rows grouped by article, half precision
+    _sentence_matrix: torch.Tensor = field(init=False, repr=False)  # sentence rows grouped by article, `score_dtype`
     _sentence_bounds: np.ndarray = field(init=False, repr=False)  # (articles + 1): each article's sentence rows
 
     def __post_init__(self) -> None:
@@ -410,30 +440,33 @@ class KnowledgeBase:
         self._starts = np.searchsorted(column_of[self._by_article], np.arange(len(self.articles)))
         key_order = np.argsort(self._key_columns.numpy(), kind="stable")
         self._key_owners, self._key_starts = np.unique(self._key_columns.numpy()[key_order], return_index=True)
-        # The scoring matrices in half precision (SCORE_DTYPE): right after an intent pass they are read
-        # from memory, not cache, so retrieval time is their bytes. torch's fp16 matrix-vector product
-        # (fp32 accumulation) reads half of NumPy's float32 gemv (0.43 against 0.74 ms over 5,000
-        # passages in a single thread; docs/knowledge.md). Every score the floor and margin are fitted
-        # on, evaluated with and served comes from `_article_row`, so they are fitted on these very scores.
-        self._matrix = self.vectors[torch.from_numpy(self._by_article)].to(SCORE_DTYPE).contiguous()
-        self._key_matrix = self.keys[torch.from_numpy(key_order)].to(SCORE_DTYPE).contiguous()
+        # The scoring matrices in `score_dtype`, chosen by measuring unless given (training gives float32, the
+        # reference the floor and margin are fitted on). Every score is computed by `_article_row`.
+        if self.score_dtype is None:
+            self.score_dtype = fastest_dtype(self.vectors)
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"knowledge scores are computed in one of {SCORE_DTYPES}, not {self.score_dtype}")
+        dtype = self.score_dtype
+        self._matrix = self.vectors[torch.from_numpy(self._by_article)].to(dtype).contiguous()
+        self._key_matrix = self.keys[torch.from_numpy(key_order)].to(dtype).contiguous()
         if self.question_map is not None:
             dim = self.vectors.shape[1]
             if tuple(self.question_map.shape) != (dim, dim):
                 raise ValueError("the knowledge question map does not match the vectors")
             self.question_map = self.question_map.float().contiguous()
-        self._map_t = self.question_map.T.to(SCORE_DTYPE).contiguous() if self.question_map is not None else None
+        self._map_t = self.question_map.T.to(dtype).contiguous() if self.question_map is not None else None
         if self.rerank < 2 and self.sentence_weight:
             raise ValueError("the sentence reranker needs at least the two best articles (rerank >= 2)")
         sentence_columns = np.repeat(column_of, [len(p.sentences) for p in self.passages])
         sentence_order = np.argsort(sentence_columns, kind="stable")
         self._sentence_bounds = np.searchsorted(sentence_columns[sentence_order], np.arange(len(self.articles) + 1))
         self.sentence_vectors = self.sentence_vectors.float()
-        self._sentence_matrix = self.sentence_vectors[torch.from_numpy(sentence_order)].to(SCORE_DTYPE).contiguous()
+        self._sentence_matrix = self.sentence_vectors[torch.from_numpy(sentence_order)].to(dtype).contiguous()
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle) -> KnowledgeBase | None:
-        """The bundle's knowledge base, or None when it was trained without articles."""
+    def from_bundle(cls, bundle: Bundle, score_dtype: torch.dtype | None = None) -> KnowledgeBase | None:
+        """The bundle's knowledge base, or None when it was trained without articles. `score_dtype`: the
+        products' arithmetic; None measures which is faster here (`fastest_dtype`)."""
         meta_path, vectors_path = bundle.file(KNOWLEDGE_JSON), bundle.file(KNOWLEDGE_VECTORS)
         if meta_path is None or vectors_path is None:
             return None
@@ -455,7 +488,8 @@ class KnowledgeBase:
             return cls(passages, tensors["passages"].float(), tensors["sentences"].float(), float(meta["floor"]), meta,
                        keys=keys, key_articles=key_articles, key_weight=float(meta.get("key_weight", 0.0)),
                        margin=float(meta.get("margin") or 0.0), question_map=question_map,
-                       sentence_weight=float(meta.get("sentence_weight", 0.0)), rerank=int(meta.get("rerank", 3)))
+                       sentence_weight=float(meta.get("sentence_weight", 0.0)), rerank=int(meta.get("rerank", 3)),
+                       score_dtype=score_dtype)
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise BundleError(f"bundle {bundle.path}: {KNOWLEDGE_JSON} is not usable: {exc}") from None
 
@@ -487,7 +521,7 @@ class KnowledgeBase:
     def article_scores(self, queries: torch.Tensor) -> torch.Tensor:
         """(queries, articles), columns as `articles`: an article scores its best passage (+ `key_weight` x its
         best known question, when the bundle has known questions). Row by row through `_article_row`, the
-        code `search` serves, so a floor fitted on these scores is fitted on the served ones, bit for bit."""
+        code `search` serves: with float32 scores, those a floor is fitted on, the served ones bit for bit."""
         rows = queries.reshape(-1, self.vectors.shape[1])
         out = np.zeros((rows.shape[0], len(self.articles)), dtype=np.float32)
         for i in range(rows.shape[0]):
@@ -496,7 +530,7 @@ class KnowledgeBase:
 
     def reference_scores(self, queries: torch.Tensor) -> torch.Tensor:
         """`article_scores` in float32 throughout (torch products over `vectors`, `keys` and `sentence_vectors`):
-        the reference the half-precision scores are held to (tests/test_knowledge.py states the tolerance)."""
+        the reference the float16 scores are held to (tests/test_knowledge.py states the tolerance)."""
         assert self.keys is not None
         rows = self.retrieval_queries(queries)
         scores = self.aggregate(rows @ self.vectors.T, rows @ self.keys.T)
@@ -512,27 +546,27 @@ class KnowledgeBase:
 
     def _article_row(self, query: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """One message vector's passage scores (grouped by article, as `_matrix`) and article scores.
-        The products in half precision (fp32 accumulation; the question map's too, added to the message
-        vector in float32), the per-article max (np.maximum.reduceat) and the weighted sums in float32;
+        The products in `score_dtype` (float16 ones accumulate in float32; the question map's too, added to the
+        message vector in float32), the per-article max (np.maximum.reduceat) and the weighted sums in float32;
         all in the calling thread (`_one_thread`)."""
         with _one_thread():
             vector = query.reshape(-1).float()
             if self._map_t is not None:  # one (dim x dim) product: q + q W, no encoder pass
-                vector = vector + torch.mv(self._map_t, vector.to(SCORE_DTYPE)).float()
+                vector = vector + torch.mv(self._map_t, vector.to(self._map_t.dtype)).float()
                 vector = vector / vector.norm().clamp_min(1e-12)
-            half = vector.to(SCORE_DTYPE)
-            passage = torch.mv(self._matrix, half).float().numpy()
+            cast = vector.to(self._matrix.dtype)
+            passage = torch.mv(self._matrix, cast).float().numpy()
             articles = np.maximum.reduceat(passage, self._starts)
             if len(self._key_owners):
                 best_key = np.zeros_like(articles)
-                keys = torch.mv(self._key_matrix, half).float().numpy()
+                keys = torch.mv(self._key_matrix, cast).float().numpy()
                 best_key[self._key_owners] = np.maximum.reduceat(keys, self._key_starts)
                 articles = articles + np.float32(self.key_weight) * best_key
             if self.sentence_weight:
-                articles = self._reranked(articles, half)
+                articles = self._reranked(articles, cast)
         return passage, articles
 
-    def _reranked(self, articles: np.ndarray, half: torch.Tensor) -> np.ndarray:
+    def _reranked(self, articles: np.ndarray, vector: torch.Tensor) -> np.ndarray:
         """The sentence reranker: each of the `rerank` best articles adds `sentence_weight` x its best sentence's
         cosine with the (mapped) message, a late look at the article at a finer grain than its passages. The
         other articles add the least it could be (x -1, the least cosine), so they still rank below every
@@ -543,13 +577,13 @@ class KnowledgeBase:
         for column in np.argpartition(-articles, count - 1)[:count].tolist():
             start, end = int(self._sentence_bounds[column]), int(self._sentence_bounds[column + 1])
             if end > start:
-                best = float(torch.mv(self._sentence_matrix[start:end], half).max())
+                best = float(torch.mv(self._sentence_matrix[start:end], vector).max())
                 reranked[column] = articles[column] + weight * np.float32(best)
         return reranked
 
     def search(self, query: torch.Tensor, k: int = 3) -> list[Hit]:
         """The k best articles for one query vector, best first, each as its best passage (no floor applied).
-        The scores of `article_scores` (the same `_article_row`): one half-precision product over the
+        The scores of `article_scores` (the same `_article_row`): one product over the
         passages (and one over the known questions), then a max per article over its group of rows."""
         if not self.passages:
             return []

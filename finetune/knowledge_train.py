@@ -47,7 +47,7 @@ from bot.knowledge import (
     FORMAT,
     KNOWLEDGE_JSON,
     KNOWLEDGE_VECTORS,
-    SCORE_DTYPE,
+    STORE_DTYPE,
     Article,
     KnowledgeBase,
     KnowledgeError,
@@ -355,12 +355,13 @@ def build(
         log(f"knowledge: question map learned from {len(examples)} questions in {seconds} s")
         if known:  # known questions are compared with mapped messages: they go through the same map
             keys = map_questions(keys, question_map)
-    # the bundle stores the passage, key and sentence matrices in half precision, as search scores them: the floor and
-    # margin below are fitted on the knowledge base exactly as a server loads it
-    vectors, keys = vectors.to(SCORE_DTYPE).float(), keys.to(SCORE_DTYPE).float()
-    sentence_vectors = sentence_vectors.to(SCORE_DTYPE).float()
+    # the bundle stores the passage, key and sentence matrices in float16: the floor and margin below are fitted on
+    # those stored values, scored in float32 (the reference; a server scores in float32 or float16, whichever is
+    # faster on its CPU, bot/knowledge.py `fastest_dtype`)
+    vectors, keys = vectors.to(STORE_DTYPE).float(), keys.to(STORE_DTYPE).float()
+    sentence_vectors = sentence_vectors.to(STORE_DTYPE).float()
     scoring: dict[str, Any] = {"keys": keys, "key_articles": key_articles, "key_weight": cfg.key_weight, "question_map": question_map,
-               "sentence_weight": cfg.sentence_weight, "rerank": cfg.rerank}
+               "sentence_weight": cfg.sentence_weight, "rerank": cfg.rerank, "score_dtype": torch.float32}
     unfitted = KnowledgeBase(passages, vectors, sentence_vectors, 1.0, **scoring)
     questions_file = folder / QUESTIONS_DIR / "validation.yaml"
     validation: dict[str, Any] | None = None
@@ -388,7 +389,7 @@ def build(
         "wrong_answer_cost": cfg.wrong_answer_cost,
         "retrieval": retrieval,
         "key_weight": cfg.key_weight,
-        "score_dtype": str(SCORE_DTYPE).removeprefix("torch."),
+        "score_dtype": "float32",  # the arithmetic the floor and margin were fitted in
         "sentence_weight": cfg.sentence_weight,
         "rerank": cfg.rerank,
         "adapter": adapter["meta"] if adapter else None,
@@ -402,9 +403,9 @@ def build(
         "keys": [{"article": q.article, "text": q.text} for q in known],
         "validation": validation,
     }
-    tensors = {"passages": vectors.to(SCORE_DTYPE).contiguous(), "sentences": sentence_vectors.to(SCORE_DTYPE).contiguous()}
+    tensors = {"passages": vectors.to(STORE_DTYPE).contiguous(), "sentences": sentence_vectors.to(STORE_DTYPE).contiguous()}
     if known:
-        tensors["keys"] = keys.to(SCORE_DTYPE).contiguous()
+        tensors["keys"] = keys.to(STORE_DTYPE).contiguous()
     if question_map is not None:
         tensors["question_map"] = question_map.contiguous()
     writers: dict[str, Callable[[Path], None]] = {
@@ -454,7 +455,8 @@ def train_question_map(
     """
     # clones: vectors embedded under torch.inference_mode cannot take part in autograd
     base = KnowledgeBase(list(passages), passage_vectors.clone().float(),
-                         torch.zeros(sum(len(p.sentences) for p in passages), passage_vectors.shape[1]), 1.0)
+                         torch.zeros(sum(len(p.sentences) for p in passages), passage_vectors.shape[1]), 1.0,
+                         score_dtype=torch.float32)
     column = {slug: i for i, slug in enumerate(base.articles)}
     target = torch.tensor([column[a] for a in articles])
     rows = questions.clone().float()

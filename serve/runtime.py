@@ -198,7 +198,10 @@ class Runtime:
                 self._fail(_load_failure(exc))
                 return
         self._swap(chatbot)
-        log.info("serving model %s from %s on %s", chatbot.version, self.model_path, chatbot.classifier.backend_name)
+        knowledge = chatbot.knowledge
+        log.info("serving model %s from %s on %s%s", chatbot.version, self.model_path, chatbot.classifier.backend_name,
+                 f"; {len(knowledge.passages)} help-centre passages, scored in {str(knowledge.score_dtype).removeprefix('torch.')}"
+                 if knowledge is not None else "")
         if self.fleet is not None:
             self.fleet.start()
 

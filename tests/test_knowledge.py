@@ -8,6 +8,7 @@ shop pack's own help centre is measured by `supportbot evaluate` (docs/knowledge
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,9 +26,9 @@ from bot.sessions import SQLiteSessionStore
 from finetune.knowledge_train import token_counter
 
 WOOL_URL = "https://help.example.test/articles/wool-care"
-# Retrieval scores in half precision (bot/knowledge.py SCORE_DTYPE): fp16 rounds a unit vector's entries by at
-# most 2^-11 of their size and a score by at most 2^-12, so a cosine moves by at most about 1.2e-3 and an
-# article's score (best passage + 0.5 x best known question) by at most about 1.8e-3 from float32.
+# Retrieval scores in float16, where a CPU computes them faster (bot/knowledge.py `fastest_dtype`): fp16 rounds a
+# unit vector's entries by at most 2^-11 of their size and a score by at most 2^-12, so a cosine moves by at most
+# about 1.2e-3 and an article's score (best passage + 0.5 x best known question) by at most about 1.8e-3 from float32.
 HALF_TOLERANCE = 2e-3
 
 
@@ -408,8 +409,26 @@ def test_training_questions_become_keys_unless_turned_off_and_the_floor_and_marg
             built.base.floor, built.base.margin)
 
 
+def test_a_knowledge_base_scores_in_the_faster_arithmetic_here_and_refuses_any_other():
+    """At load the products' dtype is measured over the passage matrix (float32 or float16, whichever is
+    faster on this CPU); a matrix too small to matter is scored in float32, the reference, untimed."""
+    from bot.knowledge import SCORE_DTYPES, TIMED_ROWS, Passage, fastest_dtype
+
+    generator = torch.Generator().manual_seed(5)
+    assert fastest_dtype(torch.randn(TIMED_ROWS - 1, 384, generator=generator)) == torch.float32
+    rows = 3 * TIMED_ROWS
+    vectors = torch.nn.functional.normalize(torch.randn(rows, 384, generator=generator), dim=1)
+    passages = [Passage(f"a{i % 40}#{i}", f"a{i % 40}", "T", "/t", "", ()) for i in range(rows)]
+    base = KnowledgeBase(passages, vectors, torch.zeros(0, 384), 0.0)
+    assert base.score_dtype in SCORE_DTYPES
+    queries = torch.nn.functional.normalize(torch.randn(5, 384, generator=generator), dim=1)
+    assert float((base.article_scores(queries) - base.reference_scores(queries)).abs().max()) < HALF_TOLERANCE
+    with pytest.raises(ValueError, match="float32"):
+        KnowledgeBase(passages[:3], vectors[:3], torch.zeros(0, 384), 0.0, score_dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize(("with_map", "with_keys"), [(False, False), (True, False), (True, True)])
-def test_the_fast_search_serves_the_article_scores_within_half_precision_of_float32(with_map, with_keys):
+def test_the_fast_search_in_float16_serves_the_article_scores_within_half_precision_of_float32(with_map, with_keys):
     import numpy as np
     import torch
 
@@ -422,11 +441,13 @@ def test_the_fast_search_serves_the_article_scores_within_half_precision_of_floa
     keys = torch.nn.functional.normalize(torch.randn(30, 16, generator=generator), dim=1) if with_keys else None
     key_articles = tuple(f"a{(5 * i) % 6}" for i in range(30)) if with_keys else ()  # a6 has no known question
     base = KnowledgeBase(passages, vectors, torch.zeros(0, 16), 0.0, question_map=question_map, keys=keys,
-                         key_articles=key_articles, key_weight=0.5)
+                         key_articles=key_articles, key_weight=0.5, score_dtype=torch.float16)
     queries = torch.nn.functional.normalize(torch.randn(20, 16, generator=generator), dim=1)
     served, reference = base.article_scores(queries), base.reference_scores(queries)
     assert served.dtype == torch.float32 and float((served - reference).abs().max()) < HALF_TOLERANCE
     assert float((served - reference).abs().max()) > 0  # the half-precision path is the one being served
+    exact = replace(base, score_dtype=torch.float32).article_scores(queries)  # float32: the reference, to rounding
+    assert float((exact - reference).abs().max()) < 1e-5
     for raw, scores in zip(queries, served):
         query = raw
         if with_map:  # search maps the message itself; the brute-force check below needs the mapped vector
@@ -516,13 +537,13 @@ def test_the_shop_help_centre_answers_three_in_four_validation_questions_rightly
     validation = summary["validation"]
     assert validation["recall_at_1"] >= 0.9 and validation["answered_right"] >= 0.75
     assert validation["answered_wrong"] <= 0.05 and validation["unanswerable_abstained"] >= 0.9
-    # the served half-precision scores against float32 on the pack's validation questions: the same best
-    # article for every question
+    # the float16 scores (served where a CPU computes them faster) against float32 on the pack's validation
+    # questions: the same best article for every question
     from bot.knowledge import read_questions
     from finetune.knowledge_train import knowledge_folder
 
     classifier = IntentClassifier.from_bundle(shop_bundle)
-    base = KnowledgeBase.from_bundle(classifier.bundle)
+    base = KnowledgeBase.from_bundle(classifier.bundle, torch.float16)
     folder = knowledge_folder("pack:shop", None)
     assert base is not None and folder is not None
     questions = read_questions(folder / "questions" / "validation.yaml", base.articles)
