@@ -20,6 +20,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +42,15 @@ CLINC = "../shared/data/clinc150/data_full.json"
 LORA_RECIPE = ROOT / "configs" / "lora.yaml"
 
 
+@dataclass(frozen=True)
+class Options:
+    """The command line's options, passed to every bench function (none of them reads a global)."""
+
+    overrides: list[str] = field(default_factory=list)  # --set key=value for the lora, full and clinc runs
+    seeds: list[int] = field(default_factory=lambda: [1])  # --seeds for lora and lora-ablation
+    ablate: list[str] = field(default_factory=list)  # --ablate NAME ...: lora-ablation's rows (default: all)
+
+
 def _run(overrides: list[str], out: Path, recipe: Path | None = None) -> tuple[dict, dict]:
     """Train (timed, without test scoring), then score the bundle on the test split (not timed)."""
     cfg = load_config(recipe, [f"output={out}", *overrides])
@@ -55,7 +66,7 @@ def _mean_sd(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f}% ± {100 * statistics.stdev(values):.2f}"
 
 
-def bench_head(tmp: Path) -> str:
+def bench_head(tmp: Path, opts: Options) -> str:
     rows = ["| head | seed | test accuracy | macro-F1 | epochs | trainable params | wall s (warm cache) |", "|---|---|---|---|---|---|---|"]
     summary_rows = []
     cache = tmp / "cache"
@@ -95,7 +106,7 @@ def bench_head(tmp: Path) -> str:
     )
 
 
-def bench_embed(_tmp: Path) -> str:
+def bench_embed(_tmp: Path, _opts: Options) -> str:
     texts = list(data.load(BANKING)["train"]["text"]) + list(data.load(f"{BANKING}:test")["test"]["text"])
     encoder = Encoder.load(DEFAULT_BASE, max_length=64)
     encoder.embed(texts[:256])  # warm-up
@@ -145,11 +156,12 @@ def bench_single(strategy: str, extra: list[str], tmp: Path, note: str) -> str:
     )
 
 
-def _seeded_rows(label: str, extra: list[str], tmp: Path, recipe: Path | None) -> tuple[list[str], list[float], list[float], list[float]]:
-    """One table row per seed of SEEDS (printed as it finishes): test accuracies, training seconds and
+def _seeded_rows(label: str, extra: list[str], seeds: list[int], tmp: Path,
+                 recipe: Path | None) -> tuple[list[str], list[float], list[float], list[float]]:
+    """One table row per seed (printed as it finishes): test accuracies, training seconds and
     validation accuracies back."""
     rows, accuracies, seconds, validation = [], [], [], []
-    for seed in SEEDS:
+    for seed in seeds:
         summary, scores = _run([f"data={BANKING}", f"seed={seed}", *extra], tmp / f"{label}-{seed}".replace(" ", "_"), recipe)
         accuracies.append(scores["accuracy"])
         seconds.append(summary["seconds"])
@@ -167,25 +179,25 @@ SEED_HEADER = ["| settings | seed | validation accuracy | test accuracy | macro-
                "|---|---|---|---|---|---|---|---|"]
 
 
-def _seeds_note() -> str:
-    return f"seed{'s' if len(SEEDS) > 1 else ''} {', '.join(map(str, SEEDS))}"
+def _seeds_note(seeds: list[int]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
-def bench_lora(tmp: Path) -> str:
+def bench_lora(tmp: Path, opts: Options) -> str:
     """configs/lora.yaml (with any --set) on BANKING77, once per seed: per-seed rows, then mean ± sd."""
-    rows, accuracies, seconds, validation = _seeded_rows("recipe" if not OVERRIDES else " ".join(OVERRIDES), OVERRIDES, tmp, LORA_RECIPE)
-    recipe = load_config(LORA_RECIPE, OVERRIDES)
+    rows, accuracies, seconds, validation = _seeded_rows(" ".join(opts.overrides) or "recipe", opts.overrides, opts.seeds, tmp, LORA_RECIPE)
+    recipe = load_config(LORA_RECIPE, opts.overrides)
     return "\n".join(
         [
             f"BANKING77 train.csv ({100 * recipe.val_fraction:g}% stratified validation, split by the run's seed) -> "
-            f"test.csv (3,080). `configs/lora.yaml`{' with `' + ' '.join(OVERRIDES) + '`' if OVERRIDES else ''}; {_seeds_note()}.",
+            f"test.csv (3,080). `configs/lora.yaml`{' with `' + ' '.join(opts.overrides) + '`' if opts.overrides else ''}; {_seeds_note(opts.seeds)}.",
             "",
             *SEED_HEADER,
             *rows,
             "",
             "| validation accuracy, mean ± sd | test accuracy, mean ± sd | training s, mean | seeds |",
             "|---|---|---|---|",
-            f"| {_mean_sd(validation)} | {_mean_sd(accuracies)} | {statistics.mean(seconds):.0f} | {len(SEEDS)} |",
+            f"| {_mean_sd(validation)} | {_mean_sd(accuracies)} | {statistics.mean(seconds):.0f} | {len(opts.seeds)} |",
         ]
     )
 
@@ -199,20 +211,19 @@ ABLATIONS: dict[str, list[str]] = {
     "epochs": ["epochs=6"],
     "attention": ["lora.target_modules=[query,key,value]"],
 }
-ABLATE: list[str] = []  # --ablate NAME ...: the rows to run (default: all, in the order above)
 
 
-def bench_lora_ablation(tmp: Path) -> str:
+def bench_lora_ablation(tmp: Path, opts: Options) -> str:
     rows: list[str] = []
     summary = ["| settings (one change undone) | validation accuracy | test accuracy | seeds |", "|---|---|---|---|"]
-    for name in ABLATE or list(ABLATIONS):
-        extra = [*ABLATIONS[name], *OVERRIDES]
-        seed_rows, accuracies, _seconds, validation = _seeded_rows(" ".join(extra), extra, tmp, LORA_RECIPE)
+    for name in opts.ablate or list(ABLATIONS):
+        extra = [*ABLATIONS[name], *opts.overrides]
+        seed_rows, accuracies, _seconds, validation = _seeded_rows(" ".join(extra), extra, opts.seeds, tmp, LORA_RECIPE)
         rows.extend(seed_rows)
-        summary.append(f"| `{' '.join(extra)}` | {_mean_sd(validation)} | {_mean_sd(accuracies)} | {_seeds_note()} |")
+        summary.append(f"| `{' '.join(extra)}` | {_mean_sd(validation)} | {_mean_sd(accuracies)} | {_seeds_note(opts.seeds)} |")
     return "\n".join(
         [
-            f"BANKING77 train.csv -> test.csv (3,080). `configs/lora.yaml` with one setting set back per row; {_seeds_note()}.",
+            f"BANKING77 train.csv -> test.csv (3,080). `configs/lora.yaml` with one setting set back per row; {_seeds_note(opts.seeds)}.",
             "",
             *SEED_HEADER,
             *rows,
@@ -222,13 +233,13 @@ def bench_lora_ablation(tmp: Path) -> str:
     )
 
 
-def bench_clinc(tmp: Path) -> str:
-    summary, scores = _run([f"data={CLINC}", "seed=1", *OVERRIDES], tmp / "clinc")
+def bench_clinc(tmp: Path, opts: Options) -> str:
+    summary, scores = _run([f"data={CLINC}", "seed=1", *opts.overrides], tmp / "clinc")
     return "\n".join(
         [
             "CLINC150 data_full.json: train 15,000 + 100 oos (oos excluded from the classes); validation 3,000 + 100 oos "
             f"(temperature, floor and gap fitted there); test 4,500 in-scope + 1,000 oos. `{summary['strategy']}` strategy, seed 1; "
-            f"settings: `{' '.join(OVERRIDES) or 'recipe defaults'}`.",
+            f"settings: `{' '.join(opts.overrides) or 'recipe defaults'}`.",
             "",
             "| metric | value | target |",
             "|---|---|---|",
@@ -241,7 +252,7 @@ def bench_clinc(tmp: Path) -> str:
     )
 
 
-def bench_fewshot(tmp: Path) -> str:
+def bench_fewshot(tmp: Path, opts: Options) -> str:
     rows = ["| strategy | test accuracy | wall s |", "|---|---|---|"]
     for strategy, extra in (("head", []), ("lora", ["epochs=15", "patience=3"])):
         summary, scores = _run([f"data={BANKING}", f"strategy={strategy}", "few_shot=10", "seed=1", *extra], tmp / f"few-{strategy}")
@@ -258,7 +269,7 @@ def bench_fewshot(tmp: Path) -> str:
     )
 
 
-def bench_clinc_curve(tmp: Path) -> str:
+def bench_clinc_curve(tmp: Path, opts: Options) -> str:
     """CLINC150's operating curve on test: in-scope answered-and-right against OOS recall across
     floors, AUROC, and the floor `calibration.target_oos_recall=0.75` fits on validation."""
     from finetune import evaluate
@@ -266,7 +277,7 @@ def bench_clinc_curve(tmp: Path) -> str:
 
     target = 0.75
     out = tmp / "clinc-curve"
-    cfg = load_config(None, [f"output={out}", f"data={CLINC}", "seed=1", f"calibration.target_oos_recall={target}", *OVERRIDES])
+    cfg = load_config(None, [f"output={out}", f"data={CLINC}", "seed=1", f"calibration.target_oos_recall={target}", *opts.overrides])
     result = train(cfg, progress=False, log=lambda m: print("   ", m))
     evaluation = evaluate.run(out, CLINC, latency_sample=20, progress=False)
     oos = evaluation.report.out_of_scope
@@ -282,7 +293,7 @@ def bench_clinc_curve(tmp: Path) -> str:
         [
             "CLINC150 data_full.json: train 15,000 (oos excluded from the classes), validation 3,000 + 100 oos (temperature "
             f"and floor fitted there), test 4,500 in-scope + 1,000 oos. `{cfg.strategy}` strategy, seed 1; settings: "
-            f"`calibration.target_oos_recall={target} {' '.join(OVERRIDES)}`. Plot: "
+            f"`calibration.target_oos_recall={target} {' '.join(opts.overrides)}`. Plot: "
             f"[docs/report/{picture.name}](docs/report/{picture.name}).",
             "",
             f"AUROC (in-scope vs oos by calibrated top confidence, test): **{oos.auroc:.4f}**; in-scope argmax accuracy "
@@ -299,15 +310,12 @@ def bench_clinc_curve(tmp: Path) -> str:
     )
 
 
-OVERRIDES: list[str] = []  # --set key=value for the lora, full and clinc runs
-SEEDS: list[int] = [1]  # --seeds for lora and lora-ablation
-
-BENCHES = {
+BENCHES: dict[str, tuple[str, Callable[[Path, Options], str]]] = {
     "head": ("BANKING77: frozen encoder + head", bench_head),
     "embed": ("Embedding throughput: length-sorted vs fixed-padding batches", bench_embed),
     "lora": ("BANKING77: LoRA adapters + head", bench_lora),
     "lora-ablation": ("BANKING77: LoRA recipe ablation", bench_lora_ablation),
-    "full": ("BANKING77: full fine-tune (baseline)", lambda tmp: bench_single("full", OVERRIDES, tmp, "Every encoder weight trains (configs/full.yaml defaults unless set below).")),
+    "full": ("BANKING77: full fine-tune (baseline)", lambda tmp, opts: bench_single("full", opts.overrides, tmp, "Every encoder weight trains (configs/full.yaml defaults unless set below).")),
     "clinc": ("CLINC150: in-scope accuracy and out-of-scope recall", bench_clinc),
     "clinc-curve": ("CLINC150: the out-of-scope operating curve", bench_clinc_curve),
     "fewshot": ("10-shot BANKING77", bench_fewshot),
@@ -324,18 +332,16 @@ def main() -> None:
     parser.add_argument("--ablate", nargs="+", default=[], choices=sorted(ABLATIONS), metavar="NAME",
                         help=f"lora-ablation: the rows to run ({', '.join(ABLATIONS)}; default all)")
     args = parser.parse_args()
-    OVERRIDES.extend(args.overrides)
-    SEEDS[:] = args.seeds
-    ABLATE.extend(args.ablate)
+    opts = Options(args.overrides, args.seeds, args.ablate)
     for which in args.which:
         title, fn = BENCHES[which]
         print(f"== {title}")
         with tempfile.TemporaryDirectory() as tmp:
-            body = fn(Path(tmp))
+            body = fn(Path(tmp), opts)
         print(body)
         extra = "".join(f" --set {o}" for o in args.overrides) if which in ("lora", "lora-ablation", "full", "clinc", "clinc-curve") else ""
         if which in ("lora", "lora-ablation"):
-            extra += " --seeds " + " ".join(map(str, SEEDS)) + (" --ablate " + " ".join(ABLATE) if which == "lora-ablation" and ABLATE else "")
+            extra += " --seeds " + " ".join(map(str, opts.seeds)) + (" --ablate " + " ".join(opts.ablate) if which == "lora-ablation" and opts.ablate else "")
         append_section(title, f"python bench/bench_train.py {which}{extra}", body)
 
 
