@@ -8,7 +8,7 @@
     python bench/bench_train.py clinc       # CLINC150 full: in-scope accuracy and OOS recall at the fitted floor
     python bench/bench_train.py clinc --set strategy=lora   # the same with LoRA adapters
     python bench/bench_train.py fewshot     # 10-shot BANKING77 with head and lora
-    python bench/bench_train.py clinc-curve [--set strategy=lora]   # CLINC150's operating curve, AUROC, a 75% OOS floor
+    python bench/bench_train.py clinc-curve [--set strategy=lora] [--seeds 1 2 3]   # CLINC150's operating curve, AUROC, a 75% OOS floor
 
 Each appends a section to BENCHMARKS.md (command, machine, date, figures).
 """
@@ -16,6 +16,7 @@ Each appends a section to BENCHMARKS.md (command, machine, date, figures).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,41 +271,85 @@ def bench_fewshot(tmp: Path, opts: Options) -> str:
     )
 
 
+def _oos_point(records: list, recall: float) -> dict[str, float]:
+    """The curve's point at the lowest floor whose OOS recall on these records reaches `recall`: below it,
+    fewer out-of-scope messages fall under the floor. (Read off test, so a description of the curve, not
+    a fitted operating point.)"""
+    from finetune import evaluate
+
+    oos = sorted(r["confidence"] for r in records if r["gold"] == data.OOS_LABEL)
+    needed = math.ceil(recall * len(oos))  # messages that must fall below the floor
+    floor = float(np.nextafter(oos[needed - 1], np.inf))
+    return evaluate.operating_curve(records, [floor])[0]
+
+
 def bench_clinc_curve(tmp: Path, opts: Options) -> str:
-    """CLINC150's operating curve on test: in-scope answered-and-right against OOS recall across
-    floors, AUROC, and the floor `calibration.target_oos_recall=0.75` fits on validation."""
+    """CLINC150's operating curve on test, once per seed: in-scope answered-and-right against OOS recall
+    across floors, AUROC, the floor `calibration.target_oos_recall=0.75` fits on validation, and the
+    curve's point at 75% OOS recall on test. The floor table and the plot are the first seed's."""
     from finetune import evaluate
     from finetune.plots import operating_curve_png
 
     target = 0.75
-    out = tmp / "clinc-curve"
-    cfg = load_config(None, [f"output={out}", f"data={CLINC}", "seed=1", f"calibration.target_oos_recall={target}", *opts.overrides])
-    result = train(cfg, progress=False, log=lambda m: print("   ", m))
-    evaluation = evaluate.run(out, CLINC, latency_sample=20, progress=False)
-    oos = evaluation.report.out_of_scope
-    assert oos is not None and oos.auroc is not None
-    floor = float(result.summary["confidence_floor"])
-    fitted = evaluate.operating_curve(evaluation.records, [floor])[0]
-    picture = ROOT / "docs" / "report" / f"clinc_operating_curve_{cfg.strategy}.png"
-    operating_curve_png(evaluation.records, floor, oos.auroc, picture)
-    in_scope = [r for r in evaluation.records if r["gold"] != data.OOS_LABEL]
-    argmax = statistics.mean(r["top3"][0][0] == r["gold"] for r in in_scope)
-    rows = [f"| {p.floor:.1f} | {100 * p.in_scope_answered_right:.2f}% | {100 * p.oos_recall:.2f}% |" for p in oos.curve]
+    seed_rows, aurocs, at_fitted, at_target, recalls = [], [], [], [], []
+    first: list[str] = []
+    strategy = ""
+    for seed in opts.seeds:
+        out = tmp / f"clinc-curve-{seed}"
+        cfg = load_config(None, [f"output={out}", f"data={CLINC}", f"seed={seed}",
+                                 f"calibration.target_oos_recall={target}", *opts.overrides])
+        strategy = cfg.strategy
+        result = train(cfg, progress=False, log=lambda m: print("   ", m))
+        evaluation = evaluate.run(out, CLINC, latency_sample=20, progress=False)
+        oos = evaluation.report.out_of_scope
+        assert oos is not None and oos.auroc is not None
+        floor = float(result.summary["confidence_floor"])
+        fitted = evaluate.operating_curve(evaluation.records, [floor])[0]
+        point = _oos_point(evaluation.records, target)
+        in_scope = [r for r in evaluation.records if r["gold"] != data.OOS_LABEL]
+        argmax = statistics.mean(r["top3"][0][0] == r["gold"] for r in in_scope)
+        aurocs.append(oos.auroc)
+        at_fitted.append(fitted["in_scope_answered_right"])
+        recalls.append(fitted["oos_recall"])
+        at_target.append(point["in_scope_answered_right"])
+        seed_rows.append(
+            f"| {seed} | {oos.auroc:.4f} | {100 * argmax:.2f}% | {floor:.3f}: {100 * fitted['in_scope_answered_right']:.2f}% / "
+            f"{100 * fitted['oos_recall']:.2f}% | {point['floor']:.3f}: {100 * point['in_scope_answered_right']:.2f}% / "
+            f"{100 * point['oos_recall']:.2f}% |")
+        print(seed_rows[-1], flush=True)
+        if not first:
+            picture = ROOT / "docs" / "report" / f"clinc_operating_curve_{cfg.strategy}.png"
+            operating_curve_png(evaluation.records, floor, oos.auroc, picture)
+            rows = [f"| {p.floor:.1f} | {100 * p.in_scope_answered_right:.2f}% | {100 * p.oos_recall:.2f}% |" for p in oos.curve]
+            first = [
+                f"Seed {seed} across floors (plot: [docs/report/{picture.name}](docs/report/{picture.name})):",
+                "",
+                "| floor | in-scope answered and right | OOS recall |",
+                "|---|---|---|",
+                *rows,
+                f"| **{floor:.3f}** (fitted for OOS recall >= {target:.0%} on validation) | "
+                f"**{100 * fitted['in_scope_answered_right']:.2f}%** | **{100 * fitted['oos_recall']:.2f}%** |",
+            ]
+    summary = []
+    if len(opts.seeds) > 1:
+        summary = ["", f"| mean ± sd ({_seeds_note(opts.seeds)}) | {statistics.mean(aurocs):.4f} ± {statistics.stdev(aurocs):.4f} | | "
+                   f"{_mean_sd(at_fitted)} / {_mean_sd(recalls)} | right {_mean_sd(at_target)} |"]
     return "\n".join(
         [
             "CLINC150 data_full.json: train 15,000 (oos excluded from the classes), validation 3,000 + 100 oos (temperature "
-            f"and floor fitted there), test 4,500 in-scope + 1,000 oos. `{cfg.strategy}` strategy, seed 1; settings: "
-            f"`calibration.target_oos_recall={target} {' '.join(opts.overrides)}`. Plot: "
-            f"[docs/report/{picture.name}](docs/report/{picture.name}).",
+            f"and floor fitted there), test 4,500 in-scope + 1,000 oos. `{strategy}` strategy, {_seeds_note(opts.seeds)}; "
+            f"settings: `calibration.target_oos_recall={target} {' '.join(opts.overrides)}`. AUROC: in-scope vs oos by "
+            "calibrated top confidence, test. Argmax: in-scope accuracy (the ceiling of answered-and-right). The last "
+            f"column reads the test curve at the lowest floor reaching {target:.0%} OOS recall there (a description of "
+            "the curve, not a fitted floor).",
             "",
-            f"AUROC (in-scope vs oos by calibrated top confidence, test): **{oos.auroc:.4f}**; in-scope argmax accuracy "
-            f"{100 * argmax:.2f}% (the ceiling of answered-and-right).",
+            f"| seed | AUROC | argmax | fitted floor (OOS recall >= {target:.0%} on validation): answered and right / OOS recall "
+            f"on test | at {target:.0%} OOS recall on test: floor: answered and right / OOS recall |",
+            "|---|---|---|---|---|",
+            *seed_rows,
+            *summary,
             "",
-            "| floor | in-scope answered and right | OOS recall |",
-            "|---|---|---|",
-            *rows,
-            f"| **{floor:.3f}** (fitted for OOS recall >= {target:.0%} on validation) | **{100 * fitted['in_scope_answered_right']:.2f}%** "
-            f"| **{100 * fitted['oos_recall']:.2f}%** |",
+            *first,
             "",
             "Goal (issue 14, with LoRA): in-scope answered and right >= 95.0% at OOS recall >= 75% on test.",
         ]
@@ -328,7 +374,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe overrides for the lora, full and clinc runs, e.g. --set epochs=10")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1], metavar="N",
-                        help="lora, lora-ablation: train once per seed (data split, init, batch order); mean ± sd over them")
+                        help="lora, lora-ablation, clinc-curve: train once per seed (data split, init, batch order); mean ± sd over them")
     parser.add_argument("--ablate", nargs="+", default=[], choices=sorted(ABLATIONS), metavar="NAME",
                         help=f"lora-ablation: the rows to run ({', '.join(ABLATIONS)}; default all)")
     args = parser.parse_args()
@@ -340,7 +386,7 @@ def main() -> None:
             body = fn(Path(tmp), opts)
         print(body)
         extra = "".join(f" --set {o}" for o in args.overrides) if which in ("lora", "lora-ablation", "full", "clinc", "clinc-curve") else ""
-        if which in ("lora", "lora-ablation"):
+        if which in ("lora", "lora-ablation", "clinc-curve"):
             extra += " --seeds " + " ".join(map(str, opts.seeds)) + (" --ablate " + " ".join(opts.ablate) if which == "lora-ablation" and opts.ablate else "")
         append_section(title, f"python bench/bench_train.py {which}{extra}", body)
 
