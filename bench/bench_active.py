@@ -26,7 +26,9 @@ Per seed s (1, 2, 3):
      Which stream message a queued item is comes from its turn's seq (`Stream.position`).
    - margin: the 300 stream messages with the smallest top-1 minus top-2 margin under the 10-shot
      model, in one round (uncertainty sampling without grouping; a reference point);
-   - random: 300 drawn at random (seed s); rounds change nothing for it.
+   - random: 300 drawn at random (seed s); rounds change nothing for it. With --random-draws N, N
+     draws per seed (the first is this one), each retrained; their mean is the arm's expected accuracy,
+     reported beside the single draw.
    A label is one message labelled: the page can label a whole group in one action, but each member
    is one more training example, so it costs one label each (a group of 5 is 5 of the 300).
    Why rounds (decision, measured on validation seeds 11-13 with bench/bench_active_orders.py): a team
@@ -102,6 +104,7 @@ class Protocol:
     order: str = "label"  # the queue's listed order the queue arm walks (bot.review.ORDERS)
     similarity: float = SIMILARITY  # the queue's near-duplicate grouping (the serving default)
     arms: tuple[str, ...] = DEFAULT_ARMS
+    random_draws: int = 1  # random draws of the budget per seed; the random arm is their mean accuracy
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,7 @@ def run_seed(seed: int, protocol: Protocol, train_rows: list[tuple[str, str]], t
     picks: dict[str, Callable[[], list[int]]] = {
         "queue": lambda: in_rounds(walk, classifier, retrain, protocol.rounds, budget),
         "margin": lambda: [int(i) for i in np.argsort(stream.margins)[:budget]],
-        "random": lambda: random.Random(seed).sample(range(len(stream.rows)), budget),
+        "random": lambda: random_draw(seed, 0, len(stream.rows), budget),
         "margin_by_intent": lambda: by_intent(stream.margins, predicted, budget),
     }
     for arm in protocol.arms:
@@ -303,7 +306,23 @@ def run_seed(seed: int, protocol: Protocol, train_rows: list[tuple[str, str]], t
         bundle = train_on(seed_rows + [stream.rows[i] for i in chosen], seed, folder, f"{arm}-{seed}")
         results[arm] = accuracy(classifier_of(bundle, cache, encoder), test)
         print(f"  seed {seed} {arm}: {100 * float(results[arm]):.2f}%", flush=True)
+    if "random" in protocol.arms and protocol.random_draws > 1:
+        # the random arm's expected accuracy: its first draw (above) and more, each retrained the same way
+        draws = [float(results["random"])]
+        for draw in range(1, protocol.random_draws):
+            chosen = random_draw(seed, draw, len(stream.rows), budget)
+            bundle = train_on(seed_rows + [stream.rows[i] for i in chosen], seed, folder, f"random{draw}-{seed}")
+            draws.append(accuracy(classifier_of(bundle, cache, encoder), test))
+            print(f"  seed {seed} random draw {draw}: {100 * draws[-1]:.2f}%", flush=True)
+        results["random_draws"] = draws
+        results["random_mean"] = statistics.mean(draws)
     return results
+
+
+def random_draw(seed: int, draw: int, size: int, budget: int) -> list[int]:
+    """The random arm's messages: draw 0 is the seed's own draw (the arm as first reported); the others are
+    further independent draws, for the arm's expected accuracy."""
+    return random.Random(seed if draw == 0 else f"{seed}-{draw}").sample(range(size), budget)
 
 
 def load_banking(max_length: int = MAX_LENGTH) -> tuple[list[tuple[str, str]], Any, Encoder, EmbeddingCache]:
@@ -323,6 +342,11 @@ def report(protocol: Protocol, seeds: list[int], per_seed: dict[int, dict[str, A
 
     budget = protocol.budget
     gains = [100 * (float(per_seed[s]["queue"]) - float(per_seed[s]["random"])) for s in seeds]
+    draws = protocol.random_draws
+    expected = [] if draws == 1 else [
+        f"| {budget} at random, the mean of {draws} draws per seed (the draw above and {draws - 1} more) "
+        f"| {cell('random_mean')} |"]
+    mean_gains = [100 * (float(per_seed[s]["queue"]) - float(per_seed[s]["random_mean"])) for s in seeds] if expected else []
     lines = [
         f"BANKING77: a {protocol.shots}-shot `head` model (seed s), {protocol.stream:,} other train messages as the "
         f"live stream, {budget} of them labelled, retrained, top-1 accuracy on the full test split ({test_size:,}); "
@@ -335,9 +359,16 @@ def report(protocol: Protocol, seeds: list[int], per_seed: dict[int, dict[str, A
         f"between rounds | {cell('queue')} |",
         f"| {budget} with the smallest margin (no grouping) | {cell('margin')} |",
         f"| {budget} at random | {cell('random')} |",
+        *expected,
         "",
         "queue - random per seed: " + ", ".join(f"seed {s}: {g:+.2f}" for s, g in zip(seeds, gains))
         + f" (mean {statistics.mean(gains):+.2f} points).",
+        *([] if not expected else [
+            f"queue - the mean of {draws} random draws per seed: "
+            + ", ".join(f"seed {s}: {g:+.2f}" for s, g in zip(seeds, mean_gains))
+            + f" (mean {statistics.mean(mean_gains):+.2f} points); each seed's draws: "
+            + "; ".join(f"seed {s}: " + ", ".join(f"{100 * float(a):.2f}" for a in per_seed[s]["random_draws"])
+                        for s in seeds) + "."]),
         "The queue per seed: " + "; ".join(
             f"seed {s}: {q['queued']} queued ({q['fallback']} fallback, {q['clarify']} clarify, {q['low_margin']} "
             f"low margin) in {q['groups']} groups at the first round" for s in seeds for q in [per_seed[s]["queue_info"]]),
@@ -354,11 +385,17 @@ def main() -> None:
                         "a retrain between them (default 3: 3 x 100)")
     parser.add_argument("--order", choices=ORDERS, default=Protocol.order,
                         help=f"the queue's listed order the queue arm walks (default {Protocol.order})")
+    parser.add_argument("--random-draws", type=int, default=Protocol.random_draws, metavar="N",
+                        help="draws of the random arm per seed (default 1); with more, the report adds their mean "
+                        "accuracy, the random arm's expected figure, and the queue's lead over it")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    protocol = Protocol(rounds=args.rounds, order=args.order, arms=tuple(args.arms or DEFAULT_ARMS))
+    if args.random_draws < 1:
+        parser.error("--random-draws must be at least 1")
+    protocol = Protocol(rounds=args.rounds, order=args.order, arms=tuple(args.arms or DEFAULT_ARMS),
+                        random_draws=args.random_draws)
 
     train_rows, test, encoder, cache = load_banking()
     per_seed = {}
