@@ -407,11 +407,15 @@ def test_training_questions_become_keys_unless_turned_off_and_the_floor_and_marg
         validation = built.meta["validation"]
         assert (validation["floor"], validation["margin"]) == (built.meta["floor"], built.meta["margin"]) == (
             built.base.floor, built.base.margin)
+        # fitted on float32 scores, whatever this CPU would choose, and knowledge.json says so
+        assert built.base.score_dtype == torch.float32 and built.base.meta["score_dtype"] == "float32"
 
 
-def test_a_knowledge_base_scores_in_the_faster_arithmetic_here_and_refuses_any_other():
+def test_a_knowledge_base_scores_in_the_faster_arithmetic_here_and_refuses_any_other(monkeypatch):
     """At load the products' dtype is measured over the passage matrix (float32 or float16, whichever is
-    faster on this CPU); a matrix too small to matter is scored in float32, the reference, untimed."""
+    faster on this CPU); a matrix too small to matter is scored in float32, the reference, untimed; a given
+    dtype is used as given, without measuring."""
+    from bot import knowledge
     from bot.knowledge import SCORE_DTYPES, TIMED_ROWS, Passage, fastest_dtype
 
     generator = torch.Generator().manual_seed(5)
@@ -425,6 +429,15 @@ def test_a_knowledge_base_scores_in_the_faster_arithmetic_here_and_refuses_any_o
     assert float((base.article_scores(queries) - base.reference_scores(queries)).abs().max()) < HALF_TOLERANCE
     with pytest.raises(ValueError, match="float32"):
         KnowledgeBase(passages[:3], vectors[:3], torch.zeros(0, 384), 0.0, score_dtype=torch.bfloat16)
+
+    def not_measured(_matrix):
+        raise AssertionError("a given score_dtype must not be measured")
+
+    monkeypatch.setattr(knowledge, "fastest_dtype", not_measured)
+    for dtype in SCORE_DTYPES:
+        assert KnowledgeBase(passages, vectors, torch.zeros(0, 384), 0.0, score_dtype=dtype)._matrix.dtype == dtype
+    with pytest.raises(AssertionError, match="must not be measured"):  # and without one, it is
+        KnowledgeBase(passages, vectors, torch.zeros(0, 384), 0.0)
 
 
 @pytest.mark.parametrize(("with_map", "with_keys"), [(False, False), (True, False), (True, True)])
