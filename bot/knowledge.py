@@ -193,12 +193,9 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def fastest_dtype(matrix: torch.Tensor, repeats: int = 15) -> torch.dtype:
-    """The faster of `SCORE_DTYPES` for matrix-vector products over `matrix` on this machine (median of
-    `repeats` products each, one thread, after one untimed product). Float32 for fewer than `TIMED_ROWS`
-    rows, and on a tie within 10%: the reference arithmetic unless float16 clearly pays."""
-    if matrix.shape[0] < TIMED_ROWS:
-        return torch.float32
+def product_seconds(matrix: torch.Tensor, repeats: int = 15) -> dict[torch.dtype, float]:
+    """Median seconds of one matrix-vector product over `matrix` in each of `SCORE_DTYPES` on this machine
+    (`repeats` products each, one thread, after one untimed product)."""
     seconds = {}
     with _one_thread():
         for dtype in SCORE_DTYPES:
@@ -210,7 +207,29 @@ def fastest_dtype(matrix: torch.Tensor, repeats: int = 15) -> torch.dtype:
                 torch.mv(rows, vector)
                 timings.append(time.perf_counter() - started)
             seconds[dtype] = statistics.median(timings)
+    return seconds
+
+
+def faster_of(seconds: dict[torch.dtype, float]) -> torch.dtype:
+    """The choice between measured products: float16 only when it is at least 10% faster; otherwise float32,
+    the reference arithmetic, so a tie within measurement noise keeps the exact scores."""
     return torch.float16 if seconds[torch.float16] < 0.9 * seconds[torch.float32] else torch.float32
+
+
+_MEASURED: dict[tuple[int, ...], torch.dtype] = {}  # passage matrix shape -> the choice measured in this process
+
+
+def fastest_dtype(matrix: torch.Tensor, repeats: int = 15) -> torch.dtype:
+    """The faster of `SCORE_DTYPES` for products over `matrix` here: float32 untimed below `TIMED_ROWS` rows,
+    else `faster_of(product_seconds(...))`, measured once per matrix shape in a process. A server measures
+    at start-up, before traffic; a hot reload of a bundle with as many passages reuses that choice instead
+    of timing again on cores busy with live requests (the time depends on the shape, not the values)."""
+    if matrix.shape[0] < TIMED_ROWS:
+        return torch.float32
+    shape = tuple(matrix.shape)
+    if shape not in _MEASURED:
+        _MEASURED[shape] = faster_of(product_seconds(matrix, repeats))
+    return _MEASURED[shape]
 
 
 def clears(score: Any, lead: Any, floor: float, margin: float) -> Any:

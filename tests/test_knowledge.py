@@ -413,31 +413,41 @@ def test_training_questions_become_keys_unless_turned_off_and_the_floor_and_marg
 
 def test_a_knowledge_base_scores_in_the_faster_arithmetic_here_and_refuses_any_other(monkeypatch):
     """At load the products' dtype is measured over the passage matrix (float32 or float16, whichever is
-    faster on this CPU); a matrix too small to matter is scored in float32, the reference, untimed; a given
-    dtype is used as given, without measuring."""
+    faster on this CPU, float16 only when at least 10% faster); a matrix too small to matter is scored in
+    float32, the reference, untimed; a reload of the same shape keeps the first measurement; a given dtype
+    is used as given, without measuring."""
     from bot import knowledge
-    from bot.knowledge import SCORE_DTYPES, TIMED_ROWS, Passage, fastest_dtype
+    from bot.knowledge import SCORE_DTYPES, TIMED_ROWS, Passage, fastest_dtype, faster_of, product_seconds
 
+    monkeypatch.setattr(knowledge, "_MEASURED", {})
+    f32, f16 = torch.float32, torch.float16
+    assert faster_of({f32: 1.0, f16: 0.85}) == f16
+    assert faster_of({f32: 1.0, f16: 0.95}) == f32  # within 10%: the reference arithmetic
+    assert faster_of({f32: 0.28, f16: 0.68}) == f32  # this Xeon's float16 product (docs/knowledge.md)
     generator = torch.Generator().manual_seed(5)
     assert fastest_dtype(torch.randn(TIMED_ROWS - 1, 384, generator=generator)) == torch.float32
     rows = 3 * TIMED_ROWS
     vectors = torch.nn.functional.normalize(torch.randn(rows, 384, generator=generator), dim=1)
+    seconds = product_seconds(vectors, repeats=3)
+    assert set(seconds) == set(SCORE_DTYPES) and all(0 < s < 1 for s in seconds.values())
     passages = [Passage(f"a{i % 40}#{i}", f"a{i % 40}", "T", "/t", "", ()) for i in range(rows)]
     base = KnowledgeBase(passages, vectors, torch.zeros(0, 384), 0.0)
-    assert base.score_dtype in SCORE_DTYPES
+    assert base.score_dtype in SCORE_DTYPES and base._matrix.dtype == base.score_dtype
     queries = torch.nn.functional.normalize(torch.randn(5, 384, generator=generator), dim=1)
     assert float((base.article_scores(queries) - base.reference_scores(queries)).abs().max()) < HALF_TOLERANCE
     with pytest.raises(ValueError, match="float32"):
         KnowledgeBase(passages[:3], vectors[:3], torch.zeros(0, 384), 0.0, score_dtype=torch.bfloat16)
 
-    def not_measured(_matrix):
-        raise AssertionError("a given score_dtype must not be measured")
+    def not_measured(_matrix, _repeats=15):
+        raise AssertionError("must not be measured")
 
-    monkeypatch.setattr(knowledge, "fastest_dtype", not_measured)
+    monkeypatch.setattr(knowledge, "product_seconds", not_measured)
+    again = KnowledgeBase(passages, vectors.flip(0), torch.zeros(0, 384), 0.0)  # a reload: same shape, new values
+    assert again.score_dtype == base.score_dtype
     for dtype in SCORE_DTYPES:
-        assert KnowledgeBase(passages, vectors, torch.zeros(0, 384), 0.0, score_dtype=dtype)._matrix.dtype == dtype
-    with pytest.raises(AssertionError, match="must not be measured"):  # and without one, it is
-        KnowledgeBase(passages, vectors, torch.zeros(0, 384), 0.0)
+        assert KnowledgeBase(passages[:-1], vectors[:-1], torch.zeros(0, 384), 0.0, score_dtype=dtype)._matrix.dtype == dtype
+    with pytest.raises(AssertionError, match="must not be measured"):  # another shape, no dtype given: it is
+        KnowledgeBase(passages[:-1], vectors[:-1], torch.zeros(0, 384), 0.0)
 
 
 @pytest.mark.parametrize(("with_map", "with_keys"), [(False, False), (True, False), (True, True)])
