@@ -76,7 +76,8 @@ def utility(figures: dict[str, float], cost: float) -> float:
 def scored(name: str, val: torch.Tensor, test: torch.Tensor, articles: list[str], qs: dict[str, list[Question]],
            cost: float, margin: bool) -> dict[str, float | str]:
     """Floor (and margin) fitted on validation; the validation utility it reaches; the test figures."""
-    floor, lead = kt.fit_floor(val, articles, qs["validation"], cost, margin=margin)
+    fit = kt.fit_floor(val, articles, qs["validation"], cost, margin=margin)
+    floor, lead = fit.floor, fit.margin
     fitted = kt.retrieval_metrics(val, articles, qs["validation"], floor, lead)
     test_figures = kt.retrieval_metrics(test, articles, qs["test"], floor, lead)
     return {"variant": name, "val_utility": utility(fitted, cost), "val_recall_at_1": fitted["recall_at_1"],

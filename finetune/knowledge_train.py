@@ -243,9 +243,20 @@ def cross_validated(
             "utility_sd": float(utility.std(ddof=1)) if repeats > 1 else 0.0}
 
 
+@dataclass(frozen=True)
+class FloorFit:
+    """What `fit_floor` chose, and the evidence: `held_out` is each rule's `cross_validated` figures
+    ("floor alone", "floor + margin") when a margin was weighed, else empty. Training writes it into
+    knowledge.json's validation figures, so a bundle says why it does or does not carry a margin."""
+
+    floor: float
+    margin: float
+    held_out: dict[str, dict[str, float]]
+
+
 def fit_floor(
     scores: torch.Tensor, articles: Sequence[str], questions: Sequence[Question], cost: float, *, margin: bool = False
-) -> tuple[float, float]:
+) -> FloorFit:
     """(floor, margin) maximising right - cost x wrong over validation questions (wrong: a wrong article,
     or any citation for an unanswerable question). Answering needs the best article's score >= floor
     and, with `margin`, its lead over the second article >= the margin; margin candidates are the
@@ -255,11 +266,13 @@ def fit_floor(
     if not questions:
         raise KnowledgeError("no validation questions to fit the retrieval floor on")
     floor, chosen, _ = _fit_pair(scores, articles, questions, cost, margin)
+    held_out: dict[str, dict[str, float]] = {}
     if chosen and len(questions) > 1:
-        with_margin = cross_validated(scores, articles, questions, cost, margin=True)["utility"]
-        if with_margin <= cross_validated(scores, articles, questions, cost, margin=False)["utility"] + 1e-9:
+        held_out = {rule: cross_validated(scores, articles, questions, cost, margin=with_margin)
+                    for rule, with_margin in (("floor alone", False), ("floor + margin", True))}
+        if held_out["floor + margin"]["utility"] <= held_out["floor alone"]["utility"] + 1e-9:
             floor, chosen, _ = _fit_pair(scores, articles, questions, cost, False)
-    return floor, chosen
+    return FloorFit(floor, chosen, held_out)
 
 
 # ---- the bundle files ----------------------------------------------------------------------
@@ -372,9 +385,10 @@ def build(
         questions = read_questions(questions_file, slugs)
         query_vectors = embed(serving, [q.text for q in questions])  # as queries are embedded when serving
         scores = unfitted.article_scores(query_vectors)
-        floor, margin = fit_floor(scores, unfitted.articles, questions, cfg.wrong_answer_cost, margin=cfg.fit_margin)
+        fit = fit_floor(scores, unfitted.articles, questions, cfg.wrong_answer_cost, margin=cfg.fit_margin)
+        floor, margin = fit.floor, fit.margin
         method = "fitted on validation questions"
-        validation = retrieval_metrics(scores, unfitted.articles, questions, floor, margin)
+        validation = {**retrieval_metrics(scores, unfitted.articles, questions, floor, margin), "held_out": fit.held_out}
     else:
         raise KnowledgeError(
             f"{folder}: no {QUESTIONS_DIR}/validation.yaml to fit the retrieval floor on; "

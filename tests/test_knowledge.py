@@ -351,16 +351,17 @@ def test_a_margin_is_kept_when_it_separates_wrong_answers_on_questions_it_was_no
     wrong = [(float(t), 0.005 + 0.002 * i) for i, t in enumerate(np.linspace(0.82, 0.93, 6))]
     scores = _two_article_scores(right + wrong)
     questions = [Question(f"r{i}", "a") for i in range(12)] + [Question(f"w{i}", "b" if i % 2 else None) for i in range(6)]
-    floor, margin = fit_floor(scores, ["a", "b"], questions, 3.0, margin=False)
-    assert margin == 0.0 and retrieval_metrics(scores, ["a", "b"], questions, floor)["answered_right"] < 0.5
-    floor, margin = fit_floor(scores, ["a", "b"], questions, 3.0, margin=True)
-    assert 0.015 < margin < 0.1
-    fitted = retrieval_metrics(scores, ["a", "b"], questions, floor, margin)
+    alone = fit_floor(scores, ["a", "b"], questions, 3.0, margin=False)
+    assert alone.margin == 0.0 and alone.held_out == {} and retrieval_metrics(scores, ["a", "b"], questions, alone.floor)["answered_right"] < 0.5
+    fit = fit_floor(scores, ["a", "b"], questions, 3.0, margin=True)
+    assert 0.015 < fit.margin < 0.1
+    fitted = retrieval_metrics(scores, ["a", "b"], questions, fit.floor, fit.margin)
     assert (fitted["answered_right"], fitted["answered_wrong"], fitted["unanswerable_abstained"]) == (12 / 15, 0.0, 1.0)
     held_out = cross_validated(scores, ["a", "b"], questions, 3.0, margin=True)
     assert held_out["utility"] > cross_validated(scores, ["a", "b"], questions, 3.0, margin=False)["utility"]
+    assert fit.held_out["floor + margin"] == held_out  # the evidence the choice was made on travels with it
     clean = _two_article_scores([(0.9, 0.6), (0.8, 0.6), (0.3, 0.2)])  # the floor alone is enough: no margin rule
-    assert fit_floor(clean, ["a", "b"], [*questions[:2], Question("none", None)], 3.0, margin=True)[1] == 0.0
+    assert fit_floor(clean, ["a", "b"], [*questions[:2], Question("none", None)], 3.0, margin=True).margin == 0.0
 
 
 def test_a_margin_that_only_fits_the_questions_it_was_fitted_on_is_dropped():
@@ -374,8 +375,10 @@ def test_a_margin_that_only_fits_the_questions_it_was_fitted_on_is_dropped():
     scores = _two_article_scores([*right, (0.9, 0.05)])
     questions = [*(Question(f"r{i}", "a") for i in range(10)), Question("none", None)]
     assert _fit_pair(scores, ["a", "b"], questions, 3.0, True)[1] > 0.0  # in-sample, a margin wins
-    floor, margin = fit_floor(scores, ["a", "b"], questions, 3.0, margin=True)
-    assert margin == 0.0 and floor < 0.8
+    fit = fit_floor(scores, ["a", "b"], questions, 3.0, margin=True)
+    assert fit.margin == 0.0 and fit.floor < 0.8
+    held_out = fit.held_out  # the evidence: held out, the margin did not pay
+    assert held_out["floor + margin"]["utility"] <= held_out["floor alone"]["utility"]
 
 
 def test_the_policy_does_not_cite_a_passage_that_clears_the_floor_without_the_margin(classifier, tmp_path):
@@ -407,6 +410,11 @@ def test_training_questions_become_keys_unless_turned_off_and_the_floor_and_marg
         validation = built.meta["validation"]
         assert (validation["floor"], validation["margin"]) == (built.meta["floor"], built.meta["margin"]) == (
             built.base.floor, built.base.margin)
+        held_out = validation["held_out"]  # knowledge.json says why the bundle carries a margin or not
+        if held_out:
+            assert (validation["margin"] > 0) == (held_out["floor + margin"]["utility"] > held_out["floor alone"]["utility"])
+        else:
+            assert validation["margin"] == 0.0
         # fitted on float32 scores, whatever this CPU would choose, and knowledge.json says so
         assert built.base.score_dtype == torch.float32 and built.base.meta["score_dtype"] == "float32"
 
@@ -417,7 +425,7 @@ def test_a_knowledge_base_scores_in_the_faster_arithmetic_here_and_refuses_any_o
     float32, the reference, untimed; a reload of the same shape keeps the first measurement; a given dtype
     is used as given, without measuring."""
     from bot import knowledge
-    from bot.knowledge import SCORE_DTYPES, TIMED_ROWS, Passage, fastest_dtype, faster_of, product_seconds
+    from bot.knowledge import SCORE_DTYPES, TIMED_ROWS, Passage, faster_of, fastest_dtype, product_seconds
 
     monkeypatch.setattr(knowledge, "_MEASURED", {})
     f32, f16 = torch.float32, torch.float16
