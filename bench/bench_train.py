@@ -336,8 +336,9 @@ def bench_clinc_curve(tmp: Path, opts: Options) -> str:
                    f"{_mean_sd(at_fitted)} / {_mean_sd(recalls)} | right {_mean_sd(at_target)} |"]
     return "\n".join(
         [
-            "CLINC150 data_full.json: train 15,000 (oos excluded from the classes), validation 3,000 + 100 oos (temperature "
-            f"and floor fitted there), test 4,500 in-scope + 1,000 oos. `{strategy}` strategy, {_seeds_note(opts.seeds)}; "
+            "CLINC150 data_full.json: train 15,000 + 100 oos, validation 3,000 + 100 oos, test 4,500 in-scope + 1,000 oos. "
+            "Nothing trains on oos: the temperature is fitted on validation, the floor on validation and on both splits' 200 "
+            f"oos (finetune/train.py `calibrate`). `{strategy}` strategy, {_seeds_note(opts.seeds)}; "
             f"settings: `calibration.target_oos_recall={target} {' '.join(opts.overrides)}`. AUROC: in-scope vs oos by "
             "calibrated top confidence, test. Argmax: in-scope accuracy (the ceiling of answered-and-right). The last "
             f"column reads the test curve at the lowest floor reaching {target:.0%} OOS recall there (a description of "

@@ -95,16 +95,27 @@ def start_run(cfg: TrainConfig, prepared: Prepared, *, progress: bool, log: Call
 
 
 def calibrate(run: Run, fitted: Fitted, serving: nn.Module, inputs: Inputs) -> Trained:
-    """Temperature on in-scope validation logits of the serving model, then floor and gap (with the OOS examples)."""
-    val_in = inputs.length_order("val", run.prepared.in_scope("val"))
-    val_oos = inputs.length_order("val", run.prepared.out_of_scope("val"))
-    y_val = run.prepared.y_val[val_in]
+    """Temperature on in-scope validation logits of the serving model, then floor and gap, with the out-of-scope
+    examples of both splits.
+
+    No strategy trains on out-of-scope examples (there is no "out of scope" class to learn: they only calibrate),
+    so those in the training split are as unseen as the validation ones, and the floor is fitted on all of them.
+    That is where most of them are: CLINC150 holds 100 in train and 100 in validation, and a pack without a
+    validation split keeps 90% of its out-of-scope examples in train (the shop pack: 138 of 153). With 100
+    alone, a floor fitted for `calibration.target_oos_recall` 0.75 landed at 73.1% ± 0.8 on CLINC150's test.
+    """
+    prepared = run.prepared
+    val_in = inputs.length_order("val", prepared.in_scope("val"))
+    y_val = prepared.y_val[val_in]
     val_logits = logits(run, serving, inputs, "val", val_in)
     temperature = fit_temperature(val_logits, y_val)
     val_probs = torch.softmax(val_logits / temperature, -1).numpy()
-    oos_probs = torch.softmax(logits(run, serving, inputs, "val", val_oos) / temperature, -1).numpy() if val_oos else None
+    oos_logits = [logits(run, serving, inputs, split, inputs.length_order(split, prepared.out_of_scope(split)))
+                  for split in ("val", "train") if prepared.out_of_scope(split)]
+    oos_probs = torch.softmax(torch.cat(oos_logits) / temperature, -1).numpy() if oos_logits else None
     thresholds = choose_thresholds(val_probs, y_val.numpy(), oos_probs, run.cfg.calibration)
     metrics = training_metrics(val_probs, y_val.numpy(), oos_probs, thresholds.confidence_floor)
+    metrics["out_of_scope_examples"] = 0 if oos_probs is None else len(oos_probs)
     return Trained(run, fitted, serving, inputs, temperature, thresholds, metrics)
 
 

@@ -362,9 +362,11 @@ def test_clinc_report_carries_the_operating_curve_and_auroc(clinc_eval):
     assert "Out-of-scope operating curve" in page and "AUROC" in page
 
 
-def _validation_oos_recall(bundle_dir: Path, slice_path: Path) -> float:
+def _calibration_oos_recall(bundle_dir: Path, slice_path: Path) -> float:
+    """Out-of-scope recall over every out-of-scope example calibration reads: validation's and train's (never trained on)."""
     classifier = IntentClassifier.from_bundle(bundle_dir)
-    texts = [text for text, _ in json.loads(slice_path.read_text())["oos_val"]]
+    rows = json.loads(slice_path.read_text())
+    texts = [text for text, _ in rows["oos_val"] + rows["oos_train"]]
     floor = classifier.confidence_floor
     return float(np.mean([p.confidence < floor for p in classifier.predictions_from_logits(classifier.logits(texts), top_k=3)]))
 
@@ -375,8 +377,22 @@ def test_a_higher_oos_recall_target_gives_a_floor_at_least_as_high(tmp_path, cli
         bundle_dir = train_bundle(tmp_path / f"target-{target}", f"data={clinc_slice}", f"calibration.target_oos_recall={target}")
         calibration = bundle_mod.load(bundle_dir).calibration
         assert "lowest floor with out-of-scope recall" in calibration.method and "not reached" not in calibration.method
-        assert _validation_oos_recall(bundle_dir, clinc_slice) >= target
+        assert _calibration_oos_recall(bundle_dir, clinc_slice) >= target
         floors[target] = calibration.confidence_floor
     assert floors[0.25] >= floors[0.1]
     balanced = bundle_mod.load(clinc_bundle).calibration  # no target: today's balanced point
     assert "out-of-scope recall on validation" in balanced.method and "lowest floor" not in balanced.method
+
+
+def test_out_of_scope_training_examples_calibrate_the_floor_with_the_validation_ones(tmp_path, clinc_slice, clinc_bundle):
+    """No strategy trains on out-of-scope examples, so train's are unseen: the floor is fitted on both splits' (20 + 30
+    here), and a data set whose out-of-scope examples are all in train still gets a floor that weighs them."""
+    validation = bundle_mod.load(clinc_bundle).manifest.metrics["validation"]
+    assert validation["out_of_scope_examples"] == 50
+    assert validation["oos_recall"] == pytest.approx(_calibration_oos_recall(clinc_bundle, clinc_slice), abs=1e-6)
+    rows = json.loads(clinc_slice.read_text())
+    only_train = tmp_path / "oos_in_train_only.json"
+    only_train.write_text(json.dumps({**rows, "oos_val": []}))
+    bundle = bundle_mod.load(train_bundle(tmp_path / "only-train", f"data={only_train}"))
+    assert bundle.manifest.metrics["validation"]["out_of_scope_examples"] == 20
+    assert "out-of-scope recall" in bundle.calibration.method  # the balanced point with out-of-scope examples
