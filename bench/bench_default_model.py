@@ -33,7 +33,7 @@ from bench.record import append_section  # noqa: E402
 from bot.chatbot import Chatbot, load_domain  # noqa: E402
 from bot.classifier import IntentClassifier  # noqa: E402
 from bot.domains import pack_path  # noqa: E402
-from bot.policy import ACTIONS, ANSWER  # noqa: E402
+from bot.policy import ACTIONS, Action  # noqa: E402
 from bot.sessions import SQLiteSessionStore  # noqa: E402
 from finetune import data  # noqa: E402
 from finetune.config import load_config  # noqa: E402
@@ -52,7 +52,7 @@ def dialogue_mix(classifier: IntentClassifier, texts: list[str], labels: list[st
         reply = bot.respond(f"bench-{i}", text, prediction=prediction)
         group = "oos" if label == data.OOS_LABEL else "in"
         counts[group][reply.action] += 1
-        if group == "in" and reply.action == ANSWER:
+        if group == "in" and reply.action == Action.ANSWER:
             counts[group]["right" if reply.intent == label else "wrong"] += 1
     store.close()
     out = {}
