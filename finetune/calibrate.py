@@ -70,7 +70,7 @@ def choose_thresholds(
     method = f"max right - {cfg.wrong_answer_cost:g} x wrong (+/-{cfg.clarify_value:g} per clarify) on validation"
     if oos_probs is not None and len(oos_probs):
         score = score + _utility_grid(oos_probs, None, cfg).mean(axis=0)
-        method = "max in-scope utility + out-of-scope recall on validation"
+        method = "max in-scope utility + out-of-scope recall on held-out examples (validation, and the out-of-scope examples nothing trains on)"
     best = score.max()
     floors, gaps = _grid(cfg)
     best_cells = score >= best - 1e-9
@@ -102,7 +102,7 @@ def _floor_for_oos_recall(
     best = score.max()
     gi = _median_index(np.flatnonzero(score >= best - 1e-9))
     verdict = "reached" if len(reached) else f"not reached (max_floor {floors[fi]:g} gives {recalls[fi]:.4f})"
-    method = f"lowest floor with out-of-scope recall >= {target:g} on validation: {verdict}"
+    method = f"lowest floor with out-of-scope recall >= {target:g} on the held-out out-of-scope examples: {verdict}"
     return Thresholds(float(floors[fi]), float(gaps[gi]), method, float(best))
 
 

@@ -381,7 +381,7 @@ def test_a_higher_oos_recall_target_gives_a_floor_at_least_as_high(tmp_path, cli
         floors[target] = calibration.confidence_floor
     assert floors[0.25] >= floors[0.1]
     balanced = bundle_mod.load(clinc_bundle).calibration  # no target: today's balanced point
-    assert "out-of-scope recall on validation" in balanced.method and "lowest floor" not in balanced.method
+    assert "out-of-scope recall on held-out examples" in balanced.method and "lowest floor" not in balanced.method
 
 
 def test_out_of_scope_training_examples_calibrate_the_floor_with_the_validation_ones(tmp_path, clinc_slice, clinc_bundle):
