@@ -1,4 +1,4 @@
-"""Calibration fitted on validation data: a temperature, a confidence floor, an ambiguity gap.
+"""Calibration fitted on held-out data (validation, and out-of-scope examples nothing trains on): a temperature, a confidence floor, an ambiguity gap.
 
 These are data of a model version (like Rasa's fallback thresholds), stored in the bundle,
 never constants in code.
