@@ -233,12 +233,13 @@ class ChatwootClient:
         return await self.http.get(self._url(account_id, conversation_id, "messages"),
                                    headers={"api_access_token": self.token})
 
-    async def has_reply(self, action: Action) -> bool:
-        """Whether an outgoing message with this action's text was created since its first attempt.
+    async def find_reply(self, action: Action, after: str | None) -> str | None:
+        """The id of an outgoing message with this action's text that Chatwoot created for it, or None.
 
-        Chatwoot's `created_at` is in whole seconds, so the comparison starts at the second of the
-        first attempt: a reply whose text equals the bot's previous reply in the same conversation,
-        sent within that same second, would be taken for this one (the window that remains).
+        `after` is the receipt (message id) of the conversation's previous delivered reply: Chatwoot's
+        ids only grow, so a match created after it is this action's, even when the bot said the same
+        thing twice in a row. Without one (the conversation's first reply), a match must be created no
+        earlier than the second of the first attempt (Chatwoot's `created_at` is in whole seconds).
         Raises httpx errors (the outbox retries) and treats an unreadable answer as "not there"."""
         p = action.payload
         response = await self.latest_messages(int(p["account_id"]), int(p["conversation_id"]))
@@ -246,31 +247,42 @@ class ChatwootClient:
             raise httpx.HTTPStatusError("listing messages failed", request=response.request, response=response)
         try:
             messages = response.json().get("payload") or []
-        except ValueError:
-            return False
+        except (ValueError, AttributeError):
+            return None
+        floor = _message_id(after)
         since = int(action.first_attempt_at or action.created_at)
         for message in messages:
             if not isinstance(message, dict):
                 continue
-            outgoing = message.get("message_type") in (1, "outgoing")
+            if (message.get("message_type") not in (1, "outgoing") or message.get("private")
+                    or message.get("content") != p["content"]):
+                continue
+            number = _message_id(message.get("id"))
             created = message.get("created_at")
-            if (outgoing and not message.get("private") and message.get("content") == p["content"]
-                    and isinstance(created, int | float) and created >= since):
-                return True
-        return False
+            if floor is not None:
+                if number is not None and number > floor:
+                    return str(number)
+            elif isinstance(created, int | float) and created >= since:
+                return "" if number is None else str(number)
+        return None
 
     def checkers(self) -> dict[str, Checker]:
         """Before re-sending an uncertain reply: is it in the conversation already?"""
 
-        async def check_message(action: Action) -> bool:
+        async def find_message(action: Action, after: str | None) -> str | None:
             try:
-                return await self.has_reply(action)
+                return await self.find_reply(action, after)
             except httpx.HTTPStatusError as exc:  # cannot tell: send (a double beats a lost reply)
                 if exc.response.status_code in (429,) or exc.response.status_code >= 500:
                     raise httpx.TransportError("listing messages failed") from None
-                return False
+                return None
 
-        return {KIND_MESSAGE: check_message}
+        def message_receipt(response: httpx.Response) -> str | None:
+            answer = response.json()
+            number = _message_id(answer.get("id")) if isinstance(answer, dict) else None
+            return None if number is None else str(number)
+
+        return {KIND_MESSAGE: Checker(find=find_message, receipt=message_receipt)}
 
     def senders(self) -> dict[str, Sender]:
         """The outbox senders for Chatwoot actions."""
@@ -284,6 +296,17 @@ class ChatwootClient:
             return await self.open_conversation(int(p["account_id"]), int(p["conversation_id"]))
 
         return {KIND_MESSAGE: send_message, KIND_OPEN: open_conversation}
+
+
+def _message_id(value: Any) -> int | None:
+    """A Chatwoot message id (an integer, or its text), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
 
 
 def handoff_after(action: Action) -> list[NewAction]:

@@ -110,6 +110,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             sha256 TEXT NOT NULL,
             promoted_at DOUBLE PRECISION NOT NULL)""",
     )),
+    Migration(2, "outbox receipts: the platform's id of each delivered action", (
+        "ALTER TABLE actions ADD COLUMN receipt TEXT",
+        "CREATE INDEX actions_receipts ON actions (conversation, id) WHERE receipt IS NOT NULL",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -18,6 +18,10 @@ Why this shape:
   timed out after the request went out, is `uncertain`: the platform may have it already. Before
   sending it again the worker asks the platform when it can (Chatwoot: the conversation's latest
   messages, `checkers`) and records it as sent when the reply is there.
+- Each sent action keeps the platform's `receipt` (Chatwoot: the id of the message it created), so
+  that check looks only at what the platform created after the conversation's previous delivered
+  action: the bot often says the same thing twice in a row, and an earlier identical reply must
+  never be taken for a lost one (a reply that never arrives is the one outcome worse than a double).
 - An action is marked sent as soon as the receiver answers 2xx and is never sent again. Timeouts,
   connection errors, 429 and 5xx are retried with exponential backoff (capped, with jitter,
   honouring Retry-After) until the retry horizon has passed since the action was queued (hours by
@@ -28,8 +32,8 @@ Why this shape:
 - The window where an action can still be sent twice: a crash, or a timeout, between the
   receiver's 2xx and our commit of it, for a platform that cannot be asked what it has
   (generic callbacks carry a delivery id for the receiver to dedupe on). For Chatwoot, the check
-  before a resend closes it, except for one reply whose text equals the bot's previous reply in the
-  same conversation within the same second (Chatwoot's `created_at` has one-second resolution).
+  before a resend closes it: by receipt, or, for a conversation's first reply (no receipt before
+  it), by text and time (Chatwoot's `created_at`, one-second resolution).
 
 The SQL is shared text with `:name` parameters, run by the SQLite store here through `sqlite3`
 and by the PostgreSQL store (serve/postgres.py) through SQLAlchemy; only the claim differs.
@@ -70,7 +74,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 log = logging.getLogger("supportbot.outbox")
 
-SQLITE_SCHEMA_VERSION = 2
+SQLITE_SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS actions (
@@ -94,13 +98,15 @@ CREATE TABLE IF NOT EXISTS seen (
 CREATE INDEX IF NOT EXISTS seen_age ON seen (seen_at);
 """
 
-# Version 2 (leases, priority, uncertain sends): added to a version-1 file in place.
-SCHEMA_V2_COLUMNS = (
+# Columns of later versions, added to an older file in place: version 2 (leases, priority,
+# uncertain sends), version 3 (receipts).
+ADDED_COLUMNS = (
     ("priority", "INTEGER NOT NULL DEFAULT 0"),
     ("first_attempt_at", "REAL"),
     ("uncertain", "INTEGER NOT NULL DEFAULT 0"),
     ("lease_owner", "TEXT"),
     ("lease_until", "REAL"),
+    ("receipt", "TEXT"),
 )
 
 # ---- the SQL both stores run (`:name` parameters: sqlite3 and SQLAlchemy's text() take them alike)
@@ -130,10 +136,15 @@ SQL_LEASE = (
 )
 SQL_MARK_SENT = (
     "UPDATE actions SET state = 'sent', attempts = attempts + 1, finished_at = :now, last_error = NULL, "
-    "lease_owner = NULL, lease_until = NULL WHERE id = :id"
+    "receipt = :receipt, lease_owner = NULL, lease_until = NULL WHERE id = :id"
 )
 SQL_MARK_RECOVERED = (
-    "UPDATE actions SET state = 'sent', finished_at = :now, lease_owner = NULL, lease_until = NULL WHERE id = :id"
+    "UPDATE actions SET state = 'sent', finished_at = :now, receipt = :receipt, lease_owner = NULL, "
+    "lease_until = NULL WHERE id = :id"
+)
+SQL_LAST_RECEIPT = (
+    "SELECT receipt FROM actions WHERE conversation = :conversation AND kind = :kind AND id < :id "
+    "AND state = 'sent' AND receipt IS NOT NULL ORDER BY id DESC LIMIT 1"
 )
 SQL_MARK_RETRY = (
     "UPDATE actions SET attempts = attempts + 1, next_attempt_at = :next, last_error = :error, uncertain = :uncertain, "
@@ -147,7 +158,7 @@ SQL_RELEASE = "UPDATE actions SET lease_until = :now WHERE id = :id AND lease_ow
 SQL_PENDING_STATS = "SELECT COUNT(*), MIN(created_at) FROM actions WHERE state = 'pending'"
 SQL_ACTIONS = (
     "SELECT id, conversation, kind, payload, state, attempts, created_at, finished_at, last_error, priority, "
-    "uncertain, lease_owner FROM actions"
+    "uncertain, lease_owner, receipt FROM actions"
 )
 SQL_PRUNE_SEEN = "DELETE FROM seen WHERE seen_at < :cutoff"
 SQL_PRUNE_ACTIONS = "DELETE FROM actions WHERE state <> 'pending' AND finished_at < :cutoff"
@@ -251,8 +262,9 @@ class Store(Protocol):
                result: dict[str, Any] | None = None) -> Accepted | Duplicate: ...
     def heads(self, *, now: float, busy: set[str] | frozenset[str] = frozenset(), limit: int = 100) -> list[Action]: ...
     def next_due_at(self, busy: set[str] | frozenset[str] = frozenset()) -> float | None: ...
-    def mark_sent(self, action_id: int, *, now: float) -> None: ...
-    def mark_recovered(self, action_id: int, *, now: float) -> None: ...
+    def mark_sent(self, action_id: int, *, now: float, receipt: str | None = None) -> None: ...
+    def mark_recovered(self, action_id: int, *, now: float, receipt: str | None = None) -> None: ...
+    def last_receipt(self, action: Action) -> str | None: ...
     def mark_retry(self, action_id: int, *, next_attempt_at: float, error: str, uncertain: bool = False) -> None: ...
     def mark_failed(self, action_id: int, *, now: float, error: str,
                     follow_ups: Sequence[NewAction] = ()) -> list[int]: ...
@@ -305,7 +317,7 @@ class OutboxStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 columns = {row[1] for row in self._db.execute("PRAGMA table_info(actions)")}
-                for name, declaration in SCHEMA_V2_COLUMNS:
+                for name, declaration in ADDED_COLUMNS:
                     if name not in columns:
                         self._db.execute(f"ALTER TABLE actions ADD COLUMN {name} {declaration}")
                 self._db.execute("CREATE INDEX IF NOT EXISTS actions_heads ON actions (state, conversation, "
@@ -386,12 +398,19 @@ class OutboxStore:
             rows = self._db.execute(SQL_NEXT_DUE).fetchall()
         return next((due for conversation, due in rows if conversation not in busy), None)
 
-    def mark_sent(self, action_id: int, *, now: float) -> None:
-        self._update(SQL_MARK_SENT, {"now": now, "id": action_id})
+    def mark_sent(self, action_id: int, *, now: float, receipt: str | None = None) -> None:
+        self._update(SQL_MARK_SENT, {"now": now, "receipt": receipt, "id": action_id})
 
-    def mark_recovered(self, action_id: int, *, now: float) -> None:
+    def mark_recovered(self, action_id: int, *, now: float, receipt: str | None = None) -> None:
         """The receiver already had it (found by a check after an uncertain send): sent, no new attempt."""
-        self._update(SQL_MARK_RECOVERED, {"now": now, "id": action_id})
+        self._update(SQL_MARK_RECOVERED, {"now": now, "receipt": receipt, "id": action_id})
+
+    def last_receipt(self, action: Action) -> str | None:
+        """The receipt of the latest action of `action`'s kind delivered before it in its conversation."""
+        with self._lock:
+            row = self._db.execute(SQL_LAST_RECEIPT, {"conversation": action.conversation, "kind": action.kind,
+                                                      "id": action.id}).fetchone()
+        return None if row is None else str(row[0])
 
     def mark_retry(self, action_id: int, *, next_attempt_at: float, error: str, uncertain: bool = False) -> None:
         self._update(SQL_MARK_RETRY, {"next": next_attempt_at, "error": error, "uncertain": int(uncertain),
@@ -479,8 +498,17 @@ class OutboxMetrics:
 Sender = Callable[[Action], Awaitable[httpx.Response]]
 """Sends one action and returns the receiver's response; transport errors propagate as httpx errors."""
 
-Checker = Callable[[Action], Awaitable[bool]]
-"""Asks the receiver whether an uncertain action already arrived (True: it did; do not send again)."""
+
+@dataclass(frozen=True)
+class Checker:
+    """How to ask a receiver whether an uncertain action already arrived, for one kind of action."""
+
+    find: Callable[[Action, str | None], Awaitable[str | None]]
+    """(action, the receipt of the conversation's previous delivered action of this kind, if any) ->
+    the receipt of the copy that arrived (its id at the receiver), or None: not there, send it."""
+    receipt: Callable[[httpx.Response], str | None]
+    """The receiver's id for what a 2xx answer says it created (None when the answer names none)."""
+
 
 Handoff = Callable[[Action], Sequence[NewAction]]
 """The follow-ups to queue when an action fails for good (e.g. open the conversation to humans)."""
@@ -515,7 +543,8 @@ class Outbox:
     _last_prune: float = field(default=0.0, init=False)
     _stopping: bool = field(default=False, init=False)
     _held: dict[str, float] = field(default_factory=dict, init=False)  # conversation -> resume time
-    _unrecorded: dict[int, str] = field(default_factory=dict, init=False)  # delivered action id -> conversation
+    _unrecorded: dict[int, tuple[str, str | None]] = field(default_factory=dict, init=False)
+    """Delivered actions whose 'sent' mark the database refused: id -> (conversation, receipt)."""
     _locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(default_factory=weakref.WeakValueDictionary,
                                                                    init=False)
     _lock_gate: asyncio.Semaphore | None = field(default=None, init=False)
@@ -621,7 +650,7 @@ class Outbox:
             await asyncio.to_thread(self.store.prune, now=now, retention_s=self.retention_s)
         await self._record_unrecorded(now)
         self._held = {c: until for c, until in self._held.items() if until > now}
-        blocked = set(self._busy) | set(self._held) | set(self._unrecorded.values())
+        blocked = set(self._busy) | set(self._held) | {c for c, _ in self._unrecorded.values()}
         free = self.concurrency - len(self._busy)
         if free > 0:
             for action in await asyncio.to_thread(self.store.heads, now=now, busy=blocked, limit=free):
@@ -639,9 +668,9 @@ class Outbox:
 
     async def _record_unrecorded(self, now: float) -> None:
         """Retry recording sends the receiver accepted while the database refused the write."""
-        for action_id, conversation in list(self._unrecorded.items()):
+        for action_id, (conversation, receipt) in list(self._unrecorded.items()):
             try:
-                await asyncio.to_thread(self.store.mark_sent, action_id, now=now)
+                await asyncio.to_thread(self.store.mark_sent, action_id, now=now, receipt=receipt)
             except Exception:
                 return
             del self._unrecorded[action_id]
@@ -666,9 +695,9 @@ class Outbox:
         its conversation waits until the 'sent' mark is written; otherwise the conversation rests
         for the longest backoff instead of hammering the receiver with a state we cannot advance."""
         if isinstance(exc, _DeliveredUnrecorded):
-            self._unrecorded[action.id] = action.conversation
+            self._unrecorded[action.id] = (action.conversation, exc.receipt)
             log.error("outbox action %s (%s) was delivered but could not be recorded (%s); holding %s until it is",
-                      action.id, action.kind, type(exc).__name__, action.conversation)
+                      action.id, action.kind, exc, action.conversation)
         else:
             self._held[action.conversation] = self.clock() + self.policy.backoff_cap_s
             log.error("outbox action %s (%s): recording the attempt failed (%s); pausing %s for %.0f s",
@@ -679,12 +708,15 @@ class Outbox:
         checker = self.checkers.get(action.kind)
         if not action.uncertain or checker is None:
             return False
-        if not await checker(action):
+        previous = await asyncio.to_thread(self.store.last_receipt, action)
+        receipt = await checker.find(action, previous)
+        if receipt is None:
             return False
         try:
-            await asyncio.to_thread(self.store.mark_recovered, action.id, now=self.clock())
+            await asyncio.to_thread(self.store.mark_recovered, action.id, now=self.clock(),
+                                    receipt=receipt or None)
         except Exception as exc:
-            raise _DeliveredUnrecorded(type(exc).__name__) from exc
+            raise _DeliveredUnrecorded(type(exc).__name__, receipt) from exc
         if self.metrics:
             self.metrics.recovered.labels(action.kind).inc()
         log.warning("outbox action %s (%s, %s): an earlier uncertain send had arrived; not sending it again",
@@ -709,10 +741,11 @@ class Outbox:
         else:
             status = response.status_code
             if 200 <= status < 300:
+                receipt = self._receipt(action, response)
                 try:
-                    await asyncio.to_thread(self.store.mark_sent, action.id, now=self.clock())
+                    await asyncio.to_thread(self.store.mark_sent, action.id, now=self.clock(), receipt=receipt)
                 except Exception as exc:
-                    raise _DeliveredUnrecorded(type(exc).__name__) from exc
+                    raise _DeliveredUnrecorded(type(exc).__name__, receipt) from exc
                 if self.metrics:
                     self.metrics.sent.labels(action.kind).inc()
                 return
@@ -721,6 +754,17 @@ class Outbox:
             failure = _Failure(f"HTTP {status}: {response.text[:200]}", f"HTTP {status}", retryable=retryable,
                                retry_after=_retry_after(response, now=self.clock()) if retryable else None)
         await self._after_failure(action, failure, uncertain=uncertain)
+
+    def _receipt(self, action: Action, response: httpx.Response) -> str | None:
+        """The receiver's id for what it created; None when it names none (a later check then falls
+        back to text and time). Never raises: the action was delivered whatever the answer says."""
+        checker = self.checkers.get(action.kind)
+        if checker is None:
+            return None
+        try:
+            return checker.receipt(response)
+        except Exception:
+            return None
 
     async def _after_failure(self, action: Action, failure: _Failure, *, uncertain: bool = False) -> None:
         """Schedule the next attempt, or record the failure for good (and queue the handoff).
@@ -757,6 +801,10 @@ class Outbox:
 
 class _DeliveredUnrecorded(Exception):
     """The receiver accepted the action, but marking it sent failed."""
+
+    def __init__(self, reason: str, receipt: str | None):
+        super().__init__(reason)
+        self.receipt = receipt
 
 
 @dataclass(frozen=True)

@@ -211,11 +211,17 @@ class PostgresOutboxStore:
         with unavailable_as("recording an outbox attempt"), self.engine.begin() as conn:
             conn.execute(text(sql), params)
 
-    def mark_sent(self, action_id: int, *, now: float) -> None:
-        self._update(ob.SQL_MARK_SENT, {"now": now, "id": action_id})
+    def mark_sent(self, action_id: int, *, now: float, receipt: str | None = None) -> None:
+        self._update(ob.SQL_MARK_SENT, {"now": now, "receipt": receipt, "id": action_id})
 
-    def mark_recovered(self, action_id: int, *, now: float) -> None:
-        self._update(ob.SQL_MARK_RECOVERED, {"now": now, "id": action_id})
+    def mark_recovered(self, action_id: int, *, now: float, receipt: str | None = None) -> None:
+        self._update(ob.SQL_MARK_RECOVERED, {"now": now, "receipt": receipt, "id": action_id})
+
+    def last_receipt(self, action: ob.Action) -> str | None:
+        with unavailable_as("reading the outbox"), self.engine.connect() as conn:
+            row = conn.execute(text(ob.SQL_LAST_RECEIPT), {"conversation": action.conversation, "kind": action.kind,
+                                                           "id": action.id}).fetchone()
+        return None if row is None else str(row[0])
 
     def mark_retry(self, action_id: int, *, next_attempt_at: float, error: str, uncertain: bool = False) -> None:
         self._update(ob.SQL_MARK_RETRY, {"next": next_attempt_at, "error": error, "uncertain": uncertain,

@@ -269,11 +269,11 @@ class FlakyStore(OutboxStore):
 
     failures = 2
 
-    def mark_sent(self, action_id: int, *, now: float) -> None:
+    def mark_sent(self, action_id: int, *, now: float, receipt: str | None = None) -> None:
         if self.failures:
             self.failures -= 1
             raise sqlite3.OperationalError("database or disk is full")
-        super().mark_sent(action_id, now=now)
+        super().mark_sent(action_id, now=now, receipt=receipt)
 
 
 def test_a_delivered_action_whose_sent_mark_fails_is_never_sent_again(tmp_path):
@@ -282,12 +282,15 @@ def test_a_delivered_action_whose_sent_mark_fails_is_never_sent_again(tmp_path):
             h = Harness(tmp_path / "outbox.sqlite3", chatwoot)
             h.store = FlakyStore(tmp_path / "outbox.sqlite3")
             h.outbox.store = h.store
+            h.outbox.checkers = ChatwootClient(chatwoot.url, chatwoot.token, h.http).checkers()
             h.outbox.start()
             await h.outbox.submit(["d1"], [message(1, "once"), message(1, "then me")])
             assert await until(lambda: len(h.store.actions("sent")) == 2)
             await asyncio.sleep(0.3)
             await h.close()
             assert chatwoot.replies() == ["once", "then me"]
+            ids = [m["id"] for m in chatwoot.messages[(1, 1)]]
+            assert [r["receipt"] for r in h.store.actions()] == [str(i) for i in ids], "receipts kept through the wait"
 
     run(scenario())
 
@@ -315,6 +318,36 @@ def test_a_reply_chatwoot_took_after_the_timeout_is_not_posted_again(tmp_path):
             assert h.metric("supportbot_outbox_recovered_total", kind=KIND_MESSAGE) == 1
             [row] = h.store.actions()
             assert row["state"] == "sent"
+
+    run(scenario())
+
+
+def test_an_identical_earlier_reply_is_not_taken_for_a_lost_one(tmp_path):
+    """The bot says the same thing twice in a row, within one second, and the second post gets no
+    answer (Chatwoot created nothing, but the timed-out send may have arrived). The check before the
+    retry must not take the first reply, already there with the same text and second, for the second
+    one: both arrive. Chatwoot's message ids, recorded as receipts, tell them apart."""
+
+    async def scenario():
+        with MockChatwoot() as chatwoot:
+            chatwoot.hang_s = 0.4
+            h = Harness(tmp_path / "outbox.sqlite3", chatwoot, timeout=0.2)
+            h.outbox.checkers = ChatwootClient(chatwoot.url, chatwoot.token, h.http).checkers()
+            h.outbox.start()
+            while time.time() % 1.0 > 0.3:  # both posts inside one of Chatwoot's one-second timestamps
+                await asyncio.sleep(0.01)
+            await h.outbox.submit(["d1"], [message(9, "Happy to help!")])
+            assert await until(lambda: len(h.store.actions("sent")) == 1)
+            chatwoot.fail_next(1, "hang", path_contains="/messages")
+            await h.outbox.submit(["d2"], [message(9, "Happy to help!")])
+            assert await until(lambda: len(h.store.actions("sent")) == 2)
+            await asyncio.sleep(0.3)  # room for a wrong extra post
+            await h.close()
+            assert chatwoot.replies(1, 9) == ["Happy to help!", "Happy to help!"]
+            assert chatwoot.received("list"), "the retry asked Chatwoot first"
+            assert h.metric("supportbot_outbox_recovered_total", kind=KIND_MESSAGE) == 0
+            first, second = h.store.actions()
+            assert first["receipt"] and second["receipt"] and int(second["receipt"]) > int(first["receipt"])
 
     run(scenario())
 
@@ -362,3 +395,24 @@ def test_retries_continue_to_the_horizon_then_the_conversation_goes_to_humans(tm
             assert h.metric("supportbot_outbox_handoffs_total", kind=KIND_MESSAGE) >= 1
 
     run(scenario())
+
+
+def test_a_version_2_outbox_file_gains_receipts_in_place_and_keeps_its_queue(tmp_path):
+    path = tmp_path / "outbox.sqlite3"
+    store = OutboxStore(path)
+    store.commit(["d1"], [message(1, "queued before the upgrade")], now=time.time())
+    store.close()
+    old = sqlite3.connect(path)
+    old.execute("ALTER TABLE actions DROP COLUMN receipt")
+    old.execute("PRAGMA user_version = 2")
+    old.commit()
+    old.close()
+    store = OutboxStore(path)
+    try:
+        [row] = store.actions()
+        assert row["state"] == "pending" and row["receipt"] is None
+        store.mark_sent(row["id"], now=time.time(), receipt="41")
+        assert store.actions()[0]["receipt"] == "41"
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == 3
+    finally:
+        store.close()
