@@ -157,8 +157,16 @@ def test_hf_spec_goes_through_datasets(tmp_path, monkeypatch):
 
 
 def test_hf_spec_unreachable_is_one_line(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    # The libraries read these at import (the suite has imported them already): set both, so the hub
+    # is unreachable at once instead of after the network's own timeouts and retries.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     with pytest.raises(DataError, match=r"^hf:nobody/no-such-dataset: cannot load from the Hugging Face hub") as err:
         data.load("hf:nobody/no-such-dataset")
     assert "\n" not in str(err.value)
