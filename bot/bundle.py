@@ -88,6 +88,10 @@ class TrainingRecord(_Section):
     trainable_parameters: int | None = None
     total_parameters: int | None = None
     seconds: float | None = None
+    # set when the model was refitted on train + validation (TrainConfig.refit): the epochs each supervised
+    # phase trained there; n_train then counts the validation examples too, and the history and the
+    # validation metrics are the first run's (the one validation chose on)
+    refit_epochs: list[int] | None = None
 
 
 class OnnxGraph(_Section):

@@ -113,6 +113,11 @@ class TrainConfig(_Strict):
         "without it, or when the gate fails, the bundle serves on PyTorch"
     )
     val_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    refit: bool = Field(
+        default=False, description="after validation has chosen the epochs and fitted the thresholds, train once more from "
+        "the base on train + validation for those epochs, and ship that model with the first run's calibration "
+        "(twice the training time; the held-out examples are learned from too)"
+    )
     few_shot: int | None = Field(default=None, ge=2, description="keep at most this many training examples per label")
     epochs: int | None = Field(default=None, ge=1)
     batch_size: int | None = Field(default=None, ge=1)

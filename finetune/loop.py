@@ -3,7 +3,8 @@
 A strategy (finetune/strategies.py) decides what trains and what it reads; this module owns how:
 shuffled (or length-grouped) batches, cross-entropy on in-scope examples, AdamW with the
 strategy's parameter groups and schedule, early stopping on validation loss (with the recipe's
-label smoothing, as trained) with the best epoch's trainable weights restored. It runs on
+label smoothing, as trained) with the best epoch's trainable weights restored; in a refit, each
+phase trains the epochs the first run kept and keeps its last. It runs on
 `accelerate`, so the same code runs on one CPU, one GPU, or under `accelerate launch`.
 
 `Run` is what a strategy may read while it trains (recipe, data, base encoder, head); `Inputs`
@@ -77,6 +78,11 @@ class Run:
     accelerator: Accelerator
     progress: bool = True
     log: Callable[[str], None] = print
+    # the epoch each supervised phase kept, in the order the phases ran (a refit replays them)
+    kept_epochs: list[int] = field(default_factory=list)
+    # a refit (finetune/train.py `refit`): each supervised phase trains exactly this many epochs, in order,
+    # and keeps its last one; validation has already chosen them, and its examples are now training data
+    replay_epochs: list[int] | None = None
 
 
 @dataclass
@@ -129,6 +135,9 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
     """Cross-entropy on the in-scope training examples; early stopping on in-scope validation loss."""
     cfg, prepared, accelerator = run.cfg, run.prepared, run.accelerator
     epochs, batch_size, patience = resolved(cfg.epochs), resolved(cfg.batch_size), resolved(cfg.patience)
+    replayed = run.replay_epochs.pop(0) if run.replay_epochs is not None else None
+    if replayed is not None:
+        epochs = replayed  # the schedule still spans the recipe's epochs: the refit stops where the first run's choice did
     in_scope = prepared.in_scope("train")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -166,13 +175,16 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
         val_acc = (val_logits.argmax(-1) == y_val).float().mean().item() if len(val_in) else 0.0
         history.append({"epoch": epoch, "train_loss": running / max(len(in_scope), 1), "val_loss": val_loss, "val_accuracy": val_acc})
         epochs_bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
-        if val_loss < best["loss"] - 1e-5:
+        if replayed is not None:
+            best = {"loss": val_loss, "epoch": epoch, "state": None}  # the last epoch, as it stands
+        elif val_loss < best["loss"] - 1e-5:
             best = {"loss": val_loss, "epoch": epoch, "state": trainable_state(model)}
         elif epoch - best["epoch"] >= patience:
             break
     epochs_bar.close()
     if best["state"] is not None:
         accelerator.unwrap_model(model).load_state_dict(best["state"], strict=False)
+    run.kept_epochs.append(best["epoch"])
     return Fitted(accelerator.unwrap_model(model), history, best["epoch"], best["loss"], trainable, total)
 
 

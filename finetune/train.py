@@ -9,6 +9,7 @@ gap, finetune/calibrate.py), and write everything as a verified bundle (bot/bund
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 import warnings
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from torch import nn
 
 from bot import bundle as bundle_mod
@@ -63,10 +64,13 @@ def train(
     # fit: the strategy's inputs and model, trained (best validation epoch restored)
     inputs = strategy.inputs(run)
     fitted = strategy.fit(run, strategy.model(run), inputs)
-    train_seconds = time.perf_counter() - started
 
     # calibrate the model as it will serve
     trained = calibrate(run, fitted, strategy.serving_model(run, fitted), inputs)
+    if cfg.refit:
+        trained = refit(trained, strategy)
+        run, fitted = trained.run, trained.fitted
+    train_seconds = time.perf_counter() - started
 
     # write: under `accelerate launch`, one process writes the bundle and the others read it
     if run.accelerator.is_main_process:
@@ -92,6 +96,31 @@ def start_run(cfg: TrainConfig, prepared: Prepared, *, progress: bool, log: Call
     log(f"training {cfg.strategy} on {len(prepared.train)} examples, {len(prepared.labels)} intents, "
         f"validating on {len(prepared.val)}")
     return Run(cfg, prepared, encoder, base_weights_sha256(resolved_base), head, Accelerator(), progress, log)
+
+
+def refit(first: Trained, strategy: TrainingStrategy) -> Trained:
+    """Train again from the base on train + validation, each supervised phase for the epochs the first run kept.
+
+    Validation has done its work by then: it chose the epochs (early stopping) and fitted the temperature
+    and the thresholds. The refitted model keeps that calibration, because the examples that could
+    calibrate it are now its training data; it keeps the first run's validation metrics for the same
+    reason. What it gains is the held-out tenth of the examples to learn from, as scikit-learn's `refit`
+    and AutoGluon's `refit_full` do: on BANKING77 (LoRA, 3 seeds) that is BENCHMARKS.md's refit row.
+    The same seed drives both runs, so a refit is as reproducible as the run it repeats.
+    """
+    run, prepared = first.run, first.run.prepared
+    merged = concatenate_datasets([prepared.train, prepared.val])
+    run.log(f"refit: training again on train + validation ({len(merged)} examples) for the epochs validation chose: {run.kept_epochs}")
+    set_seed(run.cfg.seed)
+    again = dataclasses.replace(
+        start_run(run.cfg, Prepared(prepared.labels, merged, prepared.val, prepared.test), progress=run.progress, log=run.log),
+        replay_epochs=list(run.kept_epochs),
+    )
+    inputs = strategy.inputs(again)
+    fitted = strategy.fit(again, strategy.model(again), inputs)
+    # the record keeps the first run's history and choice: the refit's "validation" losses are on rows it trained on
+    fitted = dataclasses.replace(fitted, history=first.fitted.history, best_epoch=first.fitted.best_epoch, best_loss=first.fitted.best_loss)
+    return Trained(again, fitted, strategy.serving_model(again, fitted), inputs, first.temperature, first.thresholds, first.metrics)
 
 
 def calibrate(run: Run, fitted: Fitted, serving: nn.Module, inputs: Inputs) -> Trained:
@@ -140,6 +169,7 @@ def manifest(trained: Trained, strategy: TrainingStrategy, train_seconds: float)
             n_validation=len(run.prepared.val),
             n_train_out_of_scope=len(run.prepared.train) - n_in_scope,
             epochs_run=len(fitted.history),
+            refit_epochs=list(run.kept_epochs) if cfg.refit else None,
             history=fitted.history,
             trainable_parameters=fitted.trainable_parameters,
             total_parameters=fitted.total_parameters,
@@ -192,6 +222,9 @@ def training_summary(trained: Trained, written: Bundle, seconds: float) -> dict[
         "version": written.version,
         "backend": choose_backend(written),
     }
+    if cfg.refit:  # the validation figures above are the first run's; the bundle is the refitted model
+        summary["refit_epochs"] = ", ".join(map(str, trained.run.kept_epochs))
+        summary["refit_examples"] = len(trained.run.prepared.train)
     if "oos_recall" in metrics:
         summary["val_in_scope_accuracy"] = metrics["in_scope_accuracy"]
         summary["val_oos_recall"] = metrics["oos_recall"]

@@ -161,6 +161,41 @@ def test_best_epoch_is_chosen_on_validation_loss_with_the_recipes_label_smoothin
     assert F.cross_entropy(val_logits, prepared.y_val).item() < smoothed - 0.1  # the two losses differ: it was not unsmoothed
 
 
+def test_refit_learns_the_validation_rows_too_for_the_epochs_validation_chose_and_keeps_its_calibration(tmp_path, banking_slice):
+    """`refit`: the first run is the plain one (same choice, same calibration, same record); then the model is
+    trained again on train + validation for the epoch that run kept, and that model ships."""
+    import torch.nn.functional as F
+
+    from bot.encoder import Encoder
+    from finetune.train import prepare_data
+
+    common = [f"data={banking_slice['train']}", "epochs=200", "lr=0.05", "patience=5", "onnx=false"]  # overfits: stops early
+    plain = train(load_config(None, [*common, f"output={tmp_path / 'plain'}"]), progress=False, log=lambda _m: None)
+    logs: list[str] = []
+    refitted = train(load_config(None, [*common, f"output={tmp_path / 'refit'}", "refit=true"]), progress=False, log=logs.append)
+    first, again = (json.loads((r.bundle.path / "bundle.json").read_text()) for r in (plain, refitted))
+
+    assert again["calibration"] == first["calibration"]
+    assert again["metrics"]["validation"] == first["metrics"]["validation"]
+    assert again["training"]["history"] == first["training"]["history"]
+    best = first["metrics"]["validation"]["best_epoch"]
+    assert best < len(first["training"]["history"])  # early stopping chose: a refit that ran every epoch would not match
+    assert first["training"]["refit_epochs"] is None and again["training"]["refit_epochs"] == [best]
+    assert first["training"]["n_train"] + first["training"]["n_validation"] == again["training"]["n_train"] == 320
+    assert any(line.startswith("refit: training again on train + validation (320 examples)") for line in logs)
+    assert (refitted.summary["refit_epochs"], refitted.summary["refit_examples"]) == (str(best), 320)
+    assert "refit_epochs" not in plain.summary
+
+    # the shipped model learned the held-out rows: its loss on them drops below the first model's
+    cfg = load_config(None, common)
+    prepared = prepare_data(cfg)  # the same seeded validation split
+    vectors = Encoder.load(resolve_base(cfg.base), max_length=cfg.max_length).embed(list(prepared.val["text"]))
+    with torch.inference_mode():
+        losses = [F.cross_entropy(r.model.eval()(vectors), prepared.y_val).item() for r in (plain, refitted)]
+    assert losses[1] < losses[0] * 0.8
+    assert _accuracy(refitted.bundle.path, banking_slice["test"]) > 0.8
+
+
 @pytest.mark.slow
 def test_full_fine_tune_writes_encoder_weights(tmp_path, banking_slice):
     path = train_bundle(
