@@ -122,6 +122,8 @@ def test_lora_recipe_serves_its_head_scale_and_runs_every_epoch(tmp_path, bankin
     result = train(cfg, progress=False, log=lambda _m: None)
     meta = json.loads((result.bundle.path / "bundle.json").read_text())
     assert meta["head"]["scale"] == scale and meta["training"]["epochs_run"] == 2
+    # the recipe refits: the shipped model learned validation's rows too, for the epoch validation kept
+    assert written.refit and meta["training"]["refit_epochs"] == [meta["metrics"]["validation"]["best_epoch"]]
     assert IntentClassifier.from_bundle(result.bundle.path).backend.head.scale == scale
     assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.6
 
