@@ -4,7 +4,8 @@ What trains and how is the strategy's business (finetune/strategies.py: head, lo
 registered strategy); the shared supervised loop is finetune/loop.py. This module only runs the
 steps in order: read the data, load the base, let the strategy fit, calibrate the model *as it
 will serve* (temperature on in-scope validation logits, then the confidence floor and ambiguity
-gap, finetune/calibrate.py), and write everything as a verified bundle (bot/bundle.py).
+gap, finetune/calibrate.py), optionally refit on train + validation (`refit`), and write
+everything as a verified bundle (bot/bundle.py).
 """
 
 from __future__ import annotations
