@@ -366,12 +366,12 @@ def bench_lora_all_train(tmp: Path, opts: Options) -> str:
     cannot be (they are trained on): with patience = epochs the last epoch is kept whatever they say, and
     the printed "best" column shows it. Test accuracy is the figure; the thresholds fitted here are not."""
     rows, accuracies = [], []
-    full = data.load(BANKING)["train"]
+    full, test = data.load(BANKING)["train"], data.load(f"{BANKING}:test")["test"]
     for seed in opts.seeds:
         cfg = load_config(LORA_RECIPE, [f"output={tmp / f'all-{seed}'}", f"data={BANKING}", f"seed={seed}", "refit=false", *opts.overrides]).resolved()
         stand_in = full.select(sorted(random.Random(seed).sample(range(len(full)), 1003)))
         result = train(cfg, prepared=prepare_splits(cfg, full, stand_in, None), progress=False, log=lambda m: print("   ", m))
-        scores = score_bundle(result.bundle.path, data.load(f"{BANKING}:test")["test"], result.bundle.labels)
+        scores = score_bundle(result.bundle.path, test, result.bundle.labels)
         accuracies.append(scores["accuracy"])
         summary = result.summary
         rows.append(f"| {seed} | {100 * scores['accuracy']:.2f}% | {100 * scores['macro_f1']:.2f}% | {summary['epochs']} ({summary['best_epoch']}) | {summary['seconds']:.0f} |")

@@ -168,6 +168,11 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
             optimizer.zero_grad(set_to_none=True)
             running += loss.item() * len(indices)
             steps.set_postfix(loss=f"{loss.item():.3f}")
+        if replayed is not None:  # validation has chosen already, and its rows are training data now: nothing to judge
+            history.append({"epoch": epoch, "train_loss": running / max(len(in_scope), 1)})
+            epochs_bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}")
+            best = {"loss": math.nan, "epoch": epoch, "state": None}  # the last epoch, as it stands
+            continue
         val_logits = logits(run, model, inputs, "val", val_in)
         # measured as trained: unsmoothed loss penalises the lower confidence that smoothing asks for,
         # so it could stop a smoothed run early or keep an earlier epoch than the one the schedule ends on
@@ -175,9 +180,7 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
         val_acc = (val_logits.argmax(-1) == y_val).float().mean().item() if len(val_in) else 0.0
         history.append({"epoch": epoch, "train_loss": running / max(len(in_scope), 1), "val_loss": val_loss, "val_accuracy": val_acc})
         epochs_bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
-        if replayed is not None:
-            best = {"loss": val_loss, "epoch": epoch, "state": None}  # the last epoch, as it stands
-        elif val_loss < best["loss"] - 1e-5:
+        if val_loss < best["loss"] - 1e-5:
             best = {"loss": val_loss, "epoch": epoch, "state": trainable_state(model)}
         elif epoch - best["epoch"] >= patience:
             break

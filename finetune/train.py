@@ -113,6 +113,7 @@ def refit(first: Trained, strategy: TrainingStrategy) -> Trained:
     merged = concatenate_datasets([prepared.train, prepared.val])
     run.log(f"refit: training again on train + validation ({len(merged)} examples) for the epochs validation chose: {run.kept_epochs}")
     set_seed(run.cfg.seed)
+    # a fresh base, not run.encoder: lora injects its adapters into the loaded model and full trains it in place
     again = dataclasses.replace(
         start_run(run.cfg, Prepared(prepared.labels, merged, prepared.val, prepared.test), progress=run.progress, log=run.log),
         replay_epochs=list(run.kept_epochs),

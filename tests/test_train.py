@@ -163,18 +163,33 @@ def test_best_epoch_is_chosen_on_validation_loss_with_the_recipes_label_smoothin
     assert F.cross_entropy(val_logits, prepared.y_val).item() < smoothed - 0.1  # the two losses differ: it was not unsmoothed
 
 
-def test_refit_learns_the_validation_rows_too_for_the_epochs_validation_chose_and_keeps_its_calibration(tmp_path, banking_slice):
+def test_refit_learns_the_validation_rows_too_for_the_epochs_validation_chose_and_keeps_its_calibration(
+    tmp_path, banking_slice, monkeypatch
+):
     """`refit`: the first run is the plain one (same choice, same calibration, same record); then the model is
-    trained again on train + validation for the epoch that run kept, and that model ships."""
+    trained again on train + validation for the epoch that run kept, with no validation pass (its rows are
+    training data by then), and that model ships."""
     import torch.nn.functional as F
 
     from bot.encoder import Encoder
+    from finetune import loop
     from finetune.train import prepare_data
 
+    passes = {"val": 0}
+    real_logits = loop.logits
+
+    def counted(run, net, inputs, split, indices):
+        passes[split] = passes.get(split, 0) + 1
+        return real_logits(run, net, inputs, split, indices)
+
+    monkeypatch.setattr(loop, "logits", counted)  # what the training loop calls each epoch
     common = [f"data={banking_slice['train']}", "epochs=200", "lr=0.05", "patience=5", "onnx=false"]  # overfits: stops early
     plain = train(load_config(None, [*common, f"output={tmp_path / 'plain'}"]), progress=False, log=lambda _m: None)
+    plain_passes, passes["val"] = passes["val"], 0
     logs: list[str] = []
     refitted = train(load_config(None, [*common, f"output={tmp_path / 'refit'}", "refit=true"]), progress=False, log=logs.append)
+    assert plain_passes == len(json.loads((plain.bundle.path / "bundle.json").read_text())["training"]["history"])
+    assert passes["val"] == plain_passes  # the first run's, and none in the refit
     first, again = (json.loads((r.bundle.path / "bundle.json").read_text()) for r in (plain, refitted))
 
     assert again["calibration"] == first["calibration"]
