@@ -135,7 +135,12 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
     """Cross-entropy on the in-scope training examples; early stopping on in-scope validation loss."""
     cfg, prepared, accelerator = run.cfg, run.prepared, run.accelerator
     epochs, batch_size, patience = resolved(cfg.epochs), resolved(cfg.batch_size), resolved(cfg.patience)
-    replayed = run.replay_epochs.pop(0) if run.replay_epochs is not None else None
+    replayed = None
+    if run.replay_epochs is not None:
+        if not run.replay_epochs:  # a refit runs the phases of the run it repeats: one more is a strategy bug
+            raise RuntimeError(f"refit: {cfg.strategy} ran more supervised phases than the run it repeats "
+                               f"({len(run.kept_epochs)} kept: {run.kept_epochs})")
+        replayed = run.replay_epochs.pop(0)
     if replayed is not None:
         epochs = replayed  # the schedule still spans the recipe's epochs: the refit stops where the first run's choice did
     in_scope = prepared.in_scope("train")

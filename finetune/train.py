@@ -224,8 +224,9 @@ def training_summary(trained: Trained, written: Bundle, seconds: float) -> dict[
         "version": written.version,
         "backend": choose_backend(written),
     }
-    if cfg.refit:  # the validation figures above are the first run's; the bundle is the refitted model
-        summary["refit_epochs"] = ", ".join(map(str, trained.run.kept_epochs))
+    refit_epochs = written.manifest.training.refit_epochs
+    if refit_epochs is not None:  # the validation figures above are the first run's; the bundle is the refitted model
+        summary["refit_epochs"] = ", ".join(map(str, refit_epochs))
         summary["refit_examples"] = len(trained.run.prepared.train)
     if "oos_recall" in metrics:
         summary["val_in_scope_accuracy"] = metrics["in_scope_accuracy"]

@@ -144,6 +144,24 @@ def test_probe_head_starts_lora_from_a_head_fitted_on_the_frozen_base(tmp_path, 
     assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.7  # chance is 1/8; an unprobed head stays near it
 
 
+def test_a_refit_replays_each_phase_in_order_the_head_probe_then_the_joint_lora_phase(tmp_path, banking_slice):
+    """Two supervised phases (LP-FT's probe, then lora jointly): the refit trains each for the epochs its own phase
+    kept, in the order they ran, and the bundle records both."""
+    logs: list[str] = []
+    cfg = load_config(None, [
+        f"data={banking_slice['train']}", "strategy=lora", f"output={tmp_path / 'lpft'}", "probe_head=true", "refit=true",
+        "epochs=1", "max_length=32", "lora.r=4", "batch_size=16", "onnx=false",
+    ])
+    result = train(cfg, progress=False, log=logs.append)
+    probes = [int(line.split("best epoch ")[1].split(",")[0]) for line in logs if line.startswith("head probed")]
+    meta = json.loads((result.bundle.path / "bundle.json").read_text())
+    joint = meta["metrics"]["validation"]["best_epoch"]
+    assert meta["training"]["refit_epochs"] == [probes[0], joint]
+    assert probes == [probes[0], probes[0]]  # the refit's probe stopped where the first run's kept its head
+    assert probes[0] > 1  # the probe's own length (the head's defaults), not the joint phase's one epoch
+    assert result.summary["refit_epochs"] == f"{probes[0]}, {joint}"
+
+
 def test_best_epoch_is_chosen_on_validation_loss_with_the_recipes_label_smoothing(tmp_path, banking_slice):
     import torch.nn.functional as F
 
