@@ -33,7 +33,7 @@ from bot.encoder import Encoder, base_weights_sha256, resolve_base
 from bot.heads import IntentHead
 
 from . import data
-from .calibrate import choose_thresholds, fit_temperature
+from .calibrate import Thresholds, choose_thresholds, fit_temperature
 from .config import TrainConfig
 from .knowledge_train import knowledge_summary  # importing it registers the knowledge bundle hook
 from .loop import Fitted, Inputs, Prepared, Run, logits, prepare_data, prepare_splits
@@ -68,8 +68,10 @@ def train(
 
     # calibrate the model as it will serve
     trained = calibrate(run, fitted, strategy.serving_model(run, fitted), inputs)
-    if cfg.refit:
-        trained = refit(trained, strategy)
+    if cfg.refit:  # keep the first run's choices and let its model go: one model in memory while the second trains
+        first = FirstRun.of(trained)
+        del trained, fitted, inputs, run
+        trained = refit(first, strategy)
         run, fitted = trained.run, trained.fitted
     train_seconds = time.perf_counter() - started
 
@@ -99,7 +101,31 @@ def start_run(cfg: TrainConfig, prepared: Prepared, *, progress: bool, log: Call
     return Run(cfg, prepared, encoder, base_weights_sha256(resolved_base), head, Accelerator(), progress, log)
 
 
-def refit(first: Trained, strategy: TrainingStrategy) -> Trained:
+@dataclass(frozen=True)
+class FirstRun:
+    """What a refit keeps of the run it repeats: the choices validation made (the epochs each phase kept, the
+    calibration) and the record, not the model, so that the first model can be freed before the second trains."""
+
+    cfg: TrainConfig
+    prepared: Prepared
+    kept_epochs: list[int]
+    progress: bool
+    log: Callable[[str], None]
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_loss: float
+    temperature: float
+    thresholds: Thresholds
+    metrics: dict[str, float]
+
+    @classmethod
+    def of(cls, trained: Trained) -> FirstRun:
+        run, fitted = trained.run, trained.fitted
+        return cls(run.cfg, run.prepared, list(run.kept_epochs), run.progress, run.log, fitted.history,
+                   fitted.best_epoch, fitted.best_loss, trained.temperature, trained.thresholds, trained.metrics)
+
+
+def refit(first: FirstRun, strategy: TrainingStrategy) -> Trained:
     """Train again from the base on train + validation, each supervised phase for the epochs the first run kept.
 
     Validation has done its work by then: it chose the epochs (early stopping) and fitted the temperature
@@ -109,19 +135,19 @@ def refit(first: Trained, strategy: TrainingStrategy) -> Trained:
     and AutoGluon's `refit_full` do: on BANKING77 (LoRA, 3 seeds) that is BENCHMARKS.md's refit row.
     The same seed drives both runs, so a refit is as reproducible as the run it repeats.
     """
-    run, prepared = first.run, first.run.prepared
+    prepared = first.prepared
     merged = concatenate_datasets([prepared.train, prepared.val])
-    run.log(f"refit: training again on train + validation ({len(merged)} examples) for the epochs validation chose: {run.kept_epochs}")
-    set_seed(run.cfg.seed)
-    # a fresh base, not run.encoder: lora injects its adapters into the loaded model and full trains it in place
+    first.log(f"refit: training again on train + validation ({len(merged)} examples) for the epochs validation chose: {first.kept_epochs}")
+    set_seed(first.cfg.seed)
+    # a fresh base, not the first run's encoder: lora injects its adapters into the loaded model and full trains it in place
     again = dataclasses.replace(
-        start_run(run.cfg, Prepared(prepared.labels, merged, prepared.val, prepared.test), progress=run.progress, log=run.log),
-        replay_epochs=list(run.kept_epochs),
+        start_run(first.cfg, Prepared(prepared.labels, merged, prepared.val, prepared.test), progress=first.progress, log=first.log),
+        replay_epochs=list(first.kept_epochs),
     )
     inputs = strategy.inputs(again)
     fitted = strategy.fit(again, strategy.model(again), inputs)
     # the record keeps the first run's history and choice: the refit's "validation" losses are on rows it trained on
-    fitted = dataclasses.replace(fitted, history=first.fitted.history, best_epoch=first.fitted.best_epoch, best_loss=first.fitted.best_loss)
+    fitted = dataclasses.replace(fitted, history=first.history, best_epoch=first.best_epoch, best_loss=first.best_loss)
     return Trained(again, fitted, strategy.serving_model(again, fitted), inputs, first.temperature, first.thresholds, first.metrics)
 
 

@@ -144,9 +144,31 @@ def test_probe_head_starts_lora_from_a_head_fitted_on_the_frozen_base(tmp_path, 
     assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.7  # chance is 1/8; an unprobed head stays near it
 
 
-def test_a_refit_replays_each_phase_in_order_the_head_probe_then_the_joint_lora_phase(tmp_path, banking_slice):
+def test_a_refit_replays_each_phase_in_order_the_head_probe_then_the_joint_lora_phase(tmp_path, banking_slice, monkeypatch):
     """Two supervised phases (LP-FT's probe, then lora jointly): the refit trains each for the epochs its own phase
-    kept, in the order they ran, and the bundle records both."""
+    kept, in the order they ran, and the bundle records both. The first run's model is freed before the second
+    run loads its base: one model in memory, not two."""
+    import gc
+    import weakref
+
+    from finetune import train as train_mod
+
+    first_models: list[weakref.ref] = []
+    alive_when_the_refit_starts: list[bool] = []
+    real_calibrate, real_start_run = train_mod.calibrate, train_mod.start_run
+
+    def calibrate(run, fitted, serving, inputs):
+        first_models.append(weakref.ref(fitted.model))
+        return real_calibrate(run, fitted, serving, inputs)
+
+    def start_run(*args, **kwargs):
+        if first_models:  # the refit's run
+            gc.collect()
+            alive_when_the_refit_starts.append(first_models[0]() is not None)
+        return real_start_run(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "calibrate", calibrate)
+    monkeypatch.setattr(train_mod, "start_run", start_run)
     logs: list[str] = []
     cfg = load_config(None, [
         f"data={banking_slice['train']}", "strategy=lora", f"output={tmp_path / 'lpft'}", "probe_head=true", "refit=true",
@@ -160,6 +182,7 @@ def test_a_refit_replays_each_phase_in_order_the_head_probe_then_the_joint_lora_
     assert probes == [probes[0], probes[0]]  # the refit's probe stopped where the first run's kept its head
     assert probes[0] > 1  # the probe's own length (the head's defaults), not the joint phase's one epoch
     assert result.summary["refit_epochs"] == f"{probes[0]}, {joint}"
+    assert alive_when_the_refit_starts == [False]
 
 
 def test_best_epoch_is_chosen_on_validation_loss_with_the_recipes_label_smoothing(tmp_path, banking_slice):
