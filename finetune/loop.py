@@ -136,13 +136,11 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
     cfg, prepared, accelerator = run.cfg, run.prepared, run.accelerator
     epochs, batch_size, patience = resolved(cfg.epochs), resolved(cfg.batch_size), resolved(cfg.patience)
     replayed = None
-    if run.replay_epochs is not None:
+    if run.replay_epochs is not None:  # a refit: this phase trains for exactly the epochs the first run's kept
         if not run.replay_epochs:  # a refit runs the phases of the run it repeats: one more is a strategy bug
             raise RuntimeError(f"refit: {cfg.strategy} ran more supervised phases than the run it repeats "
-                               f"({len(run.kept_epochs)} kept: {run.kept_epochs})")
-        replayed = run.replay_epochs.pop(0)
-    if replayed is not None:
-        epochs = replayed  # the schedule still spans the recipe's epochs: the refit stops where the first run's choice did
+                               f"(which kept {run.kept_epochs})")
+        replayed = epochs = run.replay_epochs.pop(0)  # the schedule still spans the recipe's epochs: the refit stops where the first run's choice did
     in_scope = prepared.in_scope("train")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

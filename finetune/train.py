@@ -132,7 +132,7 @@ def refit(first: FirstRun, strategy: TrainingStrategy) -> Trained:
     and the thresholds. The refitted model keeps that calibration, because the examples that could
     calibrate it are now its training data; it keeps the first run's validation metrics for the same
     reason. What it gains is the held-out tenth of the examples to learn from, as scikit-learn's `refit`
-    and AutoGluon's `refit_full` do: on BANKING77 (LoRA, 3 seeds) that is BENCHMARKS.md's refit row.
+    and AutoGluon's `refit_full` do: on BANKING77 (LoRA, 3 seeds) that is BENCHMARKS.md's refit rows.
     The same seed drives both runs, so a refit is as reproducible as the run it repeats.
     """
     prepared = first.prepared
