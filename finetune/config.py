@@ -127,6 +127,10 @@ class TrainConfig(_Strict):
     patience: int | None = Field(default=None, ge=1, description="epochs without a better validation loss before stopping")
     warmup: float = Field(default=0.06, ge=0, lt=1, description="lora/full: share of steps with a linear warm-up")
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    ema: float | None = Field(
+        default=None, gt=0, lt=1, description="decay of an exponential moving average of the trainable weights, updated "
+        "every step; validation judges the average and the bundle keeps it (Polyak averaging); e.g. 0.998"
+    )
     probe_head: bool = Field(
         default=False, description="lora/full: first fit the head alone on the frozen base's vectors, as `head` trains it, "
         "then train body and head together from there (linear probing, then fine-tuning: LP-FT)"

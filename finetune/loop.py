@@ -4,7 +4,8 @@ A strategy (finetune/strategies.py) decides what trains and what it reads; this 
 shuffled (or length-grouped) batches, cross-entropy on in-scope examples, AdamW with the
 strategy's parameter groups and schedule, early stopping on validation loss (with the recipe's
 label smoothing, as trained) with the best epoch's trainable weights restored; in a refit, each
-phase trains the epochs the first run kept and keeps its last. It runs on
+phase trains the epochs the first run kept and keeps its last. With `ema`, the weights judged and
+kept are a moving average of the steps' weights (`WeightAverage`), not the last step's. It runs on
 `accelerate`, so the same code runs on one CPU, one GPU, or under `accelerate launch`.
 
 `Run` is what a strategy may read while it trains (recipe, data, base encoder, head); `Inputs`
@@ -15,9 +16,10 @@ may still call `fit_supervised` for its classification phase.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -147,6 +149,7 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
     optimizer = torch.optim.AdamW(strategy.param_groups(run, model), weight_decay=resolved(cfg.weight_decay))
     scheduler = strategy.schedule(run, optimizer, steps_per_epoch=math.ceil(len(in_scope) / batch_size))
     model, optimizer = accelerator.prepare(model, optimizer)
+    average = WeightAverage(model, cfg.ema) if cfg.ema is not None else None
     rng = random.Random(cfg.seed)
     val_in = inputs.length_order("val", prepared.in_scope("val"))
     y_val = prepared.y_val[val_in]
@@ -169,14 +172,19 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update()
             running += loss.item() * len(indices)
             steps.set_postfix(loss=f"{loss.item():.3f}")
         if replayed is not None:  # validation has chosen already, and its rows are training data now: nothing to judge
             history.append({"epoch": epoch, "train_loss": running / max(len(in_scope), 1)})
             epochs_bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}")
-            best = {"loss": math.nan, "epoch": epoch, "state": None}  # the last epoch, as it stands
+            with averaged(average):
+                best = {"loss": math.nan, "epoch": epoch, "state": trainable_state(model)}  # the last epoch, as it stands
             continue
-        val_logits = logits(run, model, inputs, "val", val_in)
+        with averaged(average):  # validation judges, and keeps, what the bundle would hold
+            val_logits = logits(run, model, inputs, "val", val_in)
+            state = trainable_state(model)
         # measured as trained: unsmoothed loss penalises the lower confidence that smoothing asks for,
         # so it could stop a smoothed run early or keep an earlier epoch than the one the schedule ends on
         val_loss = F.cross_entropy(val_logits, y_val, label_smoothing=cfg.label_smoothing).item() if len(val_in) else 0.0
@@ -184,7 +192,7 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
         history.append({"epoch": epoch, "train_loss": running / max(len(in_scope), 1), "val_loss": val_loss, "val_accuracy": val_acc})
         epochs_bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
         if val_loss < best["loss"] - 1e-5:
-            best = {"loss": val_loss, "epoch": epoch, "state": trainable_state(model)}
+            best = {"loss": val_loss, "epoch": epoch, "state": state}
         elif epoch - best["epoch"] >= patience:
             break
     epochs_bar.close()
@@ -192,6 +200,50 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
         accelerator.unwrap_model(model).load_state_dict(best["state"], strict=False)
     run.kept_epochs.append(best["epoch"])
     return Fitted(accelerator.unwrap_model(model), history, best["epoch"], best["loss"], trainable, total)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's trainable weights, updated after every optimizer step
+    (Polyak averaging, as timm's ModelEmaV2 keeps one): the average of the last 1 / (1 - decay) steps or
+    so sits nearer the middle of the loss basin than the last step does. It starts from zero and is
+    divided by 1 - decay^t (Adam's bias correction), so at step t it is a proper weighted mean of the
+    steps taken, with no pull towards the initial weights and no warm-up that shortens its reach."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sums = [torch.zeros_like(p) for p in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        for total, param in zip(self.sums, self.params, strict=True):
+            total.mul_(self.decay).add_(param.detach(), alpha=1.0 - self.decay)
+
+    def averages(self) -> list[torch.Tensor]:
+        if not self.steps:
+            return [p.detach().clone() for p in self.params]
+        correction = 1.0 - self.decay**self.steps
+        return [total / correction for total in self.sums]
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The model holds the average inside the block and its own weights again after it."""
+        own = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for param, average in zip(self.params, self.averages(), strict=True):
+                param.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, weights in zip(self.params, own, strict=True):
+                    param.copy_(weights)
+
+
+def averaged(average: WeightAverage | None) -> contextlib.AbstractContextManager[None]:
+    return average.swapped_in() if average is not None else contextlib.nullcontext()
 
 
 def warmup_then_decay(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Any:

@@ -204,6 +204,55 @@ def test_best_epoch_is_chosen_on_validation_loss_with_the_recipes_label_smoothin
     assert F.cross_entropy(val_logits, prepared.y_val).item() < smoothed - 0.1  # the two losses differ: it was not unsmoothed
 
 
+def test_the_weight_average_follows_every_step_and_the_model_gets_its_own_weights_back():
+    from torch import nn
+
+    from finetune.loop import WeightAverage
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    frozen = model.bias.requires_grad_(False).detach().clone()
+    average = WeightAverage(model, decay=0.9)
+    weighted, total = torch.zeros_like(model.weight), 0.0
+    optimizer = torch.optim.SGD([model.weight], lr=0.5)
+    for _ in range(5):
+        model(torch.randn(4, 3)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        average.update()
+        weighted, total = 0.9 * weighted + model.weight.detach(), 0.9 * total + 1.0
+    expected = weighted / total  # the steps' weights, step t weighed 0.9^(5 - t): not the initial weights
+    own = model.weight.detach().clone()
+    assert not torch.allclose(own, expected)
+    with average.swapped_in():
+        assert torch.allclose(model.weight, expected, atol=1e-6)
+        assert torch.equal(model.bias, frozen)  # only what trains is averaged
+    assert torch.equal(model.weight, own)
+
+
+def test_with_ema_validation_judges_the_averaged_weights_and_the_bundle_keeps_them(tmp_path, banking_slice):
+    """The recorded validation loss is the shipped head's own: the loop judged what it kept (the average),
+    and that differs from what the same seed keeps without averaging."""
+    import torch.nn.functional as F
+
+    from bot.encoder import Encoder
+    from finetune.train import prepare_data
+
+    common = [f"data={banking_slice['train']}", "epochs=30", "patience=30", "onnx=false"]
+    cfg = load_config(None, [*common, f"output={tmp_path / 'ema'}", "ema=0.95"])
+    result = train(cfg, progress=False, log=lambda _m: None)
+    plain = train(load_config(None, [*common, f"output={tmp_path / 'plain'}"]), progress=False, log=lambda _m: None)
+    meta = json.loads((result.bundle.path / "bundle.json").read_text())
+    prepared = prepare_data(cfg)
+    vectors = Encoder.load(resolve_base(cfg.base), max_length=cfg.max_length).embed(list(prepared.val["text"]))
+    with torch.inference_mode():
+        shipped_loss = F.cross_entropy(result.model.eval()(vectors), prepared.y_val).item()
+    assert meta["metrics"]["validation"]["val_loss"] == pytest.approx(shipped_loss, abs=1e-4)
+    shipped, last_steps = (load_file(str(r.bundle.path / "head.safetensors")) for r in (result, plain))
+    assert any(not torch.allclose(shipped[name], last_steps[name], atol=1e-4) for name in shipped)
+    assert _accuracy(result.bundle.path, banking_slice["test"]) > 0.8  # chance is 1/8
+
+
 def test_refit_learns_the_validation_rows_too_for_the_epochs_validation_chose_and_keeps_its_calibration(
     tmp_path, banking_slice, monkeypatch
 ):
