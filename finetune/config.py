@@ -129,7 +129,8 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     ema: float | None = Field(
         default=None, gt=0, lt=1, description="decay of an exponential moving average of the trainable weights, updated "
-        "every step; validation judges the average and the bundle keeps it (Polyak averaging); e.g. 0.998"
+        "every step of each supervised phase; validation judges the average and the bundle keeps it (Polyak averaging); "
+        "e.g. 0.997"
     )
     probe_head: bool = Field(
         default=False, description="lora/full: first fit the head alone on the frozen base's vectors, as `head` trains it, "
