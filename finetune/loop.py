@@ -179,21 +179,21 @@ def fit_supervised(strategy: TrainingStrategy, run: Run, model: nn.Module, input
         if replayed is not None:  # validation has chosen already, and its rows are training data now: nothing to judge
             history.append({"epoch": epoch, "train_loss": running / max(len(in_scope), 1)})
             epochs_bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}")
-            with averaged(average):
-                best = {"loss": math.nan, "epoch": epoch, "state": trainable_state(model)}  # the last epoch, as it stands
+            with averaged(average):  # the last epoch as it stands (the model itself unless averaging)
+                best = {"loss": math.nan, "epoch": epoch, "state": None if average is None else trainable_state(model)}
             continue
-        with averaged(average):  # validation judges, and keeps, what the bundle would hold
+        with averaged(average):  # validation judges what the bundle would hold, and keeps it when it is the best yet
             val_logits = logits(run, model, inputs, "val", val_in)
-            state = trainable_state(model)
-        # measured as trained: unsmoothed loss penalises the lower confidence that smoothing asks for,
-        # so it could stop a smoothed run early or keep an earlier epoch than the one the schedule ends on
-        val_loss = F.cross_entropy(val_logits, y_val, label_smoothing=cfg.label_smoothing).item() if len(val_in) else 0.0
+            # measured as trained: unsmoothed loss penalises the lower confidence that smoothing asks for,
+            # so it could stop a smoothed run early or keep an earlier epoch than the one the schedule ends on
+            val_loss = F.cross_entropy(val_logits, y_val, label_smoothing=cfg.label_smoothing).item() if len(val_in) else 0.0
+            improved = val_loss < best["loss"] - 1e-5
+            if improved:
+                best = {"loss": val_loss, "epoch": epoch, "state": trainable_state(model)}
         val_acc = (val_logits.argmax(-1) == y_val).float().mean().item() if len(val_in) else 0.0
         history.append({"epoch": epoch, "train_loss": running / max(len(in_scope), 1), "val_loss": val_loss, "val_accuracy": val_acc})
         epochs_bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
-        if val_loss < best["loss"] - 1e-5:
-            best = {"loss": val_loss, "epoch": epoch, "state": state}
-        elif epoch - best["epoch"] >= patience:
+        if not improved and epoch - best["epoch"] >= patience:
             break
     epochs_bar.close()
     if best["state"] is not None:
