@@ -4,6 +4,7 @@ command and its gate, checksums, and backend selection."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from conftest import ROOT, train_bundle
 
 from bot.bundle import BundleError
 from bot.bundle import load as load_bundle
-from bot.classifier import IntentClassifier, TorchBackend, choose_backend
+from bot.classifier import IntentClassifier, TorchBackend, choose_backend, serving_threads
 from bot.onnx_backend import GRAPH_FILE, OnnxBackend
 from finetune.data import load as load_data
 from serve.settings import SettingsError, load_settings
@@ -134,6 +135,19 @@ def test_the_serving_backend_is_a_setting(tmp_path, monkeypatch):
     config = tmp_path / "serve.yaml"
     config.write_text("backend: onnx\n")
     assert load_settings(config, data_dir=tmp_path).backend == "onnx"
+
+
+def test_the_threads_setting_wins_then_omp_num_threads_then_the_cores(monkeypatch):
+    monkeypatch.delenv("SUPPORTBOT_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert serving_threads() == 1  # the knob torch users set to share a machine is honoured, not overridden by the cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")  # OpenMP's nested form: the first level counts
+    assert serving_threads() == 3
+    monkeypatch.setenv("SUPPORTBOT_THREADS", "2")
+    assert serving_threads() == 2 and serving_threads(5) == 5
+    monkeypatch.delenv("SUPPORTBOT_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a count: ignored, as OpenMP ignores it
+    assert serving_threads() == len(os.sched_getaffinity(0))
 
 
 def test_onnx_threads_follow_the_processs_share_and_do_not_spin(shop_bundle):
