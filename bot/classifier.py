@@ -26,6 +26,7 @@ from .heads import IntentHead
 from .onnx_backend import OnnxBackend, graph_path
 from .precision import apply_precision
 from .strategies import serving_strategy
+from .threads import serving_threads
 
 Backend = Literal["onnx", "torch"]
 BACKENDS: tuple[str, ...] = ("onnx", "torch")
@@ -56,28 +57,6 @@ class Prediction:
             "out_of_scope": self.out_of_scope,
             "ranking": [{"name": name, "confidence": p} for name, p in self.ranking],
         }
-
-
-def serving_threads(num_threads: int | None = None) -> int:
-    """This process's share of the cores: `num_threads`, else $SUPPORTBOT_THREADS, else $OMP_NUM_THREADS, else the
-    CPUs it may run on.
-
-    $OMP_NUM_THREADS is the knob PyTorch and ONNX Runtime users already set to share a machine; setting torch's
-    threads from the CPU count alone overrode it, and two processes meant to run at one thread each ran at two,
-    oversubscribed (several times slower on two cores). Its first entry counts (OpenMP allows "4,2" for nesting).
-    """
-    if num_threads:
-        return num_threads
-    configured = int(os.environ.get("SUPPORTBOT_THREADS", "0") or 0)
-    if configured > 0:
-        return configured
-    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp)
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def configure_threads(num_threads: int | None = None) -> None:

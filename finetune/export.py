@@ -38,10 +38,11 @@ from torch import nn
 
 from bot import bundle as bundle_mod
 from bot.bundle import Bundle, BundleError, OnnxGraph
-from bot.classifier import IntentClassifier, TorchBackend, configure_threads, serving_threads
+from bot.classifier import IntentClassifier, TorchBackend, configure_threads
 from bot.encoder import Encoder
 from bot.heads import IntentHead
 from bot.onnx_backend import GRAPH_FILE, OnnxBackend
+from bot.threads import serving_threads
 
 OPSET = 18
 DEFAULT_TOLERANCE = 1e-4

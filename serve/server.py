@@ -298,10 +298,13 @@ def run(model: Path | str | None = None, host: str | None = None, port: int | No
 def _run_workers(settings: Settings, sock: socket.socket, workers: int, log_config: dict[str, Any],
                  options: dict[str, Any]) -> int:
     """`--workers N`: uvicorn's supervisor over N processes sharing the bound socket. Each process
-    gets cores / N torch threads (unless `threads` is set), so together they use the machine once."""
+    gets its share / N torch threads (unless `threads` is set; the share is bot.threads's: OMP_NUM_THREADS,
+    else the cores this process may use), so together they use that share once."""
     from uvicorn.supervisors import Multiprocess
 
-    threads = settings.threads or max(1, (os.cpu_count() or 1) // workers)
+    from bot.threads import serving_threads
+
+    threads = settings.threads or max(1, serving_threads() // workers)
     os.environ[WORKER_ENV] = json.dumps({**options, "threads": threads})
     config = server_config("serve.server:worker_app", settings, factory=True, workers=workers,
                            http=HeaderTimeoutProtocol, log_config=log_config)

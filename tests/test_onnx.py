@@ -16,8 +16,9 @@ from conftest import ROOT, train_bundle
 
 from bot.bundle import BundleError
 from bot.bundle import load as load_bundle
-from bot.classifier import IntentClassifier, TorchBackend, choose_backend, serving_threads
+from bot.classifier import IntentClassifier, TorchBackend, choose_backend
 from bot.onnx_backend import GRAPH_FILE, OnnxBackend
+from bot.threads import serving_threads
 from finetune.data import load as load_data
 from serve.settings import SettingsError, load_settings
 
