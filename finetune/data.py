@@ -58,20 +58,22 @@ class Rows:
         self.where += other.where
 
 
-def load(spec: str) -> DatasetDict:
-    """Read SPEC into a DatasetDict with splits among train / validation / test (columns text, label)."""
+def load(spec: str, *, labelled: bool = True) -> DatasetDict:
+    """Read SPEC into a DatasetDict with splits among train / validation / test (columns text, label).
+    `labelled=False` (discovery reads chat logs): a CSV, JSONL or JSON table may lack the label column;
+    its rows' labels are then empty."""
     spec = str(spec)
     path_part, split = _split_suffix(spec)
     if path_part.startswith("hf:"):
         splits = _load_hub(path_part[3:])
     elif path_part.startswith("pack:"):
-        splits = _load_folder(_pack_dir(path_part[5:]))
+        splits = _load_folder(_pack_dir(path_part[5:]), labelled)
     else:
         path = Path(path_part).expanduser()
         if path.is_dir():
-            splits = _load_folder(path)
+            splits = _load_folder(path, labelled)
         elif path.is_file():
-            splits = _load_file(path)
+            splits = _load_file(path, labelled)
         else:
             raise DataError(f"{path_part}: no such file or folder")
     if split is not None:
@@ -161,7 +163,7 @@ def _to_dataset(rows: Rows) -> Dataset:
     return Dataset.from_dict({"text": rows.texts, "label": rows.labels, "where": rows.where})
 
 
-def _load_folder(folder: Path) -> dict[str, Rows]:
+def _load_folder(folder: Path, labelled: bool = True) -> dict[str, Rows]:
     splits: dict[str, Rows] = {}
     if (folder / "nlu.yaml").is_file():  # a domain pack
         splits["train"] = _read_pack_file(folder / "nlu.yaml")
@@ -173,12 +175,12 @@ def _load_folder(folder: Path) -> dict[str, Rows]:
         if split is None:
             continue
         if entry.is_file() and entry.suffix.lower() in DATA_SUFFIXES:
-            rows = _read_table(entry)
+            rows = _read_table(entry, labelled=labelled)
         elif entry.is_dir():
             files = sorted(p for p in entry.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
             if len(files) != 1:
                 raise DataError(f"{entry}: expected one data file in this split folder, found {len(files)}")
-            rows = _read_table(files[0])
+            rows = _read_table(files[0], labelled=labelled)
         else:
             continue
         if split in splits:
@@ -189,16 +191,16 @@ def _load_folder(folder: Path) -> dict[str, Rows]:
     return splits
 
 
-def _load_file(path: Path) -> dict[str, Rows]:
+def _load_file(path: Path, labelled: bool = True) -> dict[str, Rows]:
     suffix = path.suffix.lower()
     if suffix == ".json":
         data = _read_json(path)
         if isinstance(data, dict) and any(key in data for key in ("train", "val", "test")):
             return _read_clinc(path, data)
-        return {"train": _read_table(path, data)}
+        return {"train": _read_table(path, data, labelled=labelled)}
     if suffix in (".yaml", ".yml"):
         return {"train": _read_pack_file(path)}
-    return {"train": _read_table(path)}
+    return {"train": _read_table(path, labelled=labelled)}
 
 
 def _read_json(path: Path):
@@ -241,8 +243,9 @@ def _read_pack_file(path: Path) -> Rows:
     return rows
 
 
-def _read_table(path: Path, records: list | None = None) -> Rows:
-    """CSV, JSONL, or a JSON list of objects, with recognised text and label columns."""
+def _read_table(path: Path, records: list | None = None, *, labelled: bool = True) -> Rows:
+    """CSV, JSONL, or a JSON list of objects, with recognised text and label columns (the label column
+    optional when not `labelled`)."""
     suffix = path.suffix.lower()
     try:
         if records is not None:
@@ -264,7 +267,7 @@ def _read_table(path: Path, records: list | None = None) -> Rows:
         raise DataError(f"{path}: row {numbered[0][0]}: expected an object with text and label fields")
     text_key = next((c for c in TEXT_COLUMNS if c in first), None)
     label_key = next((c for c in LABEL_COLUMNS if c in first), None)
-    if text_key is None or label_key is None:
+    if text_key is None or (label_key is None and labelled):
         missing = "text" if text_key is None else "label"
         wanted = TEXT_COLUMNS if text_key is None else LABEL_COLUMNS
         raise DataError(
@@ -274,7 +277,10 @@ def _read_table(path: Path, records: list | None = None) -> Rows:
     for number, record in numbered:
         if not isinstance(record, dict):
             raise DataError(f"{path}: row {number}: expected an object with {text_key!r} and {label_key!r}")
-        rows.extend(_checked(path, f"row {number}", record.get(text_key), record.get(label_key)))
+        if label_key is None:
+            rows.extend(_checked(path, f"row {number}", record.get(text_key), None, labelled=False))
+        else:
+            rows.extend(_checked(path, f"row {number}", record.get(text_key), record.get(label_key)))
     return rows
 
 
@@ -304,11 +310,13 @@ def _jsonl_records(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
-def _checked(path: Path | str, where: str, text, label) -> Rows:
+def _checked(path: Path | str, where: str, text, label, *, labelled: bool = True) -> Rows:
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{path}: {where}: empty text")
     if len(text) > MAX_TEXT_CHARS:
         raise DataError(f"{path}: {where}: text is {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
+    if not labelled:
+        return Rows([" ".join(text.split())], [""], [f"{path}: {where}"])
     if label is None or (isinstance(label, str) and not label.strip()) or isinstance(label, (dict, list)):
         raise DataError(f"{path}: {where}: empty label")
     return Rows([" ".join(text.split())], [str(label).strip()], [f"{path}: {where}"])

@@ -94,8 +94,9 @@ class DiscoverConfig:
 
 
 def read_texts(spec: str) -> list[str]:
-    """Unlabelled messages from a data SPEC: a .txt file (one message a line), or any labelled SPEC
-    (finetune/data.py) whose labels are ignored. Duplicates are kept once, in first-seen order."""
+    """Unlabelled messages from a data SPEC: a .txt file (one message a line), a table with a text
+    column and no label column (a chat log export), or any labelled SPEC (finetune/data.py) whose
+    labels are ignored. Duplicates are kept once, in first-seen order."""
     path = Path(spec).expanduser()
     if path.suffix == ".txt" and path.is_file():
         try:
@@ -107,7 +108,7 @@ def read_texts(spec: str) -> list[str]:
                 raise data.DataError(f"{path}: line {number}: longer than {data.MAX_TEXT_CHARS} characters")
         texts = [line.strip() for line in lines]
     else:
-        splits = data.load(spec)
+        splits = data.load(spec, labelled=False)
         texts = [str(t).strip() for name in splits for t in splits[name]["text"]]
     unique = list(dict.fromkeys(t for t in texts if t))
     if len(unique) < 2 * MIN_K:

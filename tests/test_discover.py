@@ -81,3 +81,20 @@ def test_discover_errors_are_one_line(tmp_path, capsys):
     assert main(["discover", "--data", str(few), "--output", str(tmp_path / "o")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(line.startswith("supportbot discover: error: ") for line in errors)
+
+
+def test_a_chat_log_with_a_text_column_and_no_labels_is_read_but_training_still_needs_labels(tmp_path, capsys):
+    from finetune.discover import read_texts
+
+    texts = [f"where is my parcel number {i}" for i in range(12)] + ["where is my parcel number 0"]
+    log = tmp_path / "chats.csv"
+    with open(log, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text"])
+        writer.writerows([t] for t in texts)
+    lines = tmp_path / "chats.jsonl"
+    lines.write_text("".join(f'{{"utterance": "{t}", "at": "2026-12-03"}}\n' for t in texts), encoding="utf-8")
+    unique = list(dict.fromkeys(texts))
+    assert read_texts(str(log)) == unique and read_texts(str(lines)) == unique
+    assert main(["train", "--data", str(log), "--output", str(tmp_path / "m")]) == 2
+    assert "chats.csv: no label column" in capsys.readouterr().err
