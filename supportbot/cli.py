@@ -225,7 +225,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from bot.classifier import IntentClassifier
     from bot.validation import check_message
+    from finetune.config import ConfigError
 
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k}: expected 1 or more")
     texts = [line.rstrip("\n") for line in sys.stdin] if args.texts == ["-"] else args.texts
     # Blank lines are skipped; any other text must pass the message rule of every entry point.
     texts = [check_message(t, name=f"text {n}") for n, t in enumerate(texts, start=1) if t.strip()]

@@ -51,6 +51,7 @@ def test_train_then_predict(tmp_path, banking_slice):
     "args, message",
     [
         (["predict", "--model", "/nonexistent/bundle", "hi"], "no model bundle at /nonexistent/bundle"),
+        (["predict", "--model", "/nonexistent/bundle", "--top-k", "0", "hi"], "--top-k 0: expected 1 or more"),
         (["train", "--config", "/nonexistent.yaml"], "/nonexistent.yaml: cannot read"),
         (["train", "--set", "epochs=-3"], "epochs: Input should be greater than or equal to 1"),
         (["train", "--set", "no_such_field=1"], "no_such_field: Extra inputs are not permitted"),
