@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     discover = sub.add_parser(
         "discover", help="propose intents from unlabelled messages (clusters + a draft domain pack)",
         description="Embed unlabelled messages with the frozen base, cluster them (a Ward tree; the number of intents "
-        "is the first peak of the silhouette over k), name each cluster by its key terms and write DIR/assignments.csv "
+        "is the first persistent peak of the silhouette over k), name each cluster by its key terms and write DIR/assignments.csv "
         "(text,cluster; -1 = noise), DIR/clusters.json and a draft pack DIR/pack that `supportbot train --data "
         "DIR/pack` accepts. Labels in SPEC, if any, are ignored (a CSV, JSONL or JSON table needs only a text column); a .txt file is read as one message a line.",
         epilog=EPILOG_SPEC, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -98,3 +98,13 @@ def test_a_chat_log_with_a_text_column_and_no_labels_is_read_but_training_still_
     assert read_texts(str(log)) == unique and read_texts(str(lines)) == unique
     assert main(["train", "--data", str(log), "--output", str(tmp_path / "m")]) == 2
     assert "chats.csv: no label column" in capsys.readouterr().err
+
+
+def test_a_silhouette_dip_between_the_first_cuts_does_not_stop_the_search_for_k():
+    from finetune.discover import persistent_peak
+
+    # the shape that stopped the old first-peak rule at k_min on two BANKING77 draws of five: one dip, then a rise
+    curve = [0.141, 0.137, 0.164, 0.168, 0.190, 0.195, 0.201, 0.202, 0.200, 0.199, 0.210]
+    assert persistent_peak(curve, complete=True) == 7
+    assert persistent_peak(curve[:8], complete=False) is None  # 0.202's successors are not scored yet
+    assert persistent_peak([0.1, 0.2, 0.3], complete=True) == 2  # a curve that only rises: its last cut
