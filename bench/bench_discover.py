@@ -6,7 +6,7 @@
 The messages are embedded once (the frozen base, through the embedding cache, max length 64 as
 `discover` does), then clustered two ways on the same vectors:
 
-- discover: the Ward tree cut at the silhouette's first peak, small clusters as noise, exactly as
+- discover: the Ward tree cut at the silhouette's first persistent peak, small clusters as noise, exactly as
   `supportbot discover` (deterministic: no seed, one run);
 - the baseline: k-means told the true k (77), seeds 1, 2, 3.
 
@@ -85,7 +85,7 @@ def main() -> None:
         "",
         "| method | k | NMI | ARI | clustering accuracy | noise |",
         "|---|---:|---:|---:|---:|---:|",
-        f"| discover (Ward, silhouette first peak; deterministic) | {k} (found; {len(clusters)} kept) | {found['NMI']:.1f} | "
+        f"| discover (Ward, silhouette first persistent peak; deterministic) | {k} (found; {len(clusters)} kept) | {found['NMI']:.1f} | "
         f"{found['ARI']:.1f} | {found['ACC']:.1f} | {noise:.1f}% |",
         f"| k-means told the true k, seeds {', '.join(map(str, SEEDS))} (mean ± sd) | {len(names)} (given) | "
         f"{mean['NMI']:.1f} ± {sd['NMI']:.1f} | {mean['ARI']:.1f} ± {sd['ARI']:.1f} | {mean['ACC']:.1f} ± {sd['ACC']:.1f} | 0% |",
