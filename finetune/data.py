@@ -27,7 +27,7 @@ from bot.fileio import read_yaml
 from bot.validation import MAX_MESSAGE_CHARS
 
 OOS_LABEL = "oos"
-TEXT_COLUMNS = ("text", "utterance", "instruction", "query")
+TEXT_COLUMNS = ("text", "utterance", "instruction", "query", "message", "content")  # content: Chatwoot's message field
 LABEL_COLUMNS = ("label", "intent", "category")
 SPLIT_NAMES = {
     "train": "train",

@@ -21,7 +21,7 @@ data SPEC: a CSV / JSONL / JSON / YAML file; a folder with train.* and test.* (o
 subfolders); a domain pack folder (nlu.yaml, test.yaml, responses.yaml); pack:NAME for a packaged
 pack (pack:shop is the default); CLINC150 JSON; hf:NAME (online only). Add :train, :val or :test
 to pick one split, e.g. ../shared/data/clinc150/data_full.json:test. Text columns: text, utterance,
-instruction, query; label columns: label, intent, category. The label `oos` means out of scope.
+instruction, query, message, content; label columns: label, intent, category. The label `oos` means out of scope.
 """
 
 

@@ -93,7 +93,7 @@ def test_a_chat_log_with_a_text_column_and_no_labels_is_read_but_training_still_
         writer.writerow(["text"])
         writer.writerows([t] for t in texts)
     lines = tmp_path / "chats.jsonl"
-    lines.write_text("".join(f'{{"utterance": "{t}", "at": "2026-12-03"}}\n' for t in texts), encoding="utf-8")
+    lines.write_text("".join(f'{{"content": "{t}", "message_type": "incoming"}}\n' for t in texts), encoding="utf-8")
     unique = list(dict.fromkeys(texts))
     assert read_texts(str(log)) == unique and read_texts(str(lines)) == unique
     assert main(["train", "--data", str(log), "--output", str(tmp_path / "m")]) == 2
