@@ -60,8 +60,8 @@ class Rows:
 
 def load(spec: str, *, labelled: bool = True) -> DatasetDict:
     """Read SPEC into a DatasetDict with splits among train / validation / test (columns text, label).
-    `labelled=False` (discovery reads chat logs): a CSV, JSONL or JSON table may lack the label column;
-    its rows' labels are then empty."""
+    `labelled=False` (discovery reads chat logs): a CSV, JSONL or JSON table needs only a text column, and
+    its labels are not read (empty), so a missing or blank label column is no error."""
     spec = str(spec)
     path_part, split = _split_suffix(spec)
     if path_part.startswith("hf:"):
@@ -245,7 +245,7 @@ def _read_pack_file(path: Path) -> Rows:
 
 def _read_table(path: Path, records: list | None = None, *, labelled: bool = True) -> Rows:
     """CSV, JSONL, or a JSON list of objects, with recognised text and label columns (the label column
-    optional when not `labelled`)."""
+    not read when not `labelled`)."""
     suffix = path.suffix.lower()
     try:
         if records is not None:
@@ -266,7 +266,7 @@ def _read_table(path: Path, records: list | None = None, *, labelled: bool = Tru
     if not isinstance(first, dict):
         raise DataError(f"{path}: row {numbered[0][0]}: expected an object with text and label fields")
     text_key = next((c for c in TEXT_COLUMNS if c in first), None)
-    label_key = next((c for c in LABEL_COLUMNS if c in first), None)
+    label_key = next((c for c in LABEL_COLUMNS if c in first), None) if labelled else None
     if text_key is None or (label_key is None and labelled):
         missing = "text" if text_key is None else "label"
         wanted = TEXT_COLUMNS if text_key is None else LABEL_COLUMNS
@@ -276,11 +276,10 @@ def _read_table(path: Path, records: list | None = None, *, labelled: bool = Tru
     rows = Rows([], [], [])
     for number, record in numbered:
         if not isinstance(record, dict):
-            raise DataError(f"{path}: row {number}: expected an object with {text_key!r} and {label_key!r}")
-        if label_key is None:
-            rows.extend(_checked(path, f"row {number}", record.get(text_key), None, labelled=False))
-        else:
-            rows.extend(_checked(path, f"row {number}", record.get(text_key), record.get(label_key)))
+            fields = f"{text_key!r} and {label_key!r}" if label_key else repr(text_key)
+            raise DataError(f"{path}: row {number}: expected an object with {fields}")
+        label = record.get(label_key) if label_key else None
+        rows.extend(_checked(path, f"row {number}", record.get(text_key), label, labelled=labelled))
     return rows
 
 

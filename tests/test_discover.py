@@ -94,8 +94,10 @@ def test_a_chat_log_with_a_text_column_and_no_labels_is_read_but_training_still_
         writer.writerows([t] for t in texts)
     lines = tmp_path / "chats.jsonl"
     lines.write_text("".join(f'{{"content": "{t}", "message_type": "incoming"}}\n' for t in texts), encoding="utf-8")
+    blank = tmp_path / "half-labelled.csv"
+    blank.write_text("text,label\n" + "".join(f"{t},{'track' if i % 2 else ''}\n" for i, t in enumerate(texts)), encoding="utf-8")
     unique = list(dict.fromkeys(texts))
-    assert read_texts(str(log)) == unique and read_texts(str(lines)) == unique
+    assert read_texts(str(log)) == unique and read_texts(str(lines)) == unique and read_texts(str(blank)) == unique
     assert main(["train", "--data", str(log), "--output", str(tmp_path / "m")]) == 2
     assert "chats.csv: no label column" in capsys.readouterr().err
 
