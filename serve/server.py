@@ -26,6 +26,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from bot.threads import serving_threads
+
 from .errors import error_body
 from .settings import Settings
 
@@ -301,8 +303,6 @@ def _run_workers(settings: Settings, sock: socket.socket, workers: int, log_conf
     gets its share / N torch threads (unless `threads` is set; the share is bot.threads's: OMP_NUM_THREADS,
     else the cores this process may use), so together they use that share once."""
     from uvicorn.supervisors import Multiprocess
-
-    from bot.threads import serving_threads
 
     threads = settings.threads or max(1, serving_threads() // workers)
     os.environ[WORKER_ENV] = json.dumps({**options, "threads": threads})
