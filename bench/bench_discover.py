@@ -2,6 +2,7 @@
 
     python bench/bench_discover.py              # BANKING77 test (3,080 messages, 77 intents)
     python bench/bench_discover.py --no-record  # print only
+    python bench/bench_discover.py --base models/all-mpnet-base-v2  # another encoder (docs/training.md, 'A larger base')
 
 The messages are embedded once (the frozen base, through the embedding cache, max length 64 as
 `discover` does), then clustered two ways on the same vectors:
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.record import append_section, command_line  # noqa: E402
+from bot.encoder import DEFAULT_BASE  # noqa: E402
 from finetune import data  # noqa: E402
 from finetune.discover import DiscoverConfig, choose_k, describe, embed  # noqa: E402
 
@@ -58,6 +60,7 @@ def scores(truth: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=DATA, help=f"labelled data SPEC (default {DATA})")
+    parser.add_argument("--base", default=DEFAULT_BASE, help=f"the encoder, as `discover --base` (default {DEFAULT_BASE})")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -68,7 +71,7 @@ def main() -> None:
     texts, labels = list(rows["text"]), list(rows["label"])
     names = sorted(set(labels))
     truth = np.array([names.index(label) for label in labels])
-    cfg = DiscoverConfig()
+    cfg = DiscoverConfig(base=args.base)
     vectors = embed(texts, cfg, progress=True)
 
     k, raw, _silhouettes = choose_k(vectors, cfg)
@@ -81,7 +84,8 @@ def main() -> None:
     sd = {m: statistics.stdev(b[m] for b in baseline) for m in ("NMI", "ARI", "ACC")}
 
     lines = [
-        f"BANKING77 test ({len(texts):,} messages, {len(names)} intents; labels hidden, k not given).",
+        f"BANKING77 test ({len(texts):,} messages, {len(names)} intents; labels hidden, k not given); encoder {args.base}, "
+        f"max length {cfg.max_length}.",
         "",
         "| method | k | NMI | ARI | clustering accuracy | noise |",
         "|---|---:|---:|---:|---:|---:|",

@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--output", metavar="DIR", required=True, help="where assignments.csv, clusters.json and pack/ go")
     discover.add_argument("--known", metavar="MODEL", help="a bundle: messages it answers confidently (at its own fitted "
                           "confidence floor) are set aside in known.csv, so only new intents are proposed")
+    discover.add_argument("--base", metavar="NAME_OR_DIR", default=None,
+                          help="the encoder to cluster with: a hub id or a model folder (default: the packaged "
+                          "all-MiniLM-L6-v2). all-mpnet-base-v2 (docs/training.md, 'A larger base') gives finer "
+                          "clusters at about four times the embedding time (docs/review.md)")
     discover.add_argument("--k-min", type=int, default=10, metavar="K", help="fewest clusters tried (default 10)")
     discover.add_argument("--k-max", type=int, default=300, metavar="K", help="most clusters tried (default 300)")
     discover.add_argument("--k-step", type=int, default=10, metavar="N", help="step between the k tried (default 10)")
@@ -370,7 +374,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     cfg = DiscoverConfig(k_min=args.k_min, k_max=args.k_max, k_step=args.k_step, min_cluster_size=args.min_cluster_size,
-                         progress=progress)
+                         progress=progress, **({"base": args.base} if args.base else {}))
     result = discover(texts, cfg, known_model=args.known, progress=not args.quiet)
     if bar is not None:
         bar.close()
@@ -379,7 +383,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
     noise = sum(1 for c in result.assignments if c < 0)
     print_summary("discovery summary", {
         "messages": len(texts), "set aside as known": len(result.known), "clustered": len(result.texts),
-        "k chosen (silhouette)": result.k, "silhouette": result.silhouettes[result.k],
+        "encoder": result.base, "k chosen (silhouette)": result.k, "silhouette": result.silhouettes[result.k],
         "candidate intents": len(result.clusters), "noise (-1)": noise,
         "assignments": str(written["assignments"]), "draft pack": str(written["pack"].parent),
     })

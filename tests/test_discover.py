@@ -11,6 +11,7 @@ import yaml
 from conftest import BANKING77, train_bundle, write_slice
 from sklearn.metrics import normalized_mutual_info_score
 
+from bot.encoder import DEFAULT_BASE, resolve_base
 from supportbot.cli import main
 
 K_RANGE = ["--k-min", "4", "--k-max", "16", "--k-step", "2"]
@@ -47,6 +48,18 @@ def test_discover_recovers_the_hidden_intents_and_estimates_their_number(discove
     for cluster in info["clusters"]:
         assert cluster["terms"] and cluster["representative"]
         assert cluster["size"] == clusters.count(cluster["cluster"])
+    assert info["method"] == "ward+silhouette-persistent-peak" and info["base"] == DEFAULT_BASE
+
+
+def test_the_base_given_is_the_one_that_clusters_and_clusters_json_names_it(discovered, tmp_path):
+    out, truth = discovered
+    folder = resolve_base(DEFAULT_BASE)  # the packaged model's folder: the same weights, named by path
+    source = tmp_path / "messages.txt"
+    source.write_text("\n".join(truth) + "\n", encoding="utf-8")
+    assert main(["discover", "--data", str(source), "--output", str(tmp_path / "o"), "--base", folder, "--quiet", *K_RANGE]) == 0
+    info = yaml.safe_load((tmp_path / "o" / "clusters.json").read_text())
+    assert info["base"] == folder
+    assert info["k"] == yaml.safe_load((out / "clusters.json").read_text())["k"]  # same vectors, same tree, same cut
 
 
 def test_draft_pack_trains_as_it_is(discovered, tmp_path):
@@ -79,8 +92,11 @@ def test_discover_errors_are_one_line(tmp_path, capsys):
     few = tmp_path / "few.txt"
     few.write_text("hello\nwhere is my card\n", encoding="utf-8")
     assert main(["discover", "--data", str(few), "--output", str(tmp_path / "o")]) == 2
+    enough = tmp_path / "enough.txt"
+    enough.write_text("".join(f"message {n} about my card\n" for n in range(12)), encoding="utf-8")
+    assert main(["discover", "--data", str(enough), "--output", str(tmp_path / "o"), "--base", str(tmp_path / "no-such-base")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and all(line.startswith("supportbot discover: error: ") for line in errors)
+    assert len(errors) == 4 and all(line.startswith("supportbot discover: error: ") for line in errors)
 
 
 def test_a_chat_log_with_a_text_column_and_no_labels_is_read_but_training_still_needs_labels(tmp_path, capsys):
