@@ -261,7 +261,7 @@ class Chatbot:
             responses = domain.intent(decision.intent or "")
             if decision.slot is not None:
                 return domain.render(choose(responses.slot_prompts[decision.slot], *key), {}), []
-            texts = responses.texts or tuple(t.replace("{title}", responses.title) for t in domain.answer)  # answer: knowledge, no article
+            texts = responses.texts or tuple(t.replace("{title}", responses.title) for t in domain.answer)  # answer: knowledge, no article cleared the floor
             return domain.render(choose(texts, *key), state.slots), list(responses.quick_replies)
         if decision.action == Action.KNOWLEDGE and decision.reason == Reason.HELPFUL:
             return domain.render(choose(domain.knowledge_helpful, *key), {}), []

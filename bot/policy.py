@@ -87,7 +87,7 @@ class Reason(StrEnum):
     SILENT = "silent"
     SOCIAL_MIX = "social_mix"  # clarify zone, but one option is a greeting/thanks/goodbye: answer the other
     KNOWLEDGE = "knowledge"  # the intents would fall back, and a help-centre passage cleared the retrieval floor
-    INTENT_KNOWLEDGE = "intent_knowledge"  # the intent declares `answer: knowledge`: its best article answers
+    INTENT_KNOWLEDGE = "intent_knowledge"  # the intent declares `answer: knowledge` and its best article clears the floor
     HELPFUL = "helpful"  # "Was this helpful?" -> yes
     NOT_HELPFUL = "not_helpful"  # "Was this helpful?" -> no
 
@@ -200,7 +200,8 @@ class DialoguePolicy:
     ) -> tuple[Decision, SessionState]:
         if self.domain.role(intent) == "handoff":
             return self._handoff(state, intent, confidence, Reason.HANDOFF_INTENT)
-        if knowledge is not None and self.domain.intent(intent).from_knowledge:
+        if self.domain.intent(intent).from_knowledge and self.clears_floor(knowledge):
+            assert knowledge is not None  # clears_floor(None) is False
             return self._knowledge(state, intent, knowledge, Reason.INTENT_KNOWLEDGE)
         state.fallbacks = 0
         missing = next((slot for slot in self.domain.intent(intent).slots if slot not in state.slots), None)

@@ -48,7 +48,7 @@ class IntentResponses:
     slot_prompts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     quick_replies: tuple[str, ...] = ()
     generic: bool = False  # built from the name: no written answer exists
-    from_knowledge: bool = False  # `answer: knowledge`: the text is quoted from the best help-centre article
+    from_knowledge: bool = False  # `answer: knowledge`: quote the best help-centre article when it clears the floor, else `texts`
 
     @property
     def slots(self) -> tuple[str, ...]:

@@ -171,15 +171,36 @@ def test_an_intent_may_take_its_answer_from_its_best_article(classifier, tmp_pat
     import yaml
 
     data = yaml.safe_load(source.read_text())
-    data["intents"]["discount_code"] = {"title": "Discount codes", "answer": "knowledge"}
+    own = "Type the code in the basket before you pay."
+    data["intents"]["discount_code"] = {"title": "Discount codes", "answer": "knowledge", "text": [own]}
     domain = Domain.from_mapping(data, labels=classifier.labels, source="test")
+    knowledge = KnowledgeBase.from_bundle(classifier.bundle)
     with SQLiteSessionStore(tmp_path / "s.sqlite3") as store:
-        bot = Chatbot(classifier, store, domain, knowledge=KnowledgeBase.from_bundle(classifier.bundle))
+        bot = Chatbot(classifier, store, domain, knowledge=knowledge)
         reply = bot.respond("k5", "can I use a discount code with my student discount?")
         assert (reply.action, reply.intent, reply.reason) == (Action.KNOWLEDGE, "discount_code", "intent_knowledge")
         assert reply.sources[0].url == "/help/student-discount"
-        plain = Chatbot(classifier, store, domain)  # no articles: the generic answer, never an error
-        assert plain.respond("k6", "can I use a discount code with my student discount?").action == "answer"
+        plain = Chatbot(classifier, store, domain)  # no articles: the intent's own text, never an error
+        assert plain.respond("k7", "can I use a discount code with my student discount?").text == own
+
+
+@pytest.mark.parametrize(("text", "article"), [
+    ("do you do a student discount", "student-discount"),  # the intent's own text is about entering codes
+    ("how many reward points make a voucher", "loyalty-programme"),
+    ("any deals on this week", None),  # its best article (price adjustments) is below the floor: the intent's text
+])
+def test_the_shop_pack_answers_discount_questions_from_the_article_that_fits_else_from_its_own_text(
+        shop_bundle, tmp_path, text, article):
+    with SQLiteSessionStore(tmp_path / "s.sqlite3") as store:
+        bot = Chatbot.from_bundle(shop_bundle, store)
+        reply = bot.respond("d1", text)
+        assert reply.intent == "discount_code"
+        if article is None:
+            assert (reply.action, reply.sources) == (Action.ANSWER, [])
+            assert reply.text in bot.domain.intent("discount_code").texts
+        else:
+            assert (reply.action, reply.reason) == (Action.KNOWLEDGE, "intent_knowledge")
+            assert reply.sources[0].url.endswith("/" + article)
 
 
 def test_feedback_words_are_recognised_and_other_messages_are_not():

@@ -27,7 +27,8 @@ SECRET = "cw-secret-replicas"
 TOKEN = "cw-token-replicas"
 ADMIN = "admin-token-replicas"
 
-# In-scope shop questions without details to ask for: every one gets an answer, none hands off.
+# In-scope shop questions without details to ask for: every one gets an answer (discount_code's from its
+# article when one fits: `answer: knowledge`), none hands off.
 INTENTS = ("payment_methods", "contact_hours", "shipping_options", "international_shipping", "warranty",
            "discount_code", "invoice_request", "product_availability")
 
@@ -201,7 +202,10 @@ def test_chatwoot_run_across_two_replicas_with_repeats_failures_and_a_sigkill(fl
             assert [u["metadata"]["message_id"] for u in users] == [conversation * 100 + i
                                                                     for i in range(per_conversation)]
             assert all(bots) and len(bots) == per_conversation
-            assert chatwoot.replies(1, conversation) == bots, f"conversation {conversation}: one reply each, in order"
+            # what Chatwoot was sent: each bot turn's text, and a knowledge reply's article link after it
+            sent = ["\n\n".join([t["text"], *(f"[{s['title']}]({s['url']})" for s in t["metadata"].get("sources") or [])])
+                    for t in turns if t["role"] == "bot"]
+            assert chatwoot.replies(1, conversation) == sent, f"conversation {conversation}: one reply each, in order"
     finally:
         engine.dispose()
     statuses = [r.status for r in chatwoot.received("messages", ok_only=False)]
