@@ -200,8 +200,7 @@ class DialoguePolicy:
     ) -> tuple[Decision, SessionState]:
         if self.domain.role(intent) == "handoff":
             return self._handoff(state, intent, confidence, Reason.HANDOFF_INTENT)
-        if self.domain.intent(intent).from_knowledge and self.clears_floor(knowledge):
-            assert knowledge is not None  # clears_floor(None) is False
+        if knowledge is not None and self.domain.intent(intent).from_knowledge and self.clears_floor(knowledge):
             return self._knowledge(state, intent, knowledge, Reason.INTENT_KNOWLEDGE)
         state.fallbacks = 0
         missing = next((slot for slot in self.domain.intent(intent).slots if slot not in state.slots), None)
