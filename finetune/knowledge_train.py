@@ -628,11 +628,15 @@ def evaluate_knowledge(model: str | Path, questions_file: Path, *, worst: int = 
     policy = DialoguePolicy(load_domain(classifier.bundle), floor=classifier.confidence_floor,
                             gap=classifier.ambiguity_gap, knowledge_floor=base.floor, knowledge_margin=base.margin)
     actions: dict[str, int] = {}
+    cited = {"right": 0, "wrong": 0}  # first replies that cite an article: the right one / any other (any, if none answers)
     misses: list[dict[str, Any]] = []
     for i, (question, prediction) in enumerate(zip(questions, predictions)):
         hit = base.best(vectors[i])
         decision, _ = policy.step(SessionState(), question.text, prediction, hit)
         actions[decision.action] = actions.get(decision.action, 0) + 1
+        quoted = base.passage(decision.passage) if decision.action == "knowledge" and decision.passage else None
+        if quoted is not None:
+            cited["right" if quoted.article == question.article else "wrong"] += 1
         assert hit is not None
         answered = base.clears(hit)
         wrong = answered and (question.article is None or hit.passage.article != question.article)
@@ -652,10 +656,14 @@ def evaluate_knowledge(model: str | Path, questions_file: Path, *, worst: int = 
         "retrieval": base.meta.get("retrieval", "dense, passages"),
         **metrics,
         "dialogue_actions": {action: count / n for action, count in sorted(actions.items())},
+        "dialogue_cited_right": cited["right"] / max(metrics["n_answerable"], 1),
+        "dialogue_cited_wrong": cited["wrong"] / n,
         "worst_misses": misses[:worst],
         "note": "retrieval metrics score the top article (its best passage, plus the bundle's key_weight x its best "
         "known question; the best `rerank` articles plus sentence_weight x their best sentence); answered = its "
         "score >= the bundle's retrieval floor and its lead over the next article >= the bundle's margin (both "
         "fitted on validation questions); dialogue_actions: what the bot does with each "
-        "question as a first message (intents answer confidently before the articles are asked)",
+        "question as a first message (intents answer confidently before the articles are asked); dialogue_cited_right: "
+        "the answerable questions whose first reply cites their article; dialogue_cited_wrong: the questions whose first "
+        "reply cites another article (any article, for a question none answers)",
     }

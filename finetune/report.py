@@ -201,6 +201,8 @@ KNOWLEDGE_ROWS = (
     ("margin", "retrieval margin (lead over the next article)"),
     ("answered_right", "answered and right (answerable)"), ("answered_wrong", "answered wrong (answerable)"),
     ("abstained", "abstained (answerable)"), ("unanswerable_abstained", "abstained on unanswerable"),
+    ("dialogue_cited_right", "first reply cites the right article (answerable)"),
+    ("dialogue_cited_wrong", "first reply cites a wrong article (all)"),
 )
 
 

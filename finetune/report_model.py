@@ -119,6 +119,8 @@ class KnowledgeScores(_Model):
     abstained: float
     unanswerable_abstained: float
     dialogue_actions: dict[str, float]
+    dialogue_cited_right: float | None = None  # None: a report written before the field existed
+    dialogue_cited_wrong: float | None = None
     worst_misses: list[KnowledgeMiss]
     note: str
 

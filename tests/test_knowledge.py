@@ -231,8 +231,13 @@ def test_evaluate_reports_knowledge_metrics_in_json_html_and_console(knowledge_b
     assert shares == pytest.approx(1.0) and knowledge["unanswerable_abstained"] == 1.0
     assert knowledge["floor"] == bundle_mod.load(knowledge_bundle).meta["knowledge"]["floor"]
     assert set(knowledge["dialogue_actions"]) <= {"answer", "clarify", "fallback", "handoff", "knowledge"}
+    # every first reply that cites an article is counted once, as right or wrong
+    cited = knowledge["dialogue_cited_right"] * 3 + knowledge["dialogue_cited_wrong"] * 4
+    assert cited == pytest.approx(knowledge["dialogue_actions"].get("knowledge", 0.0) * 4)
+    assert 0 < knowledge["dialogue_cited_right"] <= knowledge["answered_right"]  # a citation clears the same floor
     page = (out / "report.html").read_text()
     assert "Knowledge answers" in page and "recall@1" in page and "abstained on unanswerable" in page
+    assert "first reply cites the right article" in page
     printed = capsys.readouterr().out
     assert "knowledge answers" in printed and "recall@3" in printed
 
