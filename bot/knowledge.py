@@ -68,7 +68,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,7 @@ class Hit:
     score: float
     rank: int = 0
     margin: float = 1.0
+    question_like: bool = False  # the router: the message reads like a help-centre question, not an intent's
 
     def source(self) -> Source:
         return Source(self.passage.title, self.passage.url, round(float(self.score), 4), self.passage.id)
@@ -419,6 +420,8 @@ class KnowledgeBase:
     sentence_weight: float = 0.0  # the top `rerank` articles add this x their best sentence; 0: no reranking
     rerank: int = 3  # how many of the best articles the sentence score reranks
     score_dtype: torch.dtype | None = None  # the products' arithmetic (`SCORE_DTYPES`); None: `fastest_dtype` at load
+    router: torch.Tensor | None = None  # (dim + 1): [weights..., bias] of the help-centre-question router; None: none
+    router_threshold: float = 0.5
     articles: list[str] = field(init=False)  # article slugs in passage order: the columns of `article_scores`
     _offsets: list[int] = field(init=False, repr=False)
     _index: dict[str, int] = field(init=False, repr=False)
@@ -474,6 +477,10 @@ class KnowledgeBase:
                 raise ValueError("the knowledge question map does not match the vectors")
             self.question_map = self.question_map.float().contiguous()
         self._map_t = self.question_map.T.to(dtype).contiguous() if self.question_map is not None else None
+        if self.router is not None:
+            if tuple(self.router.shape) != (self.vectors.shape[1] + 1,):
+                raise ValueError("the knowledge router does not match the vectors")
+            self.router = self.router.float().contiguous()
         if self.rerank < 2 and self.sentence_weight:
             raise ValueError("the sentence reranker needs at least the two best articles (rerank >= 2)")
         sentence_columns = np.repeat(column_of, [len(p.sentences) for p in self.passages])
@@ -504,11 +511,13 @@ class KnowledgeBase:
                 raise BundleError(f"bundle {bundle.path}: its known questions were scored by an older rule "
                                   "(no key_weight in knowledge.json); retrain it with supportbot train")
             question_map = tensors["question_map"].float() if "question_map" in tensors else None
+            router = tensors["router"].float() if "router" in tensors else None
             return cls(passages, tensors["passages"].float(), tensors["sentences"].float(), float(meta["floor"]), meta,
                        keys=keys, key_articles=key_articles, key_weight=float(meta.get("key_weight", 0.0)),
                        margin=float(meta.get("margin") or 0.0), question_map=question_map,
                        sentence_weight=float(meta.get("sentence_weight", 0.0)), rerank=int(meta.get("rerank", 3)),
-                       score_dtype=score_dtype)
+                       score_dtype=score_dtype, router=router,
+                       router_threshold=float((meta.get("router") or {}).get("threshold", 0.5)))
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise BundleError(f"bundle {bundle.path}: {KNOWLEDGE_JSON} is not usable: {exc}") from None
 
@@ -625,9 +634,18 @@ class KnowledgeBase:
         ]
 
     def best(self, query: torch.Tensor) -> Hit | None:
-        """The top article's best passage for one query vector, floor or not (`clears` applies the floor)."""
+        """The top article's best passage for one query vector, floor or not (`clears` applies the floor),
+        marked `question_like` when the router reads the message as a help-centre question."""
         hits = self.search(query, 1)
-        return hits[0] if hits else None
+        return replace(hits[0], question_like=self.help_question(query)) if hits else None
+
+    def help_question(self, query: torch.Tensor) -> bool:
+        """The router (finetune/knowledge_train.py `train_router`): does this message vector read like one of
+        train.yaml's help-centre questions rather than an intent's example? False without a router."""
+        if self.router is None:
+            return False
+        unit = torch.nn.functional.normalize(query.float().reshape(-1), dim=0)
+        return bool(torch.sigmoid(unit @ self.router[:-1] + self.router[-1]) >= self.router_threshold)
 
     def clears(self, hit: Hit | None) -> bool:
         """Good enough to answer from: the score clears the fitted floor and leads the next article by the margin."""

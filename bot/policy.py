@@ -88,6 +88,7 @@ class Reason(StrEnum):
     SOCIAL_MIX = "social_mix"  # clarify zone, but one option is a greeting/thanks/goodbye: answer the other
     KNOWLEDGE = "knowledge"  # the intents would fall back, and a help-centre passage cleared the retrieval floor
     INTENT_KNOWLEDGE = "intent_knowledge"  # the intent declares `answer: knowledge` and its best article clears the floor
+    HELP_CENTRE_QUESTION = "help_centre_question"  # an intent was confident, but the router reads a help-centre question and an article clears the floor
     HELPFUL = "helpful"  # "Was this helpful?" -> yes
     NOT_HELPFUL = "not_helpful"  # "Was this helpful?" -> no
 
@@ -181,6 +182,9 @@ class DialoguePolicy:
         self, state: SessionState, prediction: Prediction, action: Action, knowledge: Hit | None = None
     ) -> tuple[Decision, SessionState]:
         if action == Action.ANSWER:
+            if (knowledge is not None and knowledge.question_like and self.domain.role(prediction.label) is None
+                    and self.clears_floor(knowledge)):  # a help-centre question a confident intent would have taken
+                return self._knowledge(state, prediction.label, knowledge, Reason.HELP_CENTRE_QUESTION)
             return self._answer(state, prediction.label, prediction.confidence, Reason.CONFIDENT, knowledge)
         if action == Action.CLARIFY:
             options = tuple(name for name, _ in prediction.ranking[:2])

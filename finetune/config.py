@@ -80,6 +80,12 @@ class QuestionMapConfig(_Strict):
     scale: float = Field(default=20.0, gt=0, description="softmax temperature over article scores (cosine x scale)")
 
 
+class RouterConfig(_Strict):
+    enabled: bool = Field(default=True, description="learn, from questions/train.yaml against the intents' training examples, whether a message reads like a help-centre question; one that does is answered from the articles when one clears the floor, even if an intent is confident (docs/knowledge.md)")
+    threshold: float = Field(default=0.5, gt=0, lt=1, description="the router's probability from which a message counts as a help-centre question")
+    c: float = Field(default=1.0, gt=0, description="inverse L2 strength of the router's logistic regression")
+
+
 class KnowledgeConfig(_Strict):
     articles: str | None = Field(default=None, description="folder of help-centre articles (*.md); null: the domain pack's knowledge/ when it has one")
     max_tokens: int = Field(default=64, ge=16, le=512, description="passage length limit in tokens, article title and heading included")
@@ -92,6 +98,7 @@ class KnowledgeConfig(_Strict):
     rerank: int = Field(default=3, ge=2, le=50, description="how many of the best articles the sentence score reranks")
     adapter: RetrievalAdapterConfig = RetrievalAdapterConfig()
     question_map: QuestionMapConfig = QuestionMapConfig()
+    router: RouterConfig = RouterConfig()
 
 
 class TrainConfig(_Strict):

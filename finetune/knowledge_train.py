@@ -302,7 +302,7 @@ def knowledge_parts(trained: Trained) -> BundleParts:
             cache.close()
 
     built = build(cfg.knowledge, folder, serving, embed=embed, adapter_body=run.encoder.model if cfg.strategy == "head" else None,
-                  precision=cfg.precision, progress=run.progress, log=run.log)
+                  precision=cfg.precision, progress=run.progress, log=run.log, messages=list(run.prepared.train["text"]))
     return BundleParts(built.writers, {"knowledge": built.meta})
 
 
@@ -323,11 +323,12 @@ def knowledge_summary(written: Bundle) -> dict[str, Any]:
 def build(
     cfg: KnowledgeConfig, folder: Path, serving: Encoder, *, embed: Embedder = plain_embed,
     adapter_body: torch.nn.Module | None = None, precision: str = "fp32", progress: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, messages: Sequence[str] = (),
 ) -> KnowledgeBuild:
     """Split, embed, fit the floor; the bundle's knowledge files and a summary.
 
     `adapter_body`: the fp32 frozen body the optional retrieval adapter trains on (None: no adapter possible).
+    `messages`: the intents' training examples, the router's negatives (none: no router).
     """
     articles = read_articles(folder)
     slugs = [a.slug for a in articles]
@@ -368,6 +369,12 @@ def build(
         log(f"knowledge: question map learned from {len(examples)} questions in {seconds} s")
         if known:  # known questions are compared with mapped messages: they go through the same map
             keys = map_questions(keys, question_map)
+    router: torch.Tensor | None = None
+    router_meta: dict[str, Any] | None = None
+    if cfg.router.enabled and examples and messages:
+        router = train_router(example_vectors, embed(serving, list(messages)), cfg.router.c)
+        router_meta = {**cfg.router.model_dump(), "questions": len(examples), "messages": len(messages)}
+        log(f"knowledge: router learned from {len(examples)} help-centre questions against {len(messages)} intent examples")
     # the bundle stores the passage, key and sentence matrices in float16: the floor and margin below are fitted on
     # those stored values, scored in float32 (the reference; a server scores in float32 or float16, whichever is
     # faster on its CPU, bot/knowledge.py `fastest_dtype`)
@@ -408,6 +415,7 @@ def build(
         "rerank": cfg.rerank,
         "adapter": adapter["meta"] if adapter else None,
         "question_map": map_meta,
+        "router": router_meta,
         "articles": [{"slug": a.slug, "title": a.title, "url": a.url, "tags": list(a.tags)} for a in articles],
         "passages": [
             {"id": p.id, "article": p.article, "title": p.title, "url": p.url, "heading": p.heading,
@@ -422,6 +430,8 @@ def build(
         tensors["keys"] = keys.to(STORE_DTYPE).contiguous()
     if question_map is not None:
         tensors["question_map"] = question_map.contiguous()
+    if router is not None:
+        tensors["router"] = router.contiguous()
     writers: dict[str, Callable[[Path], None]] = {
         KNOWLEDGE_JSON: lambda p: _write_json(p, knowledge_meta),
         KNOWLEDGE_VECTORS: lambda p: save_file(tensors, str(p)),
@@ -429,10 +439,12 @@ def build(
     if adapter:
         state = adapter["state"]
         writers[ADAPTER_FILE] = lambda p: save_file(state, str(p))
-    base = KnowledgeBase(passages, vectors, sentence_vectors, floor, knowledge_meta, margin=margin, **scoring)
+    base = KnowledgeBase(passages, vectors, sentence_vectors, floor, knowledge_meta, margin=margin, router=router,
+                         router_threshold=cfg.router.threshold, **scoring)
     meta = {"articles": len(articles), "passages": len(passages), "keys": len(known), "floor": floor, "margin": margin,
             "floor_method": method, "max_tokens": cfg.max_tokens, "retrieval": retrieval,
-            "adapter": adapter["meta"] if adapter else None, "question_map": map_meta, "validation": validation}
+            "adapter": adapter["meta"] if adapter else None, "question_map": map_meta, "router": router_meta,
+            "validation": validation}
     summary: dict[str, Any] = {"knowledge_passages": len(passages), "knowledge_floor": floor, "knowledge_margin": margin}
     if validation is not None:
         summary["knowledge_val_recall_at_1"] = validation["recall_at_1"]
@@ -451,6 +463,22 @@ def _train_questions(folder: Path, slugs: Sequence[str]) -> list[Question]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---- the router: a help-centre question, or a message for an intent? ---------------------------
+
+
+def train_router(questions: torch.Tensor, messages: torch.Tensor, c: float) -> torch.Tensor:
+    """A logistic regression on unit message vectors: train.yaml's help-centre questions (1) against the
+    intents' training examples (0). Returned as one row [weights..., bias]; `KnowledgeBase.help_question`
+    applies it to the vector of the intent pass (no encoder pass). Why (docs/knowledge.md): a confident intent
+    took about half of the help-centre questions with a text that mostly did not answer them."""
+    from sklearn.linear_model import LogisticRegression
+
+    rows = torch.nn.functional.normalize(torch.cat([questions, messages]).float(), dim=1).numpy()
+    target = np.r_[np.ones(len(questions)), np.zeros(len(messages))]
+    model = LogisticRegression(C=c, max_iter=2000).fit(rows, target)
+    return torch.tensor(np.r_[model.coef_[0], model.intercept_], dtype=torch.float32)
 
 
 # ---- the question map (question side, no encoder pass) ---------------------------------------

@@ -184,6 +184,30 @@ def test_an_intent_may_take_its_answer_from_its_best_article(classifier, tmp_pat
         assert plain.respond("k7", "can I use a discount code with my student discount?").text == own
 
 
+@pytest.mark.parametrize(("text", "intent", "article"), [
+    ("can I get notified when the oak desk is back in stock", "product_availability", "back-in-stock-alerts"),
+    ("do you charge customs on parcels to Switzerland", "international_shipping", "customs-and-import-duties"),
+    ("where is my order #48213?", "order_status", None),  # a message for an intent stays with it
+    ("what payment methods do you accept", "payment_methods", None),
+])
+def test_a_help_centre_question_a_confident_intent_would_take_is_answered_from_its_article(shop_bundle, tmp_path, text,
+                                                                                           intent, article):
+    summary = bundle_mod.load(shop_bundle).meta["knowledge"]["router"]
+    assert summary["questions"] >= 500 and summary["messages"] >= 1000 and summary["threshold"] == 0.5
+    with SQLiteSessionStore(tmp_path / "s.sqlite3") as store:
+        bot = Chatbot.from_bundle(shop_bundle, store)
+        prediction = bot.classifier.predict([text])[0]
+        assert (prediction.label, bot.policy.base_action(prediction)) == (intent, Action.ANSWER)  # the intent is sure
+        reply = bot.respond("r1", text)
+        if article is None:
+            assert (reply.action, reply.intent, reply.sources) == (Action.ANSWER, intent, [])
+        else:
+            assert (reply.action, reply.intent, reply.reason) == (Action.KNOWLEDGE, intent, "help_centre_question")
+            assert reply.sources[0].url.endswith("/" + article)
+    # without the router (a bundle made before it, or `knowledge.router.enabled: false`) the intent answers
+    assert not replace(KnowledgeBase.from_bundle(bundle_mod.load(shop_bundle)), router=None).help_question(prediction.embedding)
+
+
 @pytest.mark.parametrize(("text", "article"), [
     ("do you do a student discount", "student-discount"),  # the intent's own text is about entering codes
     ("how many reward points make a voucher", "loyalty-programme"),
@@ -191,8 +215,12 @@ def test_an_intent_may_take_its_answer_from_its_best_article(classifier, tmp_pat
 ])
 def test_the_shop_pack_answers_discount_questions_from_the_article_that_fits_else_from_its_own_text(
         shop_bundle, tmp_path, text, article):
+    classifier = IntentClassifier.from_bundle(shop_bundle)
+    knowledge = KnowledgeBase.from_bundle(classifier.bundle)
+    assert knowledge is not None
     with SQLiteSessionStore(tmp_path / "s.sqlite3") as store:
-        bot = Chatbot.from_bundle(shop_bundle, store)
+        # the router off: these questions read like the help centre's, and the router would cite the same article first
+        bot = Chatbot(classifier, store, load_domain(classifier.bundle), knowledge=replace(knowledge, router=None))
         reply = bot.respond("d1", text)
         assert reply.intent == "discount_code"
         if article is None:
