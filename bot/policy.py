@@ -184,7 +184,7 @@ class DialoguePolicy:
         if action == Action.ANSWER:
             if (knowledge is not None and knowledge.question_like and self.domain.role(prediction.label) is None
                     and self.clears_floor(knowledge)):  # a help-centre question a confident intent would have taken
-                return self._knowledge(state, prediction.label, knowledge, Reason.HELP_CENTRE_QUESTION)
+                return self._knowledge(state, prediction.label, prediction.confidence, knowledge, Reason.HELP_CENTRE_QUESTION)
             return self._answer(state, prediction.label, prediction.confidence, Reason.CONFIDENT, knowledge)
         if action == Action.CLARIFY:
             options = tuple(name for name, _ in prediction.ranking[:2])
@@ -196,7 +196,7 @@ class DialoguePolicy:
             state.pending = PendingChoice(options, prediction.confidence)
             return Decision(Action.CLARIFY, prediction.label, prediction.confidence, Reason.AMBIGUOUS, options=options), state
         if knowledge is not None and self.clears_floor(knowledge):
-            return self._knowledge(state, None, knowledge, Reason.KNOWLEDGE)
+            return self._knowledge(state, None, prediction.confidence, knowledge, Reason.KNOWLEDGE)
         return self._fallback(state, prediction, Reason.LOW_CONFIDENCE)
 
     def _answer(
@@ -205,7 +205,7 @@ class DialoguePolicy:
         if self.domain.role(intent) == "handoff":
             return self._handoff(state, intent, confidence, Reason.HANDOFF_INTENT)
         if knowledge is not None and self.domain.intent(intent).from_knowledge and self.clears_floor(knowledge):
-            return self._knowledge(state, intent, knowledge, Reason.INTENT_KNOWLEDGE)
+            return self._knowledge(state, intent, confidence, knowledge, Reason.INTENT_KNOWLEDGE)
         state.fallbacks = 0
         missing = next((slot for slot in self.domain.intent(intent).slots if slot not in state.slots), None)
         if missing is not None:
@@ -231,11 +231,15 @@ class DialoguePolicy:
             state.pending = PendingChoice(options, prediction.confidence)
         return Decision(Action.FALLBACK, prediction.label, prediction.confidence, reason, options=options), state
 
-    def _knowledge(self, state: SessionState, intent: str | None, hit: Hit, reason: Reason) -> tuple[Decision, SessionState]:
-        """Quote the passage; the next message may answer "Was this helpful?"."""
+    def _knowledge(
+        self, state: SessionState, intent: str | None, confidence: float, hit: Hit, reason: Reason
+    ) -> tuple[Decision, SessionState]:
+        """Quote the passage; the next message may answer "Was this helpful?". `confidence` stays the intent
+        model's calibrated probability, as in every decision; the article's score travels in the reply's
+        sources (it is not a probability: with the known question and the sentence terms it exceeds 1)."""
         state.fallbacks = 0
         state.pending = PendingFeedback(hit.passage.id)
-        return Decision(Action.KNOWLEDGE, intent, float(hit.score), reason, passage=hit.passage.id), state
+        return Decision(Action.KNOWLEDGE, intent, confidence, reason, passage=hit.passage.id), state
 
     def _feedback(self, state: SessionState, helpful: bool, passage: str | None) -> tuple[Decision, SessionState]:
         if helpful:
