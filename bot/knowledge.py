@@ -517,7 +517,7 @@ class KnowledgeBase:
                        margin=float(meta.get("margin") or 0.0), question_map=question_map,
                        sentence_weight=float(meta.get("sentence_weight", 0.0)), rerank=int(meta.get("rerank", 3)),
                        score_dtype=score_dtype, router=router,
-                       router_threshold=float((meta.get("router") or {}).get("threshold", 0.5)))
+                       router_threshold=float(meta["router"]["threshold"]) if router is not None else 0.5)
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise BundleError(f"bundle {bundle.path}: {KNOWLEDGE_JSON} is not usable: {exc}") from None
 

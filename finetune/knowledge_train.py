@@ -348,10 +348,10 @@ def build(
     vectors = passage_embed(passage_encoder(passage_side, cfg.max_tokens), [p.context_text for p in passages])
     # sentences are compared with the message's vector: the question side, never adapted
     sentence_vectors = embed(passage_encoder(serving, cfg.max_tokens), [s for p in passages for s in p.sentences])
-    # train.yaml's questions, read and embedded once: the question map learns from them and, with
-    # `question_keys`, they are the articles' known questions. Embedded as messages are (the serving
+    # train.yaml's questions, read and embedded once: the question map learns from them, the router learns
+    # them as help-centre questions and, with `question_keys`, they are the articles' known questions. Embedded as messages are (the serving
     # encoder, its length), because both compare them with messages.
-    examples = _train_questions(folder, slugs) if (mapped or cfg.question_keys) else []
+    examples = _train_questions(folder, slugs) if (mapped or cfg.question_keys or cfg.router.enabled) else []
     example_vectors = embed(serving, [q.text for q in examples]) if examples else torch.zeros(0, vectors.shape[1])
     known = examples if cfg.question_keys else []
     keys = example_vectors if known else torch.zeros(0, vectors.shape[1])

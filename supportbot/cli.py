@@ -374,7 +374,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     cfg = DiscoverConfig(k_min=args.k_min, k_max=args.k_max, k_step=args.k_step, min_cluster_size=args.min_cluster_size,
-                         progress=progress, **({"base": args.base} if args.base else {}))
+                         progress=progress, base=args.base or DiscoverConfig.base)
     result = discover(texts, cfg, known_model=args.known, progress=not args.quiet)
     if bar is not None:
         bar.close()
