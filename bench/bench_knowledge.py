@@ -16,7 +16,9 @@ the encoder made them; passages + w x BM25 (rank-bm25, scores divided by the que
 on validation); the question map learned from train.yaml (finetune/knowledge_train.py
 `train_question_map`); the map with train.yaml's questions as known questions of their article
 (through the map), weighted 0.25 / the bundle's weight / 1, or as a max instead of a sum; the
-bundle's own `article_scores` (what `supportbot train` serves); with --adapter, passages embedded by
+bundle's own `article_scores` (what `supportbot train` serves); the served recipe over --draws rounding
+draws (the question map relearned from train.yaml's vectors plus noise of 1e-6, floor and margin
+refitted: one training is one draw of what a CPU's rounding gives); with --adapter, passages embedded by
 a LoRA adapter trained on train.yaml (`train_passage_adapter`, in PyTorch whatever the bundle's
 serving backend), alone, with the map, and with the map and the known questions. (A learned
 answer-or-abstain rule was measured here at commit bd22cc4 and not kept: BENCHMARKS.md, History.)
@@ -203,6 +205,63 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
     return rows, rules
 
 
+def rounding_draws(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, n: int,
+                   eps_values: list[float]) -> list[Row]:
+    """The served recipe again, the question map relearned from train.yaml's vectors plus Gaussian noise of
+    1e-6 (draw 0: none), about how far two CPUs' float32 kernels set the same text apart; the known questions
+    through each map, the floor and margin refitted on validation as training fits them, scored on test.
+    Without this, one bundle is one draw: the figures of a single training are what one CPU's rounding gave."""
+    slugs = sorted({p.article for p in base.passages})
+    qs = {split: read_questions(folder / "questions" / f"{split}.yaml", slugs) for split in ("validation", "test")}
+    known = kt._train_questions(folder, slugs)
+    if base.question_map is None or [str(q.article) for q in known] != list(base.key_articles):
+        return []
+    cost = float(base.meta.get("wrong_answer_cost", 3.0))
+    vectors = {split: classifier.embed_and_logits([q.text for q in qs[split]])[0] for split in qs}
+    clean = classifier.embed_and_logits([q.text for q in known])[0].float()
+    settings = QuestionMapConfig(**{k: v for k, v in (base.meta.get("question_map") or {}).items()
+                                    if k in QuestionMapConfig.model_fields})
+    out: list[Row] = []
+    for eps in eps_values:
+        for draw in range(n):
+            noisy = clean + (1e-6 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(draw)) if draw else 0)
+            question_map = kt.train_question_map(noisy, [str(q.article) for q in known], base.passages, base.vectors,
+                                                 settings.model_copy(update={"eps": eps}))
+            keys = mapped(noisy, question_map).to(torch.float16).float()  # stored in float16, as build() stores them
+            redrawn = replace(base, question_map=question_map, keys=keys, score_dtype=torch.float32)
+            val, test = (redrawn.article_scores(vectors[split]) for split in ("validation", "test"))
+            fit = kt.fit_floor(val, redrawn.articles, qs["validation"], cost, margin=base.margin > 0)
+            figures = kt.retrieval_metrics(test, redrawn.articles, qs["test"], fit.floor, fit.margin)
+            held_out = fit.held_out.get("floor + margin", {}).get("utility", float("nan"))
+            out.append({"eps": eps, "draw": draw, "floor": fit.floor, "margin": fit.margin, "val_cv_utility": held_out,
+                        **{k: figures[k] for k in ("recall_at_1", "answered_right", "answered_wrong", "unanswerable_abstained")}})
+            print(f"draw {draw} (Adam eps {eps:g}): floor {fit.floor:.4f}, margin {fit.margin:.4f}, "
+                  f"test answered and right {figures['answered_right']:.4f}", flush=True)
+    return out
+
+
+def draws_table(draws: list[Row], n: int) -> str:
+    """Mean ± sd over the draws, per Adam epsilon."""
+    lines = [f"The served recipe over {n} rounding draws (the question map relearned from train.yaml's vectors + "
+             "N(0, 1e-6), draw 0 without noise; floor and margin refitted on validation; test.yaml scored), by the map's "
+             "Adam epsilon (`knowledge.question_map.eps`); mean ± sd (min-max):", "",
+             "| Adam eps | floor | margin | validation utility, cross-validated | recall@1 | answered and right | "
+             "answered wrong | unanswerable uncited |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(rows: list[Row], key: str, pct: bool = False) -> str:
+        values = [float(r[key]) * (100 if pct else 1) for r in rows]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        digits = 1 if pct or key == "val_cv_utility" else 4
+        return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    for eps in dict.fromkeys(float(r["eps"]) for r in draws):
+        rows = [r for r in draws if float(r["eps"]) == eps]
+        lines.append(f"| {eps:g} | {cell(rows, 'floor')} | {cell(rows, 'margin')} | {cell(rows, 'val_cv_utility')} | "
+                     f"{cell(rows, 'recall_at_1', True)} | {cell(rows, 'answered_right', True)} | "
+                     f"{cell(rows, 'answered_wrong', True)} | {cell(rows, 'unanswerable_abstained', True)} |")
+    return "\n".join(lines)
+
+
 def rules_table(rules: list[Row]) -> str:
     lines = [f"The served scores' answer-or-abstain rules, cross-validated on the {rules[0]['questions']} validation questions alone "
              "(`finetune/knowledge_train.py` `cross_validated`: fitted on 4/5, scored on the held-out 1/5; the same 10 "
@@ -265,6 +324,11 @@ def main() -> int:
     parser.add_argument("--passages", type=int, default=5000, help="passages for the speed test (default 5000)")
     parser.add_argument("--messages", type=int, default=300, help="messages timed (default 300)")
     parser.add_argument("--adapter", action="store_true", help="also train and score the LoRA retrieval adapter (minutes)")
+    parser.add_argument("--draws", type=int, default=5,
+                        help="rounding draws of the served recipe (question map relearned from vectors + 1e-6 noise, "
+                             "floor and margin refitted): mean ± sd of the test figures (default 5; 0: none)")
+    parser.add_argument("--draw-eps", type=float, nargs="+",
+                        help="the question map's Adam epsilon for the draws, one row each (default: the bundle's)")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     parser.add_argument("--note", default="", help="a note for the record (e.g. 'measured under load')")
     args = parser.parse_args()
@@ -276,6 +340,8 @@ def main() -> int:
     folder = Path(args.knowledge) if args.knowledge else kt.knowledge_folder("pack:shop", None)
     assert folder is not None
     rows, rules = quality(classifier, base, folder, args.adapter)
+    eps_values = args.draw_eps or [float((base.meta.get("question_map") or {}).get("eps", 1e-8))]
+    draws = rounding_draws(classifier, base, folder, args.draws, eps_values) if args.draws > 0 else []
     timing = speed(classifier, base, args.passages, args.messages)
 
     columns = ("val_utility", "val_recall_at_1", *KEYS, "floor", "margin")
@@ -291,7 +357,7 @@ def main() -> int:
     body = (f"Questions: {shown}/questions (floor, and margin where named, fitted on validation.yaml; val_utility: right "
             f"- cost x wrong on validation at that fit, the basis of every choice; the other columns: test.yaml). "
             f"Served by this bundle: {base.meta.get('retrieval', 'dense, passages')}, margin {base.margin:.3f}.\n\n"
-            f"{table}\n{rules_table(rules)}\n\n{speed_line}\n")
+            f"{table}\n{rules_table(rules)}\n\n" + (f"{draws_table(draws, args.draws)}\n\n" if draws else "") + f"{speed_line}\n")
     if args.note:
         body += f"\n{args.note}\n"
     print(body)

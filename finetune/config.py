@@ -77,6 +77,7 @@ class QuestionMapConfig(_Strict):
     l2: float = Field(default=0.01, ge=0, description="weight of the squared map (the map is identity + W): how far questions may move")
     steps: int = Field(default=300, ge=1, description="full-batch Adam steps")
     lr: float = Field(default=0.01, gt=0)
+    eps: float = Field(default=1e-4, gt=0, description="Adam's epsilon; at torch's 1e-8, weights whose gradient is ~0 take full steps in the direction of rounding noise, and the fitted floor moved by 0.01 from one CPU to another (docs/knowledge.md)")
     scale: float = Field(default=20.0, gt=0, description="softmax temperature over article scores (cosine x scale)")
 
 

@@ -615,6 +615,32 @@ def test_the_question_map_moves_training_questions_towards_their_article_and_is_
     assert mapped.meta["validation"]["floor"] == mapped.base.floor
 
 
+def test_the_question_map_barely_moves_when_its_questions_move_by_another_cpus_rounding(shop_bundle):
+    """Two CPUs' float32 kernels set the same text's vector apart by about 1e-6. With torch's Adam epsilon
+    (1e-8) the map learned from the shop pack's 550 questions moved by about 6e-3 under such noise, and the
+    fitted floor by 0.01; with the recipe's epsilon it moves less than half as far."""
+    from bot.knowledge import read_questions
+    from finetune.config import QuestionMapConfig
+    from finetune.knowledge_train import knowledge_folder, train_question_map
+
+    classifier = IntentClassifier.from_bundle(shop_bundle)
+    base = KnowledgeBase.from_bundle(classifier.bundle, torch.float32)
+    folder = knowledge_folder("pack:shop", None)
+    assert base is not None and folder is not None
+    train = [q for q in read_questions(folder / "questions" / "train.yaml", base.articles) if q.article is not None]
+    vectors = classifier.embed_and_logits([q.text for q in train])[0].float()
+    noisy = vectors + 1e-6 * torch.randn(vectors.shape, generator=torch.Generator().manual_seed(0))
+    articles = [str(q.article) for q in train]
+
+    def moved(settings: QuestionMapConfig) -> float:
+        clean = train_question_map(vectors, articles, base.passages, base.vectors, settings)
+        return float((train_question_map(noisy, articles, base.passages, base.vectors, settings) - clean).abs().max())
+
+    recipe = QuestionMapConfig()
+    assert recipe.eps == 1e-4
+    assert moved(recipe) < 0.5 * moved(recipe.model_copy(update={"eps": 1e-8}))
+
+
 def test_the_shop_help_centre_answers_three_in_four_validation_questions_rightly(shop_bundle):
     """The shop pack's default bundle (trained with its help centre and train.yaml's questions): the
     question map was learned, the training questions are known questions of their articles, and on the
