@@ -194,16 +194,25 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+EVICT_BYTES = 64 * 2**20  # written between timed products: more than a server CPU's last-level cache (32 MiB here)
+
+
 def product_seconds(matrix: torch.Tensor, repeats: int = 15) -> dict[torch.dtype, float]:
     """Median seconds of one matrix-vector product over `matrix` in each of `SCORE_DTYPES` on this machine
-    (`repeats` products each, one thread, after one untimed product)."""
+    (`repeats` products each, one thread, after one untimed product), each read from memory, not from
+    the cache: a server's product follows an intent pass, which has evicted the passage matrix. Timed
+    back to back from the cache instead, float32 won on this EPYC (0.17 against 0.22 ms over 5,000
+    passages) while served after intent passes it was the slower (1.9 against 1.1 ms per retrieval);
+    from memory, float32 1.0 ms and float16 0.3 ms (docs/knowledge.md)."""
     seconds = {}
+    evict = torch.zeros(EVICT_BYTES // 4)
     with _one_thread():
         for dtype in SCORE_DTYPES:
             rows, vector = matrix.to(dtype).contiguous(), matrix[0].to(dtype)
             torch.mv(rows, vector)
             timings = []
             for _ in range(repeats):
+                evict.add_(1.0)
                 started = time.perf_counter()
                 torch.mv(rows, vector)
                 timings.append(time.perf_counter() - started)
