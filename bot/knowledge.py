@@ -63,6 +63,7 @@ Decisions, and why:
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import time
@@ -653,8 +654,12 @@ class KnowledgeBase:
         train.yaml's help-centre questions rather than an intent's example? False without a router."""
         if self.router is None:
             return False
-        unit = torch.nn.functional.normalize(query.float().reshape(-1), dim=0)
-        return bool(torch.sigmoid(unit @ self.router[:-1] + self.router[-1]) >= self.router_threshold)
+        # sigmoid(w.q/|q| + b) >= t, compared as logits in NumPy: a 384-long dot product, where five small torch
+        # operations took 0.12 ms of a 0.7 ms search over 5,000 passages
+        vector = query.detach().float().reshape(-1).numpy()
+        weights = self.router.numpy()
+        logit = float(vector @ weights[:-1]) / max(float(np.linalg.norm(vector)), 1e-12) + float(weights[-1])
+        return logit >= math.log(self.router_threshold / (1 - self.router_threshold))
 
     def clears(self, hit: Hit | None) -> bool:
         """Good enough to answer from: the score clears the fitted floor and leads the next article by the margin."""

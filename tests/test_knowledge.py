@@ -337,6 +337,19 @@ def _base(**kwargs) -> KnowledgeBase:
                          0.5, **kwargs)
 
 
+@pytest.mark.parametrize("threshold", [0.2, 0.5, 0.9])
+def test_the_router_reads_a_help_centre_question_when_its_probability_reaches_the_threshold(threshold):
+    """sigmoid(w . unit(q) + b) >= threshold, whatever the length of q (the serving path compares logits)."""
+    router = torch.tensor([2.0, -1.0, 0.5, 0.3])
+    base = _base(router=router, router_threshold=threshold)
+    generator = torch.Generator().manual_seed(3)
+    for query in 3 * torch.randn(200, 3, generator=generator):
+        probability = torch.sigmoid(torch.nn.functional.normalize(query, dim=0) @ router[:-1] + router[-1])
+        if abs(float(probability) - threshold) > 1e-6:
+            assert base.help_question(query) == bool(probability >= threshold)
+    assert not _base().help_question(torch.tensor([1.0, 0.0, 0.0]))  # no router: never
+
+
 def test_an_article_scores_its_best_passage_and_the_hit_carries_its_lead_over_the_next_article():
     base = _base(margin=0.2)
     query = _unit([0.5, 0.8, 0.3])[0]
