@@ -221,6 +221,9 @@ def rounding_draws(classifier: IntentClassifier, base: KnowledgeBase, folder: Pa
     clean = classifier.embed_and_logits([q.text for q in known])[0].float()
     settings = QuestionMapConfig(**{k: v for k, v in (base.meta.get("question_map") or {}).items()
                                     if k in QuestionMapConfig.model_fields})
+    # a margin was weighed when training (`knowledge.fit_margin`) if the bundle carries one or the evidence
+    # for dropping it (validation.held_out)
+    weighs_margin = base.margin > 0 or bool((base.meta.get("validation") or {}).get("held_out"))
     out: list[Row] = []
     for eps in eps_values:
         for draw in range(n):
@@ -230,7 +233,7 @@ def rounding_draws(classifier: IntentClassifier, base: KnowledgeBase, folder: Pa
             keys = mapped(noisy, question_map).to(torch.float16).float()  # stored in float16, as build() stores them
             redrawn = replace(base, question_map=question_map, keys=keys, score_dtype=torch.float32)
             val, test = (redrawn.article_scores(vectors[split]) for split in ("validation", "test"))
-            fit = kt.fit_floor(val, redrawn.articles, qs["validation"], cost, margin=base.margin > 0)
+            fit = kt.fit_floor(val, redrawn.articles, qs["validation"], cost, margin=weighs_margin)
             figures = kt.retrieval_metrics(test, redrawn.articles, qs["test"], fit.floor, fit.margin)
             held_out = fit.held_out.get("floor + margin", {}).get("utility", float("nan"))
             out.append({"eps": eps, "draw": draw, "floor": fit.floor, "margin": fit.margin, "val_cv_utility": held_out,
