@@ -57,7 +57,7 @@ from bench.record import append_section, command_line  # noqa: E402
 from bot import bundle as bundle_mod  # noqa: E402
 from bot.classifier import IntentClassifier, TorchBackend  # noqa: E402
 from bot.encoder import Encoder  # noqa: E402
-from bot.knowledge import SCORE_DTYPES, KnowledgeBase, Question, read_questions  # noqa: E402
+from bot.knowledge import SCORE_DTYPES, KnowledgeBase, Question, map_questions, read_questions  # noqa: E402
 from finetune import knowledge_train as kt  # noqa: E402
 from finetune.config import QuestionMapConfig  # noqa: E402
 
@@ -84,10 +84,6 @@ def scored(name: str, val: torch.Tensor, test: torch.Tensor, articles: list[str]
     test_figures = kt.retrieval_metrics(test, articles, qs["test"], floor, lead)
     return {"variant": name, "val_utility": utility(fitted, cost), "val_recall_at_1": fitted["recall_at_1"],
             **{k: v for k, v in test_figures.items() if k in KEYS}, "floor": floor, "margin": lead}
-
-
-def mapped(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return F.normalize(vectors + vectors @ weights, dim=1)
 
 
 def best_known(rows: torch.Tensor, keys: torch.Tensor, columns: torch.Tensor, n_articles: int) -> torch.Tensor:
@@ -119,11 +115,11 @@ def quality(classifier: IntentClassifier, base: KnowledgeBase, folder: Path, ada
     def dense(split: str, vectors: torch.Tensor, w: float = 0.0, question_map: torch.Tensor | None = None,
               combine: str = "sum") -> torch.Tensor:
         """Article scores: best passage (+ w x best known question; `combine="max"`: the better of the two)."""
-        rows = query[split] if question_map is None else mapped(query[split], question_map)
+        rows = query[split] if question_map is None else map_questions(query[split], question_map)
         passages = base.aggregate(rows @ vectors.T)
         if not w and combine == "sum":
             return passages
-        key_rows = keys if question_map is None else mapped(keys, question_map)
+        key_rows = keys if question_map is None else map_questions(keys, question_map)
         best = best_known(rows, key_rows, key_columns, len(arts))
         return torch.maximum(passages, best) if combine == "max" else passages + w * best
 
@@ -230,7 +226,7 @@ def rounding_draws(classifier: IntentClassifier, base: KnowledgeBase, folder: Pa
             noisy = clean + (1e-6 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(draw)) if draw else 0)
             question_map = kt.train_question_map(noisy, [str(q.article) for q in known], base.passages, base.vectors,
                                                  settings.model_copy(update={"eps": eps}))
-            keys = mapped(noisy, question_map).to(torch.float16).float()  # stored in float16, as build() stores them
+            keys = map_questions(noisy, question_map).to(torch.float16).float()  # stored in float16, as build() stores them
             redrawn = replace(base, question_map=question_map, keys=keys, score_dtype=torch.float32)
             val, test = (redrawn.article_scores(vectors[split]) for split in ("validation", "test"))
             fit = kt.fit_floor(val, redrawn.articles, qs["validation"], cost, margin=weighs_margin)
