@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     discover = sub.add_parser(
         "discover", help="propose intents from unlabelled messages (clusters + a draft domain pack)",
-        description="Embed unlabelled messages with the frozen base, cluster them (a Ward tree; the number of intents "
+        description="Embed unlabelled messages with the frozen base, average each vector with its nearest neighbours, cluster them (a Ward tree; the number of intents "
         "is the first persistent peak of the silhouette over k), name each cluster by its key terms and write DIR/assignments.csv "
         "(text,cluster; -1 = noise), DIR/clusters.json and a draft pack DIR/pack that `supportbot train --data "
         "DIR/pack` accepts. Labels in SPEC, if any, are ignored (a CSV, JSONL or JSON table needs only a text column); a .txt file is read as one message a line.",
@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--k-min", type=int, default=10, metavar="K", help="fewest clusters tried (default 10)")
     discover.add_argument("--k-max", type=int, default=300, metavar="K", help="most clusters tried (default 300)")
     discover.add_argument("--k-step", type=int, default=10, metavar="N", help="step between the k tried (default 10)")
+    discover.add_argument("--neighbours", type=int, default=None, metavar="N",
+                          help="average each message's vector with its N nearest before clustering (default: one per 100 "
+                          "messages, 5 to 20, as measured in docs/review.md; 0: cluster the raw vectors)")
     discover.add_argument("--min-cluster-size", type=int, default=3, metavar="N",
                           help="smaller clusters are noise, -1 in assignments.csv (default 3)")
     discover.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -356,6 +359,8 @@ def cmd_discover(args: argparse.Namespace) -> int:
     for name in ("k_min", "k_max", "k_step", "min_cluster_size"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive number")
+    if args.neighbours is not None and args.neighbours < 0:
+        raise DataError(f"--neighbours {args.neighbours}: expected 0 or more")
     if args.k_min > args.k_max:
         raise DataError(f"--k-min {args.k_min} is above --k-max {args.k_max}")
     if args.known and not (Path(args.known) / "bundle.json").is_file():
@@ -374,7 +379,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     cfg = DiscoverConfig(k_min=args.k_min, k_max=args.k_max, k_step=args.k_step, min_cluster_size=args.min_cluster_size,
-                         progress=progress, base=args.base or DiscoverConfig.base)
+                         progress=progress, base=args.base or DiscoverConfig.base, neighbours=args.neighbours)
     result = discover(texts, cfg, known_model=args.known, progress=not args.quiet)
     if bar is not None:
         bar.close()
@@ -383,7 +388,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
     noise = sum(1 for c in result.assignments if c < 0)
     print_summary("discovery summary", {
         "messages": len(texts), "set aside as known": len(result.known), "clustered": len(result.texts),
-        "encoder": result.base, "k chosen (silhouette)": result.k, "silhouette": result.silhouettes[result.k],
+        "encoder": result.base, "neighbours averaged": result.neighbours, "k chosen (silhouette)": result.k, "silhouette": result.silhouettes[result.k],
         "candidate intents": len(result.clusters), "noise (-1)": noise,
         "assignments": str(written["assignments"]), "draft pack": str(written["pack"].parent),
     })

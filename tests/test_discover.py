@@ -6,6 +6,7 @@ import csv
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import BANKING77, train_bundle, write_slice
@@ -48,7 +49,8 @@ def test_discover_recovers_the_hidden_intents_and_estimates_their_number(discove
     for cluster in info["clusters"]:
         assert cluster["terms"] and cluster["representative"]
         assert cluster["size"] == clusters.count(cluster["cluster"])
-    assert info["method"] == "ward+silhouette-persistent-peak" and info["base"] == DEFAULT_BASE
+    assert info["method"] == "neighbour-mean+ward+silhouette-persistent-peak" and info["base"] == DEFAULT_BASE
+    assert info["neighbours"] == 5  # 120 messages: the rule's least (one per 100 messages, 5 to 20)
 
 
 def test_the_base_given_is_the_one_that_clusters_and_clusters_json_names_it(discovered, tmp_path):
@@ -126,3 +128,24 @@ def test_a_silhouette_dip_between_the_first_cuts_does_not_stop_the_search_for_k(
     assert persistent_peak(curve, complete=True) == 7
     assert persistent_peak(curve[:8], complete=False) is None  # 0.202's successors are not scored yet
     assert persistent_peak([0.1, 0.2, 0.3], complete=True) == 2  # a curve that only rises: its last cut
+
+
+def test_each_vector_is_averaged_with_its_nearest_other_messages_and_paraphrases_draw_together(tmp_path):
+    from finetune.discover import DiscoverConfig, embed, neighbour_mean, neighbours_for
+
+    rows = read_rows(write_slice(BANKING77 / "test.csv", tmp_path / "nm.csv", labels=6, per_label=12))
+    texts, labels = [norm(r["text"]) for r in rows], [r["label"] for r in rows]
+    raw = embed(texts, DiscoverConfig())
+    smoothed = neighbour_mean(raw, 5, block=7)  # blocks smaller than the input: the same as one block
+    for i in (0, 17, len(texts) - 1):  # brute force, the message itself left out of its neighbours
+        others = np.delete(np.arange(len(texts)), i)
+        nearest = others[np.argsort(-(raw[others] @ raw[i]), kind="stable")[:5]]
+        expected = raw[i] + raw[nearest].mean(axis=0)
+        np.testing.assert_allclose(smoothed[i], expected / np.linalg.norm(expected), atol=1e-5)
+    assert neighbour_mean(raw, 0) is raw
+    same = np.array(labels)[:, None] == np.array(labels)[None, :]
+    np.fill_diagonal(same, False)
+    gap = lambda v: (v @ v.T)[same].mean() - (v @ v.T)[~same & ~np.eye(len(v), dtype=bool)].mean()  # noqa: E731
+    assert gap(smoothed) > gap(raw) + 0.05  # messages of one intent are closer to each other than to the rest
+    assert [neighbours_for(n, DiscoverConfig()) for n in (3, 120, 1_000, 3_080, 15_000)] == [2, 5, 10, 20, 20]
+    assert neighbours_for(3_080, DiscoverConfig(neighbours=0)) == 0 and neighbours_for(4, DiscoverConfig(neighbours=9)) == 3
