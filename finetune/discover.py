@@ -6,6 +6,7 @@ cluster by its key terms and writes:
 
 - `DIR/assignments.csv` (`text,cluster`; -1 marks noise: a message in a cluster too small to train on),
 - `DIR/clusters.json` (per cluster: name, size, key terms, representative and borderline examples),
+- `DIR/discovery.png` (the silhouette of each k tried with the chosen one marked, and the clusters' sizes),
 - `DIR/known.csv` with `--known` (messages the existing model answers confidently, set aside),
 - `DIR/pack/nlu.yaml`, a draft domain pack that `supportbot train --data DIR/pack` accepts as it is.
 
@@ -326,8 +327,12 @@ def draft_pack(discovery: Discovery) -> dict[str, object]:
 
 
 def write_outputs(discovery: Discovery, output: Path) -> dict[str, Path]:
-    """assignments.csv, clusters.json, known.csv (with --known) and pack/nlu.yaml, each written atomically."""
+    """assignments.csv, clusters.json, discovery.png, known.csv (with --known) and pack/nlu.yaml, each written
+    atomically (the picture drawn beside its place, then renamed)."""
     import io
+    import os
+
+    from .plots import discovery_png
 
     output.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -341,6 +346,11 @@ def write_outputs(discovery: Discovery, output: Path) -> dict[str, Path]:
     atomic_write_text(written["assignments"], table([["text", "cluster"], *[[t, c] for t, c in zip(discovery.texts, discovery.assignments)]]))
     written["clusters"] = output / "clusters.json"
     atomic_write_text(written["clusters"], discovery.model_dump_json(include={"method", "base", "neighbours", "k", "silhouettes", "clusters"}, indent=2) + "\n")
+    written["picture"] = output / "discovery.png"
+    drawing = output / ".discovery.png.tmp.png"
+    noise = sum(1 for cluster in discovery.assignments if cluster == NOISE_LABEL)
+    discovery_png(discovery.silhouettes, discovery.k, [c.size for c in discovery.clusters], noise, drawing)
+    os.replace(drawing, written["picture"])
     if discovery.known:
         written["known"] = output / "known.csv"
         atomic_write_text(written["known"], table([["text", "intent", "confidence"], *[list(row) for row in discovery.known]]))

@@ -1,7 +1,8 @@
-"""The evaluation report's pictures (matplotlib, Agg backend): each function writes one PNG.
+"""The evaluation report's pictures, and discovery's (matplotlib, Agg backend): each function writes one PNG.
 
-All of them read the per-example records of finetune/evaluate.py, so a picture and the
-numbers in report.json always come from the same predictions.
+The report's read the per-example records of finetune/evaluate.py, so a picture and the numbers in
+report.json always come from the same predictions; `discovery_png` reads what `supportbot discover`
+writes to clusters.json.
 """
 
 from __future__ import annotations
@@ -214,6 +215,28 @@ def operating_curve_png(records: list[Record], floor: float, auroc: float | None
     ax.set_title(title + (f" (AUROC {auroc:.3f})" if auroc is not None else ""), fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def discovery_png(silhouettes: dict[int, float], chosen: int, sizes: list[int], noise: int, path: Path) -> Path:
+    """How discovery chose k (the silhouette of each cut tried, the chosen one marked) beside the clusters' sizes,
+    largest first (what a reviewer reads first), with the noise count in the title."""
+    ks = sorted(silhouettes)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(ks, [silhouettes[k] for k in ks], ".-", color="tab:blue", label="cosine silhouette of the cut")
+    left.axvline(chosen, color="black", linestyle="--", linewidth=1,
+                 label=f"chosen k = {chosen} (first persistent peak)")
+    left.set_xlabel("k (clusters in the cut)")
+    left.set_ylabel("silhouette")
+    left.set_title("How the number of intents was chosen", fontsize=10)
+    left.legend(loc="lower right", fontsize=8)
+    left.grid(alpha=0.3)
+    ordered = sorted(sizes, reverse=True)
+    right.bar(np.arange(1, len(ordered) + 1), ordered, color="tab:green", width=0.9)
+    right.set_xlabel("candidate intent (largest first)")
+    right.set_ylabel("messages")
+    right.set_title(f"{len(ordered)} candidate intents; {noise} messages as noise", fontsize=10)
+    right.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
 

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "discover", help="propose intents from unlabelled messages (clusters + a draft domain pack)",
         description="Embed unlabelled messages with the frozen base, average each vector with its nearest neighbours, cluster them (a Ward tree; the number of intents "
         "is the first persistent peak of the silhouette over k), name each cluster by its key terms and write DIR/assignments.csv "
-        "(text,cluster; -1 = noise), DIR/clusters.json and a draft pack DIR/pack that `supportbot train --data "
+        "(text,cluster; -1 = noise), DIR/clusters.json, DIR/discovery.png (how k was chosen, the clusters' sizes) and a draft pack DIR/pack that `supportbot train --data "
         "DIR/pack` accepts. Labels in SPEC, if any, are ignored (a CSV, JSONL or JSON table needs only a text column); a .txt file is read as one message a line.",
         epilog=EPILOG_SPEC, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -390,7 +390,8 @@ def cmd_discover(args: argparse.Namespace) -> int:
         "messages": len(texts), "set aside as known": len(result.known), "clustered": len(result.texts),
         "encoder": result.base, "neighbours averaged": result.neighbours, "k chosen (silhouette)": result.k, "silhouette": result.silhouettes[result.k],
         "candidate intents": len(result.clusters), "noise (-1)": noise,
-        "assignments": str(written["assignments"]), "draft pack": str(written["pack"].parent),
+        "assignments": str(written["assignments"]), "picture": str(written["picture"]),
+        "draft pack": str(written["pack"].parent),
     })
     return 0
 

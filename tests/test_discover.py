@@ -51,6 +51,9 @@ def test_discover_recovers_the_hidden_intents_and_estimates_their_number(discove
         assert cluster["size"] == clusters.count(cluster["cluster"])
     assert info["method"] == "neighbour-mean+ward+silhouette-persistent-peak" and info["base"] == DEFAULT_BASE
     assert info["neighbours"] == 5  # 120 messages: the rule's least (one per 100 messages, 5 to 20)
+    picture = (out / "discovery.png").read_bytes()
+    assert picture[:8] == b"\x89PNG\r\n\x1a\n" and len(picture) > 10_000  # a drawn picture, not an empty file
+    assert not list(out.glob(".*.tmp*"))  # drawn beside its place, then renamed
 
 
 def test_the_base_given_is_the_one_that_clusters_and_clusters_json_names_it(discovered, tmp_path):
