@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.record import append_section, command_line  # noqa: E402
 from bot.encoder import DEFAULT_BASE  # noqa: E402
 from finetune import data  # noqa: E402
-from finetune.discover import DiscoverConfig, choose_k, describe, embed, neighbour_mean, neighbours_for  # noqa: E402
+from finetune.discover import DiscoverConfig, cluster_vectors, embed  # noqa: E402
 
 DATA = "../shared/data/banking77:test"
 SEEDS = (1, 2, 3)
@@ -76,13 +76,10 @@ def main() -> None:
     truth = np.array([names.index(label) for label in labels])
     cfg = DiscoverConfig(base=args.base, neighbours=args.neighbours)
     vectors = embed(texts, cfg, progress=True)
-    neighbours = neighbours_for(len(texts), cfg)
-    clustered = neighbour_mean(vectors, neighbours)
-
-    k, raw, _silhouettes = choose_k(clustered, cfg)
-    clusters, assigned = describe(texts, clustered, raw, cfg)
-    found = scores(truth, np.asarray(assigned))
-    noise = float(np.mean(np.asarray(assigned) < 0) * 100)
+    found_by = cluster_vectors(texts, vectors, cfg)  # what `supportbot discover` does with these vectors
+    k, neighbours, clusters = found_by.k, found_by.neighbours, found_by.clusters
+    found = scores(truth, np.asarray(found_by.assignments))
+    noise = 100 * found_by.noise / len(texts)
 
     baseline = [scores(truth, KMeans(n_clusters=len(names), n_init=10, random_state=seed).fit_predict(vectors)) for seed in SEEDS]
     mean = {m: statistics.mean(b[m] for b in baseline) for m in ("NMI", "ARI", "ACC")}

@@ -1,4 +1,4 @@
-"""Reading files the one way: a file's sha256, and a YAML file as data.
+"""Reading and replacing files the one way: a file's sha256, a YAML file as data, an atomic write.
 
 Why here: bot is the bottom layer (serve -> bot <- finetune), so bundles, domain packs,
 training recipes and serving settings can all use these two functions; before, each of the
@@ -10,8 +10,8 @@ files with their own loops.
 the message has one shape: `<file>: cannot read: <reason>`, `<file>: not UTF-8 text`,
 `<file>: line N: not valid YAML`, `<file>: larger than N MiB`.
 
-`atomic_write_text` is the one way to replace a small file a person may be relying on (discovery
-output, review corrections): a temporary file in the same folder, flushed and fsynced, then
+`atomic_write_text` (and `atomic_write_bytes`, for a picture) is the one way to replace a small file a
+person may be relying on (discovery output, review corrections): a temporary file in the same folder, flushed and fsynced, then
 `os.replace`d, so a reader sees the old file or the new one, never half of one.
 """
 
@@ -31,12 +31,17 @@ CHUNK = 1 << 20
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` atomically: temporary file in the same folder, fsync, rename."""
+    """Write `text` (UTF-8, newlines as given) to `path` atomically (`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: temporary file in the same folder, fsync, rename."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

@@ -70,7 +70,7 @@ import yaml
 from pydantic import BaseModel
 
 from bot.encoder import DEFAULT_BASE, Encoder, base_weights_sha256, resolve_base
-from bot.fileio import atomic_write_text
+from bot.fileio import atomic_write_bytes, atomic_write_text
 
 from . import data
 from .cache import EmbeddingCache, default_cache_dir
@@ -106,6 +106,11 @@ class Discovery(BaseModel):
     texts: list[str]  # the texts that were clustered (after --known set some aside)
     assignments: list[int]  # one per text; NOISE_LABEL for noise
     known: list[tuple[str, str, float]] = []  # (text, intent, confidence) set aside by --known
+
+    @property
+    def noise(self) -> int:
+        """Messages left as noise (NOISE_LABEL): their cluster was smaller than min_cluster_size."""
+        return sum(1 for cluster in self.assignments if cluster == NOISE_LABEL)
 
 
 @dataclass
@@ -305,12 +310,19 @@ def discover(texts: list[str], cfg: DiscoverConfig, *, known_model: str | Path |
         texts, known = set_aside_known(texts, known_model)
         if len(texts) < 2 * MIN_K:
             raise data.DataError(f"only {len(texts)} messages are not understood by {known_model}: too few to cluster")
+    return cluster_vectors(texts, embed(texts, cfg, progress=progress), cfg, known=known)
+
+
+def cluster_vectors(texts: list[str], vectors: np.ndarray, cfg: DiscoverConfig, *,
+                    known: list[tuple[str, str, float]] | None = None) -> Discovery:
+    """Discovery on embedded texts (unit rows, one per text): average each with its neighbours, choose k on
+    the Ward tree, name and describe the clusters. `discover` and bench/bench_discover.py both call it."""
     neighbours = neighbours_for(len(texts), cfg)
-    vectors = neighbour_mean(embed(texts, cfg, progress=progress), neighbours)
-    k, labels, scores = choose_k(vectors, cfg)
-    clusters, labels = describe(texts, vectors, labels, cfg)
+    averaged = neighbour_mean(vectors, neighbours)
+    k, labels, scores = choose_k(averaged, cfg)
+    clusters, labels = describe(texts, averaged, labels, cfg)
     return Discovery(method=METHOD, base=cfg.base, neighbours=neighbours, k=k, silhouettes=scores, clusters=clusters,
-                     texts=texts, assignments=[int(c) for c in labels], known=known)
+                     texts=texts, assignments=[int(c) for c in labels], known=known or [])
 
 
 def draft_pack(discovery: Discovery) -> dict[str, object]:
@@ -328,9 +340,8 @@ def draft_pack(discovery: Discovery) -> dict[str, object]:
 
 def write_outputs(discovery: Discovery, output: Path) -> dict[str, Path]:
     """assignments.csv, clusters.json, discovery.png, known.csv (with --known) and pack/nlu.yaml, each written
-    atomically (the picture drawn beside its place, then renamed)."""
+    atomically."""
     import io
-    import os
 
     from .plots import discovery_png
 
@@ -347,10 +358,8 @@ def write_outputs(discovery: Discovery, output: Path) -> dict[str, Path]:
     written["clusters"] = output / "clusters.json"
     atomic_write_text(written["clusters"], discovery.model_dump_json(include={"method", "base", "neighbours", "k", "silhouettes", "clusters"}, indent=2) + "\n")
     written["picture"] = output / "discovery.png"
-    drawing = output / ".discovery.png.tmp.png"
-    noise = sum(1 for cluster in discovery.assignments if cluster == NOISE_LABEL)
-    discovery_png(discovery.silhouettes, discovery.k, [c.size for c in discovery.clusters], noise, drawing)
-    os.replace(drawing, written["picture"])
+    atomic_write_bytes(written["picture"], discovery_png(discovery.silhouettes, discovery.k,
+                                                         [c.size for c in discovery.clusters], discovery.noise))
     if discovery.known:
         written["known"] = output / "known.csv"
         atomic_write_text(written["known"], table([["text", "intent", "confidence"], *[list(row) for row in discovery.known]]))

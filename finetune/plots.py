@@ -7,7 +7,9 @@ writes to clusters.json.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import TypeVar
 
 import matplotlib
 
@@ -30,8 +32,11 @@ LABEL_ALL_UP_TO = 80  # intents; above this only the worst ones get a tick label
 WORST_LABELLED = 40
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+SaveTarget = TypeVar("SaveTarget", Path, io.BytesIO)
+
+
+def _save(fig: Figure, path: SaveTarget) -> SaveTarget:
+    fig.savefig(path, dpi=DPI, format="png", bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -218,9 +223,10 @@ def operating_curve_png(records: list[Record], floor: float, auroc: float | None
     return _save(fig, path)
 
 
-def discovery_png(silhouettes: dict[int, float], chosen: int, sizes: list[int], noise: int, path: Path) -> Path:
+def discovery_png(silhouettes: dict[int, float], chosen: int, sizes: list[int], noise: int) -> bytes:
     """How discovery chose k (the silhouette of each cut tried, the chosen one marked) beside the clusters' sizes,
-    largest first (what a reviewer reads first), with the noise count in the title."""
+    largest first (what a reviewer reads first), with the noise count in the title. The PNG's bytes: discovery
+    writes them atomically with its other outputs."""
     ks = sorted(silhouettes)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(ks, [silhouettes[k] for k in ks], ".-", color="tab:blue", label="cosine silhouette of the cut")
@@ -237,7 +243,7 @@ def discovery_png(silhouettes: dict[int, float], chosen: int, sizes: list[int], 
     right.set_ylabel("messages")
     right.set_title(f"{len(ordered)} candidate intents; {noise} messages as noise", fontsize=10)
     right.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return _save(fig, io.BytesIO()).getvalue()
 
 
 def write_all(records: list[Record], report: EvaluationReport, out_dir: Path) -> dict[str, Path]:

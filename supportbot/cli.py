@@ -385,11 +385,10 @@ def cmd_discover(args: argparse.Namespace) -> int:
         bar.close()
     written = write_outputs(result, Path(args.output))
     print_clusters(result)
-    noise = sum(1 for c in result.assignments if c < 0)
     print_summary("discovery summary", {
         "messages": len(texts), "set aside as known": len(result.known), "clustered": len(result.texts),
         "encoder": result.base, "neighbours averaged": result.neighbours, "k chosen (silhouette)": result.k, "silhouette": result.silhouettes[result.k],
-        "candidate intents": len(result.clusters), "noise (-1)": noise,
+        "candidate intents": len(result.clusters), "noise (-1)": result.noise,
         "assignments": str(written["assignments"]), "picture": str(written["picture"]),
         "draft pack": str(written["pack"].parent),
     })
