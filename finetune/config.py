@@ -176,15 +176,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings")
         raw = _relative_paths(loaded or {}, Path(path).parent)
+    return _validated(_overridden(raw, overrides), path or "config")
+
+
+def with_overrides(cfg: TrainConfig, overrides: list[str], *, where: str = "recipe") -> TrainConfig:
+    """`cfg` with `key=value` overrides applied, as `load_config` applies them to a file."""
+    return _validated(_overridden(cfg.model_dump(mode="json"), overrides), where)
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The dotted keys of `key=value` overrides (a malformed one raises ConfigError)."""
+    return [_split_override(item)[0] for item in overrides]
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    return key.strip(), value
+
+
+def _overridden(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        _assign(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else None)
+        key, value = _split_override(item)
+        _assign(raw, key.split("."), yaml.safe_load(value) if value.strip() else None)
+    return raw
+
+
+def _validated(raw: dict[str, Any], where: str | Path) -> TrainConfig:
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path or 'config'}: {describe_validation_errors(exc)}") from None
+        raise ConfigError(f"{where}: {describe_validation_errors(exc)}") from None
 
 
 def _assign(tree: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -207,10 +230,10 @@ def _relative_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def recipe_of(bundle: Bundle) -> TrainConfig:
-    """The training recipe stored in a bundle, which cross-validation retrains."""
+    """The training recipe stored in a bundle, which cross-validation, `retrain` and `knowledge` build from."""
     raw = bundle.manifest.training.config
     if raw is None:
-        raise BundleError(f"bundle {bundle.path} has no training recipe (training.config) to cross-validate")
+        raise BundleError(f"bundle {bundle.path} has no training recipe (training.config) to build from")
     try:
         return TrainConfig.model_validate(raw)
     except ValueError as exc:

@@ -62,7 +62,7 @@ from bot.knowledge import (
 from bot.precision import apply_precision
 
 from .cache import EmbeddingCache, default_cache_dir
-from .config import KnowledgeConfig, QuestionMapConfig
+from .config import KnowledgeConfig, QuestionMapConfig, TrainConfig
 from .strategies import BundleParts, EncoderClassifier, Trained, register_bundle_hook
 
 QUESTIONS_DIR = "questions"
@@ -292,18 +292,26 @@ def knowledge_parts(trained: Trained) -> BundleParts:
     body.eval()
     serving = Encoder(body, run.encoder.tokenizer, cfg.max_length)
 
-    def embed(encoder: Encoder, texts: Sequence[str]) -> torch.Tensor:
-        if cfg.strategy != "head":  # a trained body: nothing to reuse
-            return encoder.embed(texts, batch_size=cfg.embed_batch_size, progress=run.progress)
-        cache = EmbeddingCache(cfg.cache_dir or default_cache_dir(), run.base_sha256, encoder.max_length, cfg.precision)
-        try:
-            return cache.embed(encoder, texts, batch_size=cfg.embed_batch_size, progress=run.progress)[0]
-        finally:
-            cache.close()
-
+    embed = serving_embedder(cfg, run.base_sha256, progress=run.progress)
     built = build(cfg.knowledge, folder, serving, embed=embed, adapter_body=run.encoder.model if cfg.strategy == "head" else None,
                   precision=cfg.precision, progress=run.progress, log=run.log, messages=list(run.prepared.train["text"]))
     return BundleParts(built.writers, {"knowledge": built.meta})
+
+
+def serving_embedder(cfg: TrainConfig, base_sha256: str, *, progress: bool) -> Embedder:
+    """How the knowledge build embeds texts for a recipe: a `head` recipe serves the frozen base, whose vectors
+    the embedding cache keeps (by the base's sha256, length and precision); a trained body has nothing to reuse."""
+
+    def embed(encoder: Encoder, texts: Sequence[str]) -> torch.Tensor:
+        if cfg.strategy != "head":
+            return encoder.embed(texts, batch_size=cfg.embed_batch_size, progress=progress)
+        cache = EmbeddingCache(cfg.cache_dir or default_cache_dir(), base_sha256, encoder.max_length, cfg.precision)
+        try:
+            return cache.embed(encoder, texts, batch_size=cfg.embed_batch_size, progress=progress)[0]
+        finally:
+            cache.close()
+
+    return embed
 
 
 def knowledge_summary(written: Bundle) -> dict[str, Any]:

@@ -149,6 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="change the recipe, e.g. --set epochs=20 (repeatable)")
     retrain.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    knowledge = sub.add_parser(
+        "knowledge", help="rebuild a bundle's help-centre articles into a new bundle; the intents are copied",
+        description="Embed MODEL's help-centre articles again (edited, added or removed ones; --articles DIR, "
+        "default the folder MODEL was trained with) with MODEL's own body and recipe: passages, question map, "
+        "known questions, router, and the floor and margin fitted on the folder's questions/validation.yaml. "
+        "Every other file (the intents' head, adapter, ONNX graph) is copied as it is, so the intents answer as "
+        "before. The new bundle goes to OUTPUT; it serves after `supportbot promote OUTPUT`, or at once with "
+        "--promote. See docs/knowledge.md.",
+    )
+    knowledge.add_argument("--model", metavar="DIR", required=True, help="the serving bundle")
+    knowledge.add_argument("--output", metavar="DIR", required=True, help="where the new bundle goes")
+    knowledge.add_argument("--articles", metavar="DIR", help="the help-centre folder (*.md articles, questions/); "
+                           "default: the one MODEL was trained with")
+    knowledge.add_argument("--set", dest="overrides", action="append", default=[], metavar="knowledge.KEY=VALUE",
+                           help="change a knowledge setting, e.g. --set knowledge.wrong_answer_cost=2 (repeatable)")
+    knowledge.add_argument("--promote", action="store_true", help="make the new bundle the fleet's model (as `supportbot promote`)")
+    knowledge.add_argument("--config", metavar="FILE", help="serving settings YAML (for --promote: database_url, data_dir)")
+    knowledge.add_argument("--quiet", action="store_true", help="no progress bars")
+
     db = sub.add_parser("db", help="database maintenance (PostgreSQL schema migrations)",
                         description="`supportbot db upgrade` applies the schema migrations SUPPORTBOT_DATABASE_URL "
                         "lacks (supportbot serve also does this at start-up). A database from a newer supportbot "
@@ -496,6 +515,28 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_knowledge(args: argparse.Namespace) -> int:
+    from finetune.config import ConfigError
+    from finetune.knowledge_refresh import refresh
+
+    if not (Path(args.model) / "bundle.json").is_file():
+        raise ConfigError(f"--model {args.model}: not a model bundle (no bundle.json)")
+    if args.promote:
+        _serve_settings(args.config)  # a bad settings file fails now, not after the build
+    result = refresh(args.model, args.output, articles=args.articles, overrides=args.overrides, progress=not args.quiet,
+                     log=lambda msg: print(msg, file=sys.stderr))
+    for what, slugs in (("added", result.changes.added), ("removed", result.changes.removed),
+                        ("changed", result.changes.changed)):
+        if slugs:
+            print(f"articles {what}: {', '.join(slugs)}", file=sys.stderr)
+    summary = dict(result.summary)
+    if args.promote:
+        record, _previous = promote_bundle(result.bundle.path, args.config)
+        summary["promoted"] = f"yes (generation {record.generation})"
+    print_summary("knowledge summary", summary)
+    return 0
+
+
 def print_clusters(result: Any, limit: int = 30) -> None:
     """The largest candidate intents: name, size, key terms, one representative and one borderline example."""
     from rich.console import Console
@@ -568,7 +609,8 @@ def one_line(exc: BaseException) -> str:
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "predict": cmd_predict, "evaluate": cmd_evaluate, "serve": cmd_serve, "chat": cmd_chat,
-            "promote": cmd_promote, "db": cmd_db, "discover": cmd_discover, "review": cmd_review, "retrain": cmd_retrain}
+            "promote": cmd_promote, "db": cmd_db, "discover": cmd_discover, "review": cmd_review, "retrain": cmd_retrain,
+            "knowledge": cmd_knowledge}
 
 
 def main(argv: list[str] | None = None) -> int:
