@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,6 +221,30 @@ def write(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Bundle(path=out, manifest=manifest)
+
+
+def rewrite(
+    source: Bundle, out_dir: str | Path, *, meta_update: Mapping[str, Any], writers: Mapping[str, Callable[[Path], None]],
+    drop: Sequence[str] = (),
+) -> Bundle:
+    """A copy of `source` written atomically to `out_dir` (which may be `source`'s own folder): its files byte for
+    byte except those in `drop` or `writers`, then `writers`' files; its manifest with `meta_update` merged."""
+    meta = {key: value for key, value in source.meta.items() if key not in ("format_version", "version", "created", "files")}
+    meta.update(meta_update)
+    files: dict[str, Callable[[Path], None]] = {
+        name: file_copier(source.path / name) for name in source.manifest.files if name not in drop and name not in writers
+    }
+    files.update(writers)
+    return write(out_dir, meta, files)
+
+
+def file_copier(source: Path) -> Callable[[Path], None]:
+    """A bundle file writer that copies `source` byte for byte."""
+
+    def copy(target: Path) -> None:
+        shutil.copyfile(source, target)
+
+    return copy
 
 
 def load(path: str | Path) -> Bundle:

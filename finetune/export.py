@@ -24,7 +24,6 @@ Decisions:
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 import warnings
@@ -207,18 +206,6 @@ def export_bundle(
 
 
 def add_files(bundle: Bundle, files: dict[str, Path], meta_update: dict[str, Any]) -> Bundle:
-    """Rewrite `bundle` (atomically, through bot/bundle.py) with `files` added and `meta_update` merged."""
-    meta = {k: v for k, v in bundle.meta.items() if k not in ("format_version", "version", "files")}
-    meta.update(meta_update)
-    sources = {name: bundle.path / name for name in bundle.manifest.files}
-    sources.update(files)
-
-    def copier(source: Path) -> Callable[[Path], None]:
-        def copy(target: Path) -> None:
-            shutil.copyfile(source, target)
-
-        return copy
-
-    return bundle_mod.write(bundle.path, meta, {name: copier(source) for name, source in sources.items()})
-
-
+    """Rewrite `bundle` in place (atomically, through bot/bundle.py) with `files` added and `meta_update` merged."""
+    return bundle_mod.rewrite(bundle, bundle.path, meta_update=meta_update,
+                              writers={name: bundle_mod.file_copier(source) for name, source in files.items()})

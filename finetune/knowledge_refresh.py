@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,19 +166,7 @@ def _before_after(before: Any, after: dict[str, Any], key: str) -> str:
 
 def write_bundle(serving: Bundle, output: Path, cfg: TrainConfig, writers: dict[str, Callable[[Path], None]],
                  knowledge: dict[str, Any]) -> Bundle:
-    """A copy of `serving` with the knowledge files replaced and the recipe and `knowledge` section updated."""
-    meta = {key: value for key, value in serving.meta.items() if key not in ("format_version", "version", "created", "files")}
-    meta["knowledge"] = knowledge
-    meta["training"] = {**meta.get("training", {}), "config": cfg.model_dump()}  # as train records it
-    files: dict[str, Callable[[Path], None]] = {
-        name: _copier(serving.path / name) for name in serving.manifest.files if name not in KNOWLEDGE_FILES
-    }
-    files.update(writers)
-    return bundle_mod.write(output, meta, files)
-
-
-def _copier(source: Path) -> Callable[[Path], None]:
-    def copy(target: Path) -> None:
-        shutil.copyfile(source, target)
-
-    return copy
+    """A copy of `serving` at `output` with the knowledge files replaced and the recipe and `knowledge` section updated."""
+    training = {**serving.meta.get("training", {}), "config": cfg.model_dump()}  # the recipe as train records it
+    return bundle_mod.rewrite(serving, output, meta_update={"knowledge": knowledge, "training": training}, writers=writers,
+                              drop=KNOWLEDGE_FILES)

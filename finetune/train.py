@@ -11,7 +11,6 @@ everything as a verified bundle (bot/bundle.py).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -211,7 +210,7 @@ def bundle_parts(trained: Trained, strategy: TrainingStrategy) -> BundleParts:
     parts = BundleParts({"head.safetensors": tensors_writer(trained.run.head.state_dict())})
     responses = _pack_responses(trained.run.cfg.data)
     if responses is not None:
-        parts = parts.merge(BundleParts({"responses.yaml": lambda path: _copy(responses, path)}))
+        parts = parts.merge(BundleParts({"responses.yaml": bundle_mod.file_copier(responses)}))
     for extra in (strategy.bundle_parts(trained), *(hook(trained) for hook in bundle_hooks())):
         parts = parts.merge(extra)
     return parts
@@ -275,10 +274,6 @@ def score_bundle(path: Path, test: Dataset, labels: list[str]) -> dict[str, floa
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-def _copy(source: Path, target: Path) -> None:
-    shutil.copyfile(source, target)
 
 
 def _pack_responses(spec: str) -> Path | None:
