@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datasets import concatenate_datasets
+
 from bot import bundle as bundle_mod
 from bot.bundle import Bundle
 from bot.classifier import TorchBackend, configure_threads
@@ -98,7 +100,8 @@ def refresh(
     body.model.eval()
     adapter_body = None
     if cfg.knowledge.adapter.enabled and cfg.strategy == "head":  # trains on the fp32 frozen base, as in training
-        adapter_body = Encoder.load(serving.manifest.base.id, max_length=body.max_length).model
+        fp32 = cfg.precision == "fp32"  # then the served body is that base already
+        adapter_body = body.model if fp32 else Encoder.load(serving.manifest.base.id, max_length=body.max_length).model
     built = build(cfg.knowledge, folder, body, embed=serving_embedder(cfg, serving.manifest.base.sha256, progress=progress),
                   adapter_body=adapter_body, precision=cfg.precision, progress=progress, log=log,
                   messages=router_messages(cfg, serving, log) if cfg.knowledge.router.enabled else [])
@@ -128,11 +131,12 @@ def router_messages(cfg: TrainConfig, serving: Bundle, log: Callable[[str], None
     except (data.DataError, OSError) as exc:
         raise KnowledgeError(f"the router learns from the intents' examples, and the recipe's data {cfg.data} cannot be "
                              f"read ({exc}); point --set knowledge.router.enabled=false to build without it") from None
-    if data.fingerprint(prepared.train, prepared.val) != serving.manifest.training.data_fingerprint:
+    # a refit trained (and fingerprinted) train + validation as its training split (finetune/train.py `refit`)
+    trained_on = concatenate_datasets([prepared.train, prepared.val]) if cfg.refit else prepared.train
+    if data.fingerprint(trained_on, prepared.val) != serving.manifest.training.data_fingerprint:
         log(f"note: {cfg.data} has changed since {serving.path.name} was trained: the router learns from today's "
             "examples, the intents keep what they learned (`supportbot retrain` updates both)")
-    texts = list(prepared.train["text"])
-    return texts + list(prepared.val["text"]) if cfg.refit else texts
+    return list(trained_on["text"])
 
 
 def _knowledge_json(bundle: Bundle) -> dict[str, Any] | None:

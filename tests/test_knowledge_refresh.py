@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import KNOWLEDGE_ARTICLES
+from conftest import KNOWLEDGE_ARTICLES, train_bundle
 
 from bot import bundle as bundle_mod
 from bot.chatbot import Chatbot, load_domain
@@ -142,3 +142,12 @@ def test_a_bundle_without_a_recipe_is_refused_with_one_line(knowledge_bundle, tm
         refresh(copy, tmp_path / "new", progress=False, log=lambda _msg: None)
     with pytest.raises(ConfigError, match="is the serving bundle"):
         refresh(copy, copy, progress=False, log=lambda _msg: None)
+
+
+def test_a_refit_bundle_is_rebuilt_from_the_examples_it_trained_on_without_a_changed_data_note(tmp_path):
+    refitted = train_bundle(tmp_path / "refit", f"knowledge.articles={KNOWLEDGE_ARTICLES}", "few_shot=12", "refit=true")
+    lines: list[str] = []
+    result = refresh(refitted, tmp_path / "refreshed", progress=False, log=lines.append)
+    assert not [line for line in lines if "has changed" in line], lines
+    router = result.bundle.meta["knowledge"]["router"]
+    assert router["messages"] == bundle_mod.load(refitted).meta["knowledge"]["router"]["messages"]  # train + validation
