@@ -12,8 +12,10 @@ polled.
 
 A replica that notices a new generation loads the bundle through the runtime's atomic reload and
 checks that its manifest still has the promoted sha256; a bundle that fails (missing on this
-machine, damaged, changed since promotion) is refused there, logged and counted
-(supportbot_reloads{result="failed"}), and the replica keeps serving what it had. A replica that
+machine, damaged, changed since promotion) is refused there once, logged and counted
+(supportbot_reloads{result="failed"}), and the replica keeps serving what it had until the next
+promotion (it does not load the refused bundle again at every poll). A reload already running
+(an admin's) defers the promotion to the next look. A replica that
 starts serves the fleet's promoted model when there is one, so a restart rejoins the fleet's version.
 """
 
@@ -36,6 +38,7 @@ from sqlalchemy import Engine, text
 from bot import bundle as bundle_mod
 
 from .database import unavailable_as
+from .runtime_errors import ReloadInProgress, ServingError
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -205,15 +208,13 @@ class FleetWatcher:
         if record.sha256 == self.runtime.model_sha256:
             self.generation = record.generation
             return record
-        from .errors import ApiError
-
         try:
             await self.runtime.reload(Path(record.path), expect_sha256=record.sha256)
-        except ApiError as exc:
-            if exc.code == "reload_in_progress":  # try again at the next look
-                return record
+        except ReloadInProgress:  # another reload is running: try again at the next look
+            return record
+        except ServingError as exc:  # the bundle does not load here: refused once, not reloaded at every poll
             log.error("promoted model %s (generation %d) refused here; still serving %s: %s",
-                      record.version, record.generation, self.runtime.model_version, exc.message)
+                      record.version, record.generation, self.runtime.model_version, exc)
         self.generation = record.generation
         return record
 
@@ -230,6 +231,8 @@ class PromoteResponse(BaseModel):
     model_version: str
     sha256: str
     previous_version: str | None = Field(None, description="what this replica served before")
+    serving_here: bool = Field(..., description="whether this replica serves it now: false when a reload was "
+                               "already running (it follows at the next look) or the bundle did not load here (logged)")
 
 
 def build_fleet_router(admin_dependency: Any) -> APIRouter:
@@ -260,6 +263,7 @@ def build_fleet_router(admin_dependency: Any) -> APIRouter:
             raise ApiError(422, "bundle_error", f"{body.model}: {exc.strerror or exc}") from None
         await runtime.fleet.check()
         return PromoteResponse(generation=record.generation, model=record.path, model_version=record.version,
-                               sha256=record.sha256, previous_version=previous)
+                               sha256=record.sha256, previous_version=previous,
+                               serving_here=runtime.model_sha256 == record.sha256)
 
     return router

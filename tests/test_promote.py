@@ -4,15 +4,19 @@ start-up refusal of an unreachable database, in one line naming the host."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
 
 import httpx
 from pg_cluster import free_port
 from replicas import ROOT
 from serve_helpers import live_server, make_settings
+from test_serve_api import metric_value
 
 from bot.bundle import load
+from serve.fleet import FLEET_FILE, SQL_PROMOTE
 
 ADMIN = "promote-admin-token"
 
@@ -40,6 +44,30 @@ def test_admin_promote_swaps_the_model_and_refuses_a_damaged_bundle(shop_bundle,
     # A restart in the same data folder serves the promoted model, not the configured one.
     with live_server(make_settings(shop_bundle, tmp_path / "data", admin_token=ADMIN)) as server:
         assert httpx.get(f"{server.url}/healthz", timeout=30).json()["model_version"] == target
+
+
+def test_a_promotion_this_replica_cannot_load_is_refused_once_and_the_next_one_applies(shop_bundle,
+                                                                                       banking_head_bundle, tmp_path):
+    """A bundle that verified when it was promoted but differs on this replica's storage (edited or
+    half-copied since) is refused here once: the replica keeps serving, logs it, counts one failed
+    reload and waits for the next promotion, instead of loading the bundle again at every poll."""
+    data = tmp_path / "data"
+    with live_server(make_settings(shop_bundle, data, admin_token=ADMIN, fleet_poll_s=0.05)) as server, \
+            httpx.Client(base_url=server.url, timeout=120) as http:
+        before = http.get("/healthz").json()["model_version"]
+        row = {"path": str(banking_head_bundle), "version": load(banking_head_bundle).version, "sha256": "0" * 64,
+               "now": time.time()}
+        with sqlite3.connect(data / FLEET_FILE) as db:  # what `supportbot promote` records, with another manifest
+            db.execute(SQL_PROMOTE, row)
+        time.sleep(2.0)  # 40 polls
+        assert http.get("/healthz").json()["model_version"] == before
+        failed = metric_value(http.get("/metrics").text, "supportbot_reloads_total", result="failed")
+        assert failed == 1, f"{failed:.0f} failed reloads of one refused promotion"
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        promoted = http.post("/v1/admin/promote", json={"model": str(banking_head_bundle)}, headers=auth)
+        assert promoted.status_code == 200 and promoted.json()["generation"] == 2, promoted.text
+        assert promoted.json()["serving_here"] is True
+        assert http.get("/healthz").json()["model_version"] == load(banking_head_bundle).version
 
 
 def test_serve_with_an_unreachable_database_exits_2_in_one_line_naming_the_host(shop_bundle, tmp_path):
