@@ -261,6 +261,8 @@ def build_fleet_router(admin_dependency: Any) -> APIRouter:
             raise ApiError(422, "bundle_error", f"{exc} (the fleet stays on {previous})") from None
         except OSError as exc:
             raise ApiError(422, "bundle_error", f"{body.model}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # a path the OS cannot take (an embedded NUL)
+            raise ApiError(422, "bundle_error", f"not a usable path: {exc}") from None
         await runtime.fleet.check()
         return PromoteResponse(generation=record.generation, model=record.path, model_version=record.version,
                                sha256=record.sha256, previous_version=previous,

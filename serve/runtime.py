@@ -186,24 +186,30 @@ class Runtime:
                 assert self.fleet is not None
                 self.fleet.generation = record.generation
             except Exception as exc:
+                assert self.fleet is not None
+                self.fleet.generation = record.generation  # refused here once, as the watcher refuses one
                 log.error("the fleet's model %s (generation %d) does not load here (%s); starting with the "
                           "configured one", record.version, record.generation, _load_failure(exc))
-        if chatbot is None:
-            if self.model_path is None:
-                self._fail("no model configured: set SUPPORTBOT_MODEL or pass --model")
-                return
-            try:
-                chatbot = await asyncio.to_thread(self._load_and_warm, self.model_path)
-            except Exception as exc:
-                self._fail(_load_failure(exc))
-                return
-        self._swap(chatbot)
-        knowledge = chatbot.knowledge
-        log.info("serving model %s from %s on %s%s", chatbot.version, self.model_path, chatbot.classifier.backend_name,
-                 f"; {len(knowledge.passages)} help-centre passages, scored in {str(knowledge.score_dtype).removeprefix('torch.')}"
-                 if knowledge is not None else "")
-        if self.fleet is not None:
-            self.fleet.start()
+        try:
+            if chatbot is None:
+                if self.model_path is None:
+                    self._fail("no model configured: set SUPPORTBOT_MODEL or pass --model")
+                    return
+                try:
+                    chatbot = await asyncio.to_thread(self._load_and_warm, self.model_path)
+                except Exception as exc:
+                    self._fail(_load_failure(exc))
+                    return
+            self._swap(chatbot)
+            knowledge = chatbot.knowledge
+            log.info("serving model %s from %s on %s%s", chatbot.version, self.model_path,
+                     chatbot.classifier.backend_name,
+                     f"; {len(knowledge.passages)} help-centre passages, scored in "
+                     f"{str(knowledge.score_dtype).removeprefix('torch.')}" if knowledge is not None else "")
+        finally:
+            # also when no model loaded: a replica that failed to start serves the next promotion
+            if self.fleet is not None:
+                self.fleet.start()
 
     def _fail(self, message: str) -> None:
         if self._chatbot is None:

@@ -16,7 +16,7 @@ from serve_helpers import live_server, make_settings
 from test_serve_api import metric_value
 
 from bot.bundle import load
-from serve.fleet import FLEET_FILE, SQL_PROMOTE
+from serve.fleet import FLEET_FILE, SQL_PROMOTE, FleetStore
 
 ADMIN = "promote-admin-token"
 
@@ -67,6 +67,23 @@ def test_a_promotion_this_replica_cannot_load_is_refused_once_and_the_next_one_a
         promoted = http.post("/v1/admin/promote", json={"model": str(banking_head_bundle)}, headers=auth)
         assert promoted.status_code == 200 and promoted.json()["generation"] == 2, promoted.text
         assert promoted.json()["serving_here"] is True
+        assert http.get("/healthz").json()["model_version"] == load(banking_head_bundle).version
+
+
+def test_a_replica_whose_own_model_failed_to_load_serves_the_next_promotion(banking_head_bundle, tmp_path):
+    data = tmp_path / "data"
+    settings = make_settings(tmp_path / "no-such-bundle", data, admin_token=ADMIN, fleet_poll_s=0.05)
+    with live_server(settings, wait_ready=False) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        started = time.monotonic()
+        while server.runtime.status != "failed" and time.monotonic() - started < 60:
+            time.sleep(0.05)
+        assert http.get("/readyz").status_code == 503
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        bad = http.post("/v1/admin/promote", json={"model": "/tmp/a\u0000b"}, headers=auth)
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "bundle_error", bad.text
+        FleetStore(sqlite_path=data / FLEET_FILE).promote(banking_head_bundle)  # `supportbot promote`, elsewhere
+        while http.get("/readyz").status_code != 200 and time.monotonic() - started < 60:
+            time.sleep(0.1)
         assert http.get("/healthz").json()["model_version"] == load(banking_head_bundle).version
 
 
