@@ -52,6 +52,7 @@ in one transaction with our own tables. Extending ours cost one claim query, fiv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -683,6 +684,10 @@ class Outbox:
             raise
         except Exception as exc:
             self._hold_after_db_error(action, exc)
+            if not isinstance(exc, _DeliveredUnrecorded):  # free the row for after the hold (it is retried
+                # as uncertain, checked first); with the database still away, the lease expires instead
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.store.release, [action.id], now=self.clock())
             self._claimed.pop(action.conversation, None)
         else:
             self._claimed.pop(action.conversation, None)
@@ -691,7 +696,8 @@ class Outbox:
             self._wake.set()
 
     def _hold_after_db_error(self, action: Action, exc: Exception) -> None:
-        """The send's outcome could not be stored. A delivered action must never go out again, so
+        """The store failed: the send's outcome could not be stored, or the receipt an uncertain action's
+        check needs could not be read. A delivered action must never go out again, so
         its conversation waits until the 'sent' mark is written; otherwise the conversation rests
         for the longest backoff instead of hammering the receiver with a state we cannot advance."""
         if isinstance(exc, _DeliveredUnrecorded):
@@ -700,15 +706,19 @@ class Outbox:
                       action.id, action.kind, exc, action.conversation)
         else:
             self._held[action.conversation] = self.clock() + self.policy.backoff_cap_s
-            log.error("outbox action %s (%s): recording the attempt failed (%s); pausing %s for %.0f s",
+            log.error("outbox action %s (%s): the outbox store failed (%s); pausing %s for %.0f s",
                       action.id, action.kind, type(exc).__name__, action.conversation, self.policy.backoff_cap_s)
 
-    async def _already_delivered(self, action: Action) -> bool:
-        """For an uncertain action: ask the receiver (when it can be asked) whether it has it."""
-        checker = self.checkers.get(action.kind)
-        if not action.uncertain or checker is None:
+    def _checker_for(self, action: Action) -> Checker | None:
+        """The receiver's check for an uncertain action (None: not uncertain, or the receiver cannot be asked)."""
+        return self.checkers.get(action.kind) if action.uncertain else None
+
+    async def _already_delivered(self, action: Action, previous: str | None) -> bool:
+        """For an uncertain action: ask the receiver (when it can be asked) whether it has it; `previous`
+        is the receipt of the conversation's last delivered action (the check looks after it)."""
+        checker = self._checker_for(action)
+        if checker is None:
             return False
-        previous = await asyncio.to_thread(self.store.last_receipt, action)
         receipt = await checker.find(action, previous)
         if receipt is None:
             return False
@@ -726,8 +736,11 @@ class Outbox:
     async def _send_and_record(self, action: Action) -> None:
         sender = self.senders[action.kind]
         uncertain = action.uncertain
+        # Read before the send's try: a database error here is the store's, not the send's (which would
+        # fail the action for good); it reaches _attempt, which holds the conversation and tries again.
+        previous = await asyncio.to_thread(self.store.last_receipt, action) if self._checker_for(action) else None
         try:
-            if await self._already_delivered(action):
+            if await self._already_delivered(action, previous):
                 return
             response = await sender(action)
         except httpx.TransportError as exc:  # timeouts, refused connections, broken responses

@@ -368,6 +368,39 @@ def test_a_reply_that_never_arrived_is_sent_after_the_check(tmp_path):
     run(scenario())
 
 
+class LockedOnceStore(OutboxStore):
+    """A store whose first read of a conversation's last receipt fails (SQLite busy past its timeout;
+    on PostgreSQL, a dropped connection)."""
+
+    failures = 1
+
+    def last_receipt(self, action):
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return super().last_receipt(action)
+
+
+def test_a_store_error_before_the_check_of_an_uncertain_reply_delays_it_and_does_not_fail_it(tmp_path):
+    async def scenario():
+        with MockChatwoot() as chatwoot:
+            chatwoot.hang_s = 0.6
+            chatwoot.fail_next(1, "hang")  # the first send times out: the reply is uncertain
+            h = Harness(tmp_path / "outbox.sqlite3", chatwoot, timeout=0.3)
+            h.store = LockedOnceStore(tmp_path / "outbox.sqlite3")
+            h.outbox.store = h.store
+            h.outbox.checkers = ChatwootClient(chatwoot.url, chatwoot.token, h.http).checkers()
+            h.outbox.start()
+            await h.outbox.submit(["d1"], [message(5, "hello")])
+            assert await until(lambda: h.store.actions("sent"), timeout=15)
+            await h.close()
+            assert h.store.failures == 0, "the read failed once"
+            assert [row["state"] for row in h.store.actions()] == ["sent"], "no failed reply, no handoff"
+            assert chatwoot.replies(1, 5) == ["hello"]
+
+    run(scenario())
+
+
 def test_retries_continue_to_the_horizon_then_the_conversation_goes_to_humans(tmp_path):
     """No attempt limit: a platform failing for longer than the horizon gets the reply given up and
     the conversation opened to agents ahead of anything else queued for it; counted and logged."""
