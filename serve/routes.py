@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import uuid
 from pathlib import Path
@@ -212,7 +214,9 @@ def build_router() -> APIRouter:
     async def metrics(runtime: RuntimeDep) -> Response:
         """Prometheus metrics: requests, latency, predictions by intent and action, batch sizes, model version.
         With SUPPORTBOT_METRICS_TOKEN set, send it as `Authorization: Bearer TOKEN`."""
-        return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
+        # in a thread: the outbox gauges read the database, and a database that hangs must stall the
+        # scrape, not the event loop every other request runs on
+        return Response(await asyncio.to_thread(runtime.metrics.render), media_type=runtime.metrics.content_type)
 
     @router.post("/v1/admin/reload", response_model=ReloadResponse, tags=["operations"], dependencies=[Depends(admin)],
                  responses=_errors(400, 401, 403, 409, 422, 429))

@@ -12,13 +12,16 @@ rather than skip, because a skipped database test proves nothing (.ci/run instal
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import signal
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 INSTALL_HINT = "PostgreSQL is not installed: apt-get install -y postgresql (Debian), or put initdb and pg_ctl on PATH"
@@ -105,6 +108,23 @@ class PostgresCluster:
         args = ["-m", "fast"] if action == "stop" else ["-o", options]
         self._run(str(find_bindir() / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "log"), "-w", "-t", "60",
                   *args, action)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Every server process stopped (SIGSTOP) for the block: the database hangs without refusing
+        anything, as behind a network partition or on a stuck host; SIGCONT afterwards."""
+        assert self.folder is not None
+        postmaster = int((self.folder / "data" / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        pids = [postmaster, *map(int, children)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
     def stop(self) -> None:
         if self.folder is None:

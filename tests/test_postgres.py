@@ -289,3 +289,28 @@ def test_serving_through_a_database_outage_answers_503_and_recovers_by_itself(po
                                secret=None, delivery_id="outage-1")
             assert again.status_code == 200 and again.json()["status"] == "accepted"
             assert chatwoot.wait_for(lambda: len(chatwoot.replies(1, 77)) == 1, timeout=20)
+
+
+def test_a_metrics_scrape_while_the_database_hangs_does_not_stall_other_requests(postgres, shop_bundle, tmp_path):
+    """The outbox gauges read the database at each scrape; a database that hangs (no refusal, no answer)
+    must hold up the scrape alone, not the event loop every other request is answered on."""
+    from serve_helpers import live_server, make_settings
+
+    url = postgres.create_database("hung_scrape")
+    with MockChatwoot("tok") as chatwoot, live_server(make_settings(
+            shop_bundle, tmp_path, database_url=url, chatwoot_url=chatwoot.url, chatwoot_token="tok")) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:
+        assert "supportbot_outbox_queue_depth" in http.get("/metrics").text
+        scraped: list[int] = []
+        with postgres.frozen():
+            scrape = threading.Thread(target=lambda: scraped.append(http.get("/metrics").status_code), daemon=True)
+            scrape.start()
+            time.sleep(0.5)  # the scrape is waiting on the database
+            assert not scraped, "the scrape did wait on the hung database"
+            try:
+                health = http.get("/healthz", timeout=5)
+            except httpx.TimeoutException:
+                pytest.fail("/healthz did not answer while a /metrics scrape waited on the database")
+            assert health.status_code == 200
+        scrape.join(60)
+        assert scraped == [200]
