@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +131,13 @@ class StartingApp:
     `/healthz` 200, `/readyz` 503 `loading`, the webhooks 429 `not_ready` with Retry-After (the
     answer Chatwoot retries), anything else 503 `not_ready` with Retry-After. Afterwards every
     request goes straight to the real app, which answers 503 `not_ready` itself until its model
-    is warm. A factory that fails stops the server (uvicorn's start-up fails with the error).
+    is warm. A factory that fails stops the server through `on_failure` (one process: `run` stops
+    uvicorn and exits 1; a `--workers` process exits with uvicorn's start-up failure code, on which
+    the supervisor stops the others); until it has stopped, `/healthz` answers 503 `failed`.
     """
 
     STARTING = "the server is starting"
+    FAILED = "the server failed to start"
 
     def __init__(self, factory: Any, on_failure: Any = None):
         self._factory = factory
@@ -188,13 +192,16 @@ class StartingApp:
     async def _answer_starting(self, scope: Any, send: Any) -> None:
         path, headers = scope["path"], [(b"content-type", b"application/json")]
         body: dict[str, Any]
-        if path == "/healthz":
-            status, body = 200, {"status": "ok"}
+        detail = self.STARTING if self.failed is None else self.FAILED
+        if path == "/healthz":  # alive while starting; a process whose start failed is not
+            status, body = (200, {"status": "ok"}) if self.failed is None else (503, {"status": "failed"})
         elif path == "/readyz":
-            status, body = 503, {"ready": False, "status": "loading", "model_version": None, "detail": self.STARTING}
+            status = 503
+            body = {"ready": False, "status": "loading" if self.failed is None else "failed", "model_version": None,
+                    "detail": detail}
         else:
             status = 429 if path.startswith("/v1/webhooks/") else 503
-            body = error_body("not_ready", f"not ready: {self.STARTING}")
+            body = error_body("not_ready", f"not ready: {detail}")
             headers.append((b"retry-after", b"1"))
         payload = json.dumps(body).encode()
         headers.append((b"content-length", str(len(payload)).encode()))
@@ -232,7 +239,16 @@ def worker_app() -> StartingApp:
 
         return create_app(settings)
 
-    return StartingApp(build)
+    def failed() -> None:
+        # A worker that cannot build its app must not stay up looking healthy: exit with the code uvicorn's
+        # supervisor reads as "failed before it started serving" (it then stops every worker and itself, as
+        # a single process stops; an older uvicorn restarts the worker instead, which logs the error again).
+        from uvicorn.config import STARTUP_FAILURE
+
+        logging.shutdown()
+        os._exit(STARTUP_FAILURE)
+
+    return StartingApp(build, on_failure=failed)
 
 
 def run(model: Path | str | None = None, host: str | None = None, port: int | None = None,
@@ -302,6 +318,7 @@ def _run_workers(settings: Settings, sock: socket.socket, workers: int, log_conf
     """`--workers N`: uvicorn's supervisor over N processes sharing the bound socket. Each process
     gets its share / N torch threads (unless `threads` is set; the share is bot.threads's: OMP_NUM_THREADS,
     else the cores this process may use), so together they use that share once."""
+    from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
     threads = settings.threads or max(1, serving_threads() // workers)
@@ -309,8 +326,12 @@ def _run_workers(settings: Settings, sock: socket.socket, workers: int, log_conf
     config = server_config("serve.server:worker_app", settings, factory=True, workers=workers,
                            http=HeaderTimeoutProtocol, log_config=log_config)
     log.info("%d worker processes on %s:%d, %d torch thread(s) each", workers, settings.host, settings.port, threads)
+    supervisor = Multiprocess(config, sockets=[sock])
     try:
-        Multiprocess(config, sockets=[sock]).run()
+        supervisor.run()
     finally:
         sock.close()
+    if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
+        print("supportbot serve: error: a worker process failed to start (its error is logged above)", file=sys.stderr)
+        return 1
     return 0

@@ -51,3 +51,23 @@ def test_two_workers_serve_one_port_and_share_one_outbox(backend, postgres, shop
             assert "2 worker processes" in log and "1 torch thread(s) each" in log
         finally:
             replica.stop()
+
+
+def test_workers_whose_app_cannot_be_built_stop_the_server_instead_of_answering_healthy(shop_bundle, tmp_path):
+    """The parent checks the bundle and the database; what only the app's build finds (here the session
+    store's file is a folder) fails every worker. They must not stay up answering /healthz 200 and
+    every other route 'starting' for ever: the server exits 1 and says why."""
+    data = tmp_path / "data"
+    (data / "sessions.sqlite3").mkdir(parents=True)
+    replica = Replica("workers-broken", shop_bundle, data, {"SUPPORTBOT_WEB_PAGE": "false"}, workers=2)
+    replica.start()
+    try:
+        assert replica.process is not None
+        replica.process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server kept running with workers that failed to start: {replica.tail()}")
+    finally:
+        replica.stop()
+    assert replica.process.returncode == 1, replica.tail()
+    log = replica.log_path.read_text(errors="replace")
+    assert "the server failed to start" in log and "a worker process failed to start" in log, log[-2000:]
