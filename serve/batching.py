@@ -86,15 +86,23 @@ class Batcher:
     async def submit(self, texts: Sequence[str], finish: FinishFn[T], *, bulk: bool = False) -> T:
         """Queue `texts`; returns `finish(model, predictions)` once their batch has run.
         `bulk` jobs wait until no interactive job is queued."""
+        [result] = await self.submit_all([texts], finish, bulk=bulk)
+        return result
+
+    async def submit_all(self, chunks: Sequence[Sequence[str]], finish: FinishFn[T], *, bulk: bool = False) -> list[T]:
+        """Queue every chunk as its own job, or none: QueueFull when they do not all fit. One request's
+        chunks are admitted together, so a refused request leaves no chunk behind to run for nobody."""
         if self._stopping or self._worker is None:
             raise BatcherStopped("the server is shutting down")
-        if self._queued_texts + len(texts) > self.max_queue:
+        if self._queued_texts + sum(len(chunk) for chunk in chunks) > self.max_queue:
             raise QueueFull(f"{self._queued_texts} texts are waiting for the model")
-        job: Job[T] = Job(list(texts), finish, asyncio.get_running_loop().create_future(), bulk)
-        (self._bulk if bulk else self._jobs).append(job)
-        self._queued_texts += len(job.texts)
+        loop = asyncio.get_running_loop()
+        jobs: list[Job[T]] = [Job(list(chunk), finish, loop.create_future(), bulk) for chunk in chunks]
+        for job in jobs:  # no await between the check and here: nothing else is queued in between
+            (self._bulk if bulk else self._jobs).append(job)
+            self._queued_texts += len(job.texts)
         self._wakeup.set()
-        return await job.future
+        return list(await asyncio.gather(*(job.future for job in jobs)))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

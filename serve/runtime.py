@@ -301,21 +301,26 @@ class Runtime:
             return chatbot.version, predictions
 
         chunks = split_bulk(texts, max_texts=self.settings.batch_max_size, max_chars=self.settings.bulk_chunk_chars)
-        results = await asyncio.gather(*[self._submit(chunk, finish, bulk=True) for chunk in chunks])
+        results = await self._submit_all(chunks, finish, bulk=True)
         for _ in range(3):
             stale = [i for i, (version, _) in enumerate(results) if version != results[-1][0]]
             if not stale:
                 break
-            redone = await asyncio.gather(*[self._submit(chunks[i], finish, bulk=True) for i in stale])
+            redone = await self._submit_all([chunks[i] for i in stale], finish, bulk=True)
             for i, result in zip(stale, redone, strict=True):
                 results[i] = result
         self.metrics.classified.inc(len(texts))
         return results[-1][0], [prediction for _, predictions in results for prediction in predictions]
 
-    async def _submit(self, texts: list[str], finish: Callable[[Chatbot, list[Prediction]], Any], *,
-                      bulk: bool = False) -> Any:
+    async def _submit(self, texts: list[str], finish: Callable[[Chatbot, list[Prediction]], Any]) -> Any:
+        [result] = await self._submit_all([texts], finish)
+        return result
+
+    async def _submit_all(self, chunks: Sequence[list[str]], finish: Callable[[Chatbot, list[Prediction]], Any], *,
+                          bulk: bool = False) -> list[Any]:
+        """One request's chunks, admitted together or refused together (one rejection counted)."""
         try:
-            return await self.batcher.submit(texts, finish, bulk=bulk)
+            return await self.batcher.submit_all(chunks, finish, bulk=bulk)
         except QueueFull:
             self.metrics.rejected.labels(reason="overloaded").inc()
             raise Overloaded("the server is busy; retry in a moment") from None

@@ -335,7 +335,7 @@ def test_batcher_results_match_single_predictions(server):
     assert len(sizes) < len(texts)  # gathered submitted-together requests
 
 
-def test_batcher_limits_batches_and_isolates_errors(server):
+def test_batcher_limits_batches_isolates_errors_and_refuses_a_request_whole(server):
     classifier = server.runtime.chatbot.classifier
     sizes: list[int] = []
 
@@ -356,8 +356,9 @@ def test_batcher_limits_batches_and_isolates_errors(server):
             small = [batcher.submit(["cancel my order"], labels) for _ in range(2)]
             failing = batcher.submit(["hello"], labels)
             results = await asyncio.gather(big, *small, failing, return_exceptions=True)
-            with pytest.raises(QueueFull):  # 15 texts would wait, the queue holds 13
-                await asyncio.gather(*[batcher.submit(["x"] * 5, labels) for _ in range(3)])
+            with pytest.raises(QueueFull):  # one request's 3 chunks, 15 texts: the queue holds 13
+                await batcher.submit_all([["x"] * 5] * 3, labels, bulk=True)
+            await asyncio.sleep(0.1)  # a chunk admitted before the refusal would run now
             return results
         finally:
             await batcher.stop()
@@ -366,8 +367,8 @@ def test_batcher_limits_batches_and_isolates_errors(server):
     assert results[0] == [classifier.predict(["where is my order"])[0].label] * 10
     assert results[1] == results[2] == [classifier.predict(["cancel my order"])[0].label]
     assert isinstance(results[3], ValueError)  # only the failing job got the error
-    # the big job alone; the three singles together; the two queued 5-text jobs alone each
-    assert sizes == [10, 3, 5, 5]
+    # the big job alone; the three singles together; none of the refused request's chunks
+    assert sizes == [10, 3]
 
 
 # ---------------------------------------------------------------------------- readiness and logs
