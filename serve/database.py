@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from bot.errors import SupportbotError
 
@@ -140,12 +141,13 @@ def check_url(url: str) -> str:
     return "postgresql+psycopg://" + url.split("://", 1)[1]
 
 
-def connect(url: str, *, pool_size: int = 10, max_overflow: int | None = None, connect_timeout: float = 5.0) -> Engine:
+def connect(url: str, *, pool_size: int = 10, max_overflow: int | None = None, connect_timeout: float = 5.0,
+            pool_timeout: float = 10.0) -> Engine:
     """A pooled engine for `url`; nothing is connected until first use (see `open_database`)."""
     return create_engine(
         check_url(url), pool_size=pool_size, max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_pre_ping=True, pool_recycle=1800,
-        pool_timeout=10, connect_args={"connect_timeout": max(1, int(connect_timeout)),
+        pool_timeout=pool_timeout, connect_args={"connect_timeout": max(1, int(connect_timeout)),
                                        "application_name": "supportbot"},
     )
 
@@ -220,6 +222,8 @@ def check_schema(engine: Engine) -> int:
 def is_disconnect(exc: BaseException) -> bool:
     """True for errors that mean "the database is not answering" rather than a bug in a statement."""
     if isinstance(exc, OperationalError):
+        return True
+    if isinstance(exc, PoolTimeout):  # every pooled connection busy past pool_timeout: not answering now
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True

@@ -17,7 +17,14 @@ from sqlalchemy import text
 from bot.bundle import BundleError
 from bot.sessions import SessionConflict, SessionState, Turn
 from serve.chatwoot import KIND_MESSAGE, ChatwootClient, message_payload
-from serve.database import SCHEMA_VERSION, DatabaseError, DatabaseUnavailable, open_database, upgrade_schema
+from serve.database import (
+    SCHEMA_VERSION,
+    DatabaseError,
+    DatabaseUnavailable,
+    connect,
+    open_database,
+    upgrade_schema,
+)
 from serve.fleet import FleetStore
 from serve.outbox import Accepted, Duplicate, NewAction, Outbox, OutboxMetrics, RetryPolicy
 from serve.postgres import PostgresOutboxStore, PostgresSessionStore
@@ -214,6 +221,18 @@ def test_a_store_call_while_the_database_is_down_is_database_unavailable(postgre
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+    engine.dispose()
+
+
+def test_a_store_call_with_every_pooled_connection_busy_is_database_unavailable(postgres):
+    """Pool exhaustion (every connection held past pool_timeout) is a 503 to retry, not a 500."""
+    url = postgres.create_database("pool_exhausted")
+    open_database(url).dispose()  # the schema
+    engine = connect(url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    store = PostgresSessionStore(engine)
+    with engine.connect(), pytest.raises(DatabaseUnavailable):  # the only connection, held
+        store.load("s")
+    assert store.load("s") is not None
     engine.dispose()
 
 
