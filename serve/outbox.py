@@ -579,7 +579,7 @@ class Outbox:
         async with lock, self._lock_gate:
             delay = 0.005
             while True:
-                handle = await asyncio.to_thread(self.store.try_lock, key)
+                handle = await self._try_lock(key)
                 if handle is not None:
                     break
                 if time.monotonic() > deadline:
@@ -590,6 +590,21 @@ class Outbox:
                 yield
             finally:
                 await asyncio.to_thread(self.store.unlock, handle)
+
+    async def _try_lock(self, key: str) -> Any:
+        """One attempt at the store's lock, in a thread. Cancelled meanwhile (a client gone, a shutdown),
+        the thread still finishes: a lock it took then is handed straight back, never kept with no owner."""
+        attempt = asyncio.ensure_future(asyncio.to_thread(self.store.try_lock, key))
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            attempt.add_done_callback(self._unlock_orphan)
+            raise
+
+    def _unlock_orphan(self, attempt: asyncio.Future) -> None:
+        if attempt.cancelled() or attempt.exception() is not None or attempt.result() is None:
+            return
+        asyncio.get_running_loop().run_in_executor(None, self.store.unlock, attempt.result())
 
     def start(self) -> None:
         if self._task is None:

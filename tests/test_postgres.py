@@ -270,6 +270,38 @@ def test_conversation_lock_is_exclusive_across_replicas(pg_url):
         e.dispose()
 
 
+def test_a_handler_cancelled_while_its_conversation_lock_is_being_taken_leaves_no_lock_behind(pg_url):
+    """The lock is taken in a thread; a handler cancelled meanwhile (client gone, shutdown) must not
+    leave the advisory lock held by a connection nobody owns: the conversation would stay busy for good."""
+
+    class SlowLock(PostgresOutboxStore):
+        def try_lock(self, key):
+            time.sleep(0.3)  # the database is slow to answer: the cancellation lands meanwhile
+            return super().try_lock(key)
+
+    engine = open_database(pg_url)
+    store = SlowLock(engine)
+    outbox = Outbox(store, {}, RetryPolicy())
+
+    async def scenario():
+        async def handler():
+            async with outbox.conversation("chatwoot:1:9"):
+                await asyncio.sleep(10)
+
+        first = asyncio.create_task(handler())
+        await asyncio.sleep(0.1)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        async with outbox.conversation("chatwoot:1:9", timeout_s=3.0):
+            pass
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+        engine.dispose()
+
 
 def test_serving_through_a_database_outage_answers_503_and_recovers_by_itself(postgres, shop_bundle, tmp_path):
     """The database goes away while serving: /readyz 503, chat 503 database_unavailable with Retry-After,
