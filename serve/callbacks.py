@@ -79,12 +79,31 @@ def normalize_host(host: str) -> str:
 def url_host(url: str) -> str:
     """The host httpx will connect to for `url` (parsed by the sender's own parser), normalized."""
     try:
-        host = httpx.URL(url).raw_host.decode("ascii")
+        parsed = httpx.URL(url)
+        host = parsed.raw_host.decode("ascii")
     except (httpx.InvalidURL, UnicodeDecodeError):
         raise CallbackRefused("callback_url has no host that can be used") from None
     if not host:
         raise CallbackRefused("callback_url has no host")
-    return normalize_host(host)
+    host = normalize_host(host)
+    # refused at once, not retried until the outbox's horizon: no resolver looks such a name up, no socket
+    # opens such a port
+    if literal_address(host) is None and not is_host_name(host):
+        raise CallbackRefused(f"callback_url's host {host[:80]!r} is not a valid host name")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise CallbackRefused(f"callback_url's port {parsed.port} is not between 1 and 65535")
+    return host
+
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def is_host_name(host: str) -> bool:
+    """A DNS host name (RFC 1123 labels, IDNA's xn-- form included, at most 253 characters) whose last
+    label is not all digits (RFC 3696: `1.2.3.4.5` is no name and no address)."""
+    labels = host.split(".")
+    return (len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
+            and not labels[-1].isdigit())
 
 
 def non_public(address: IPAddress) -> str | None:

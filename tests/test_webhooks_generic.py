@@ -358,6 +358,14 @@ def test_the_callback_policy_rules():
                 "http://a.localhost/", "http://255.255.255.255/"):
         with pytest.raises(CallbackRefused):
             open_policy.check_url(url)
+    assert open_policy.check_url("https://exämple.com/") == "xn--exmple-cua.com"  # IDNA, as it is sent
+    # never deliverable, so refused at intake rather than retried for hours
+    for url, why in (("http://1.2.3.4.5/", "not a valid host name"), ("http://exa mple.com/", "not a valid host name"),
+                     ("http://-a.com/", "not a valid host name"), ("http://a..b/", "not a valid host name"),
+                     ("http://" + "a" * 64 + ".com/", "not a valid host name"),
+                     ("http://example.com:99999/", "port 99999"), ("http://example.com:0/", "port 0")):
+        with pytest.raises(CallbackRefused, match=why):
+            open_policy.check_url(url)
     policy = CallbackPolicy(["Hooks.Example.com", ".example.org", "10.0.0.7"])
     assert policy.restricted
     assert policy.check_url("https://hooks.example.com./x") == "hooks.example.com"
