@@ -512,13 +512,14 @@ def print_queue(items: list[Any], total: int) -> None:
 def cmd_retrain(args: argparse.Namespace) -> int:
     """0 when the new bundle is not worse (promoted with --promote), 1 when it is worse."""
     from finetune.config import ConfigError
-    from finetune.retrain import retrain
+    from finetune.retrain import check_retrain_outputs, retrain
 
     for name in ("model", "corrections"):
         if not Path(getattr(args, name)).exists():
             raise ConfigError(f"--{name} {getattr(args, name)}: no such file or folder")
     if not (Path(args.model) / "bundle.json").is_file():
         raise ConfigError(f"--model {args.model}: not a model bundle (no bundle.json)")
+    check_retrain_outputs(Path(args.output))  # the bundle, OUTPUT.data/ and OUTPUT.eval/: before any training
     if args.promote:
         _serve_settings(args.config)  # a bad settings file fails now, not after training
 
