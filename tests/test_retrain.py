@@ -130,3 +130,17 @@ def test_retrain_refuses_an_output_data_folder_it_did_not_write_before_any_work(
     (mine / "recipe.yaml").write_text(yaml.safe_dump({"data": str(mine), "output": str(isolated / "out")}))
     check_retrain_outputs(isolated / "out")  # a data folder retrain wrote (its recipe names it) is replaced
 
+
+@pytest.mark.parametrize("content, entry", [
+    ('intents: {activate_my_card: {examples: ["", "switch my card on"]}}\n', "intent 'activate_my_card' example 1: empty text"),
+    ('intents: {"": {examples: ["switch my card on"]}}\n', "intent 1 under 'intents': empty name"),
+])
+def test_retrain_names_the_corrections_entry_with_an_empty_text_or_name(banking_head_bundle, isolated, capsys,
+                                                                         content, entry):
+    isolated, _cache = isolated
+    corrections = isolated / "corrections.yaml"
+    corrections.write_text(content)
+    assert main(["retrain", "--model", str(banking_head_bundle), "--corrections", str(corrections),
+                 "--output", str(isolated / "out"), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"supportbot retrain: error: {corrections}: {entry}\n"
+    assert sorted(p.name for p in isolated.iterdir()) == ["corrections.yaml"]  # no out.data/ written
