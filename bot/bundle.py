@@ -10,6 +10,10 @@ reader (bot/classifier.py, finetune/evaluate.py, ...) reads typed fields, so a d
 "a bundle without `encoder.precision` serves fp32" is written once, here. The JSON on disk is
 unchanged by the schema (format 1); sections the schema does not name pass through untouched.
 
+`load()` also checks that the head's output size (head.safetensors, read from its header without
+loading the weights) equals the number of `labels`: bundle.json is not among the checksummed files,
+so a hand-edited label list passed the sha256 checks and failed later in torch ("size mismatch").
+
 What `write()` may replace (decision): a bundle (a folder with bundle.json whose other entries are
 all files it lists: retraining into models/default is the normal flow) or an empty folder. Anything
 else at the path (a folder with other files, a plain file) is a person's and is refused, before
@@ -39,6 +43,7 @@ from .precision import Precision
 
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
+HEAD = "head.safetensors"
 
 
 class BundleError(SupportbotError):
@@ -307,7 +312,29 @@ def load(path: str | Path) -> Bundle:
             raise BundleError(f"bundle {folder}: file {name} is missing")
         if sha256_file(file) != expected:
             raise BundleError(f"bundle {folder}: file {name} is damaged (sha256 does not match {MANIFEST})")
+    if HEAD in manifest.files:
+        outputs = head_outputs(folder / HEAD)
+        if outputs != len(manifest.labels):
+            raise BundleError(f"bundle {folder}: {HEAD} has {outputs} outputs but {MANIFEST} lists "
+                              f"{len(manifest.labels)} labels")
     return Bundle(path=folder.resolve(), manifest=manifest)
+
+
+def head_outputs(path: Path) -> int:
+    """The head's number of outputs: the rows of its last layer's weight, read from the safetensors header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as weights:
+            names: list[str] = list(weights.keys())  # safe_open is not iterable
+            layers = {int(key.split(".")[1]): key for key in names
+                      if key.startswith("layers.") and key.endswith(".weight") and key.split(".")[1].isdigit()}
+            shape = weights.get_slice(layers[max(layers)]).get_shape() if layers else []
+    except (OSError, SafetensorError) as exc:
+        raise BundleError(f"bundle {path.parent}: {path.name} is not readable: {exc}") from None
+    if len(shape) != 2:
+        raise BundleError(f"bundle {path.parent}: {path.name} is not an intent head (no layers.N.weight matrix)")
+    return int(shape[0])
 
 
 def parse_manifest(meta: dict[str, Any], where: Path | str = MANIFEST) -> Manifest:

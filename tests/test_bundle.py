@@ -49,6 +49,8 @@ def test_an_old_bundle_without_precision_serves_fp32_as_before(banking_head_bund
         (lambda m: m["calibration"].update(temperature="hot"), r"bundle\.json: calibration\.temperature: Input should be a valid number"),
         (lambda m: m["calibration"].pop("confidence_floor"), r"lacks the field 'calibration\.confidence_floor'"),
         (lambda m: m.update(labels=[]), r"bundle\.json: labels: List should have at least 1 item"),
+        (lambda m: m.update(labels=m["labels"][:-1]), r"head\.safetensors has 8 outputs but bundle\.json lists 7 labels"),
+        (lambda m: m.update(labels=[*m["labels"], "extra"]), r"head\.safetensors has 8 outputs but bundle\.json lists 9 labels"),
     ],
 )
 def test_a_foreign_or_malformed_manifest_is_refused_in_one_line(banking_head_bundle, tmp_path, edit, message):

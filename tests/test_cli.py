@@ -152,3 +152,20 @@ def test_an_unusable_output_path_is_one_line_exit_2_before_any_work(tmp_path, ba
     assert f"--output {output}: {message.format(tmp=tmp_path)}" in error
     assert (tmp_path / "afile").read_text() == "mine"
 
+
+@pytest.mark.parametrize("command", ["predict", "promote"])
+def test_a_bundle_whose_labels_do_not_match_its_head_is_refused_in_one_line(tmp_path, banking_head_bundle, command):
+    edited = tmp_path / "lab7"
+    shutil.copytree(banking_head_bundle, edited)
+    meta = json.loads((edited / "bundle.json").read_text())
+    meta["labels"] = meta["labels"][:-1]
+    (edited / "bundle.json").write_text(json.dumps(meta))
+    args = ["predict", "--model", str(edited), "hello"] if command == "predict" else ["promote", str(edited)]
+    run = subprocess.run([sys.executable, "-m", "supportbot.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300, env={**os.environ, "SUPPORTBOT_DATA_DIR": str(tmp_path / "data")})
+    assert one_line_error(run, command) == (
+        f"supportbot {command}: error: bundle {edited}: head.safetensors has 8 outputs but bundle.json lists 7 labels")
+    if command == "promote":
+        from serve.fleet import FLEET_FILE, FleetStore
+
+        assert FleetStore(sqlite_path=tmp_path / "data" / FLEET_FILE).get() is None, "nothing promoted"
