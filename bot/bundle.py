@@ -9,6 +9,17 @@ bundle.json has a schema, `Manifest` (pydantic): the writer (finetune/train.py) 
 reader (bot/classifier.py, finetune/evaluate.py, ...) reads typed fields, so a default such as
 "a bundle without `encoder.precision` serves fp32" is written once, here. The JSON on disk is
 unchanged by the schema (format 1); sections the schema does not name pass through untouched.
+
+`load()` also checks that the head's output size (head.safetensors, read from its header without
+loading the weights) equals the number of `labels`: bundle.json is not among the checksummed files,
+so a hand-edited label list passed the sha256 checks and failed later in torch ("size mismatch").
+
+What `write()` may replace (decision): a bundle (a folder with bundle.json whose other entries are
+all files it lists: retraining into models/default is the normal flow) or an empty folder. Anything
+else at the path (a folder with other files, a plain file) is a person's and is refused, before
+anything is written, by `check_output`; commands call it before they train, so the refusal comes
+first, not after minutes of work. Before, such a folder was deleted and a plain file was renamed to
+a hidden `.NAME.old-PID`.
 """
 
 from __future__ import annotations
@@ -27,11 +38,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import SupportbotError
-from .fileio import sha256_file
+from .fileio import check_output_folder, sha256_file
 from .precision import Precision
 
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
+HEAD = "head.safetensors"
 
 
 class BundleError(SupportbotError):
@@ -180,6 +192,33 @@ class Bundle:
         return self.path / name if name in self.manifest.files else None
 
 
+def check_output(out_dir: str | Path, *, name: str = "--output") -> Path:
+    """`out_dir` as a Path when `write` may put a bundle there (see the module docstring); BundleError otherwise."""
+    out = check_output_folder(out_dir, error=BundleError, name=name, beside=True)
+    if not out.is_dir():
+        return out
+    entries = sorted(entry.name for entry in out.iterdir())
+    if not entries:
+        return out
+    if MANIFEST not in entries:
+        raise BundleError(f"{name} {out}: a folder that is not a model bundle (it holds {_some(entries)}): "
+                          "refusing to replace it; name a new or empty folder, or a bundle")
+    try:
+        listed = json.loads((out / MANIFEST).read_text()).get("files") or {}
+        known = {MANIFEST, *(Path(str(file)).parts[0] for file in listed)}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return out  # a damaged bundle: replacing it is how it is mended
+    others = [entry for entry in entries if entry not in known]
+    if others:
+        raise BundleError(f"{name} {out}: a model bundle that also holds {_some(others)}, which is not part of it: "
+                          "refusing to replace it; move those files away or name another folder")
+    return out
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def write(
     out_dir: str | Path, body: ManifestBody | Mapping[str, Any], writers: Mapping[str, Callable[[Path], None]]
 ) -> Bundle:
@@ -187,8 +226,9 @@ def write(
 
     `writers` maps a relative file name to a function that writes that file. `body` (validated
     against `ManifestBody` when given as a mapping) gets the format version, created time, file
-    checksums and version id added.
+    checksums and version id added. What is at `out_dir` is replaced only when `check_output` allows it.
     """
+    check_output(out_dir, name="bundle output")
     body = body if isinstance(body, ManifestBody) else ManifestBody.model_validate(dict(body))
     body_json = body.model_dump(mode="json")
     for stamp in ("format_version", "version", "created", "files"):  # a copied manifest's stamps are replaced
@@ -272,7 +312,29 @@ def load(path: str | Path) -> Bundle:
             raise BundleError(f"bundle {folder}: file {name} is missing")
         if sha256_file(file) != expected:
             raise BundleError(f"bundle {folder}: file {name} is damaged (sha256 does not match {MANIFEST})")
+    if HEAD in manifest.files:
+        outputs = head_outputs(folder / HEAD)
+        if outputs != len(manifest.labels):
+            raise BundleError(f"bundle {folder}: {HEAD} has {outputs} outputs but {MANIFEST} lists "
+                              f"{len(manifest.labels)} labels")
     return Bundle(path=folder.resolve(), manifest=manifest)
+
+
+def head_outputs(path: Path) -> int:
+    """The head's number of outputs: the rows of its last layer's weight, read from the safetensors header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as weights:
+            names: list[str] = list(weights.keys())  # safe_open is not iterable
+            layers = {int(key.split(".")[1]): key for key in names
+                      if key.startswith("layers.") and key.endswith(".weight") and key.split(".")[1].isdigit()}
+            shape = weights.get_slice(layers[max(layers)]).get_shape() if layers else []
+    except (OSError, SafetensorError) as exc:
+        raise BundleError(f"bundle {path.parent}: {path.name} is not readable: {exc}") from None
+    if len(shape) != 2:
+        raise BundleError(f"bundle {path.parent}: {path.name} is not an intent head (no layers.N.weight matrix)")
+    return int(shape[0])
 
 
 def parse_manifest(meta: dict[str, Any], where: Path | str = MANIFEST) -> Manifest:

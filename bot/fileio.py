@@ -13,6 +13,12 @@ the message has one shape: `<file>: cannot read: <reason>`, `<file>: not UTF-8 t
 `atomic_write_text` (and `atomic_write_bytes`, for a picture) is the one way to replace a small file a
 person may be relying on (discovery output, review corrections): a temporary file in the same folder, flushed and fsynced, then
 `os.replace`d, so a reader sees the old file or the new one, never half of one.
+
+`check_output_folder` is the one check of a folder a command will write into (a bundle, an evaluation
+report, discovery output), made before any work: the path is a folder or can be made one (its nearest
+existing parent is a folder this process can create entries in, probed with an empty temporary folder
+that is removed at once). Before, `--output plainfile/sub` or `--output /proc/x` failed with a traceback,
+for `supportbot train` only after minutes of training.
 """
 
 from __future__ import annotations
@@ -48,6 +54,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def check_output_folder(
+    path: str | Path, *, error: type[SupportbotError], name: str = "--output", beside: bool = False
+) -> Path:
+    """`path` as a Path when it is a folder or can be created as one; `error` (one line naming it) otherwise.
+
+    Nothing is created: the nearest existing folder is probed with an empty temporary folder, removed again;
+    with `beside`, the nearest existing parent of `path` (a bundle is written next to its folder and renamed)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"{name} {path}: exists and is not a folder")
+    parent = path.absolute().parent if beside else path.absolute()
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise error(f"{name} {path}: cannot be created: {parent} is not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".supportbot-probe-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise error(f"{name} {path}: cannot write in {parent}: {exc.strerror or exc}") from None
+    return path
 
 
 def sha256_file(path: str | Path) -> str:

@@ -43,6 +43,9 @@ data. Every change re-reads the file under an exclusive lock and replaces it ato
 (bot/fileio.atomic_write_text): nothing already labelled is lost, by a crash or by another worker
 writing at the same moment. A text already in the file keeps its first label (reported, not
 overwritten); labelled texts leave the queue. Customer texts are data: nothing here logs them.
+Reading it refuses an intent with an empty name and an empty example or out-of-scope text, naming the
+corrections file and the entry (`Corrections.read`): before, `supportbot retrain` merged them first and
+failed on the generated OUTPUT.data/nlu.yaml, which it had just replaced.
 """
 
 from __future__ import annotations
@@ -266,6 +269,13 @@ def build_queue(
 # ---- the corrections file ------------------------------------------------------------------------
 
 
+def _check_texts(path: Path, what: str, texts: list[str]) -> None:
+    """ReviewError naming the file and the first empty (or blank) text: `<file>: <what> N: empty text`."""
+    for number, text in enumerate(texts, start=1):
+        if not text.strip():
+            raise ReviewError(f"{path}: {what} {number}: empty text")
+
+
 @dataclass
 class Corrections:
     """The labels given in review, in the domain pack's nlu.yaml format (see the module docstring)."""
@@ -287,16 +297,20 @@ class Corrections:
         if not isinstance(data, dict) or not isinstance(data.get("intents", {}), dict):
             raise ReviewError(f"{path}: expected a mapping with 'intents: {{name: {{examples: [...]}}}}'")
         corrections = cls(path)
-        for name, body in (data.get("intents") or {}).items():
+        for number, (name, body) in enumerate((data.get("intents") or {}).items(), start=1):
+            if name is None or not str(name).strip():
+                raise ReviewError(f"{path}: intent {number} under 'intents': empty name")
             examples = body.get("examples") if isinstance(body, dict) else None
             if not isinstance(examples, list) or not all(isinstance(t, str) for t in examples):
                 raise ReviewError(f"{path}: intent {name!r}: expected a list of texts under 'examples'")
+            _check_texts(path, f"intent {name!r} example", examples)
             corrections.intents[str(name)] = list(examples)
             if isinstance(body, dict) and body.get("new"):
                 corrections.new_intents.add(str(name))
         oos = data.get("out_of_scope") or []
         if not isinstance(oos, list) or not all(isinstance(t, str) for t in oos):
             raise ReviewError(f"{path}: expected a list of texts under 'out_of_scope'")
+        _check_texts(path, "out_of_scope text", oos)
         corrections.out_of_scope = list(oos)
         return corrections
 

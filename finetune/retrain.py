@@ -18,6 +18,13 @@
    examples should not lose any). Promotion is the fleet's (serve/fleet.py, `supportbot promote`):
    every replica sharing the database loads it with an atomic reload. Without `--promote` the
    verdict is printed and nothing changes.
+
+What retrain replaces (decision, `check_retrain_outputs`, called before any training): DIR as `supportbot
+train` does (a new path, an empty folder or a bundle; bot/bundle.py `check_output`); `DIR.data/` only when
+it is new, empty, or a folder retrain wrote before, known by its `recipe.yaml` naming that folder as its
+data (written right after the merge; retrain outputs from before this check have it too); `DIR.eval/` is
+a report folder like `supportbot evaluate --output` (its report files are rewritten). Anything else there
+is refused in one line naming it, and nothing is touched: before, `DIR.data/` was deleted whatever it held.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import Any
 import yaml
 
 from bot import bundle as bundle_mod
-from bot.fileio import atomic_write_text, read_yaml
+from bot.fileio import atomic_write_text, check_output_folder, read_yaml
 from bot.review import OUT_OF_SCOPE, Corrections, normalise
 
 from . import data
@@ -41,6 +48,42 @@ from .config import ConfigError, load_config, recipe_of
 
 DATA_SUFFIX = ".data"
 EVAL_SUFFIX = ".eval"
+RECIPE_FILE = "recipe.yaml"  # in DIR.data/: the recipe retrain trains with; it also marks the folder as retrain's
+
+
+def data_folder(output: Path) -> Path:
+    return output.with_name(output.name + DATA_SUFFIX)
+
+
+def eval_folder(output: Path) -> Path:
+    return output.with_name(output.name + EVAL_SUFFIX)
+
+
+def written_by_retrain(folder: Path) -> bool:
+    """Whether `folder` is a data folder retrain wrote: its recipe.yaml names the folder itself as its data."""
+    recipe = folder / RECIPE_FILE
+    if not recipe.is_file():
+        return False
+    try:
+        raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("data"), str) and Path(raw["data"]).name == folder.name
+
+
+def check_data_folder(folder: Path) -> None:
+    """ConfigError (one line) unless `folder` is new, an empty folder or one retrain wrote (see the module docstring)."""
+    check_output_folder(folder, error=ConfigError, name="retrain data folder", beside=True)
+    if folder.is_dir() and any(folder.iterdir()) and not written_by_retrain(folder):
+        raise ConfigError(f"retrain data folder {folder}: exists and was not written by supportbot retrain (no "
+                          f"{RECIPE_FILE} naming it): refusing to replace it; move it away or choose another --output")
+
+
+def check_retrain_outputs(output: Path) -> None:
+    """Everything retrain writes for `output` (the bundle, DIR.data/, DIR.eval/) is usable and may be replaced."""
+    bundle_mod.check_output(output)
+    check_data_folder(data_folder(output))
+    check_output_folder(eval_folder(output), error=ConfigError, name="retrain report folder")
 
 
 @dataclass
@@ -86,6 +129,7 @@ def merge_data(spec: str, corrections: Corrections, folder: Path) -> MergedData:
                 train_texts.add(key)
                 rows.append((" ".join(text.split()), label))
     new_intents = sorted({label for _, label in rows} - known_labels - {OUT_OF_SCOPE})
+    check_data_folder(folder)
     if folder.exists():
         shutil.rmtree(folder)
     pack = _pack_folder(spec)
@@ -145,25 +189,26 @@ def retrain(
     serving_path, output = Path(serving), Path(output)
     if output.resolve() == serving_path.resolve():
         raise ConfigError(f"--output {output} is the serving bundle: write the new one elsewhere")
+    check_retrain_outputs(output)
     bundle = bundle_mod.load(serving_path)
     recipe = recipe_of(bundle)
     corrections = Corrections.read(corrections_path)
     if corrections.count() == 0:
         raise data.DataError(f"{corrections_path}: no labelled texts to retrain with")
-    merged = merge_data(recipe.data, corrections, output.with_name(output.name + DATA_SUFFIX))
+    merged = merge_data(recipe.data, corrections, data_folder(output))
+    recipe_file = merged.folder / RECIPE_FILE  # first: it marks the folder as retrain's (check_data_folder)
+    raw = recipe.model_dump(mode="json")
+    raw.update({"data": str(merged.folder), "output": str(output)})
+    atomic_write_text(recipe_file, yaml.safe_dump(raw, sort_keys=False))
     test_spec = test or merged.test_spec or recipe.eval_data
     if not test_spec:
         raise data.DataError(f"{recipe.data}: no test split to compare on; name one with --test SPEC")
     log(f"training on {merged.folder} ({merged.added} corrections added, {merged.duplicates} already there, "
         f"{merged.in_test} left out as test texts)")
-    recipe_file = merged.folder / "recipe.yaml"
-    raw = recipe.model_dump(mode="json")
-    raw.update({"data": str(merged.folder), "output": str(output)})
-    atomic_write_text(recipe_file, yaml.safe_dump(raw, sort_keys=False))
     cfg = load_config(recipe_file, list(overrides or []))
     trained = train(cfg, progress=progress, log=log)
     evaluation = evaluate.run(trained.bundle.path, test_spec, compare=serving_path, progress=progress, latency_sample=20)
-    write_outputs(output.with_name(output.name + EVAL_SUFFIX), evaluation)
+    write_outputs(eval_folder(output), evaluation)
     comparison = evaluation.report.compare
     assert comparison is not None
     accuracy = evaluation.report.accuracy

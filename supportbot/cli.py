@@ -3,6 +3,10 @@
 Each command imports only what it needs, so `supportbot predict` does not load the web stack.
 Errors a user can fix (bad data, a damaged bundle or sessions file, a bad option) are `SupportbotError`s
 (bot/errors.py): main() catches that one base, prints one line and exits 2.
+
+Output paths are checked before any work (a training, an evaluation, a clustering): a bundle output with
+`bot.bundle.check_output` (a new path, an empty folder or a bundle; nothing else is replaced), a report or
+discovery folder with `bot.fileio.check_output_folder` (a folder, or a path one can be created at).
 """
 
 from __future__ import annotations
@@ -243,9 +247,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.knowledge is not None:
         overrides.append(f"knowledge.articles={json.dumps(args.knowledge)}")
     cfg = load_config(args.config, overrides)
+    check_output(cfg.output, name="--output" if args.output is not None else "output")
     result = train(cfg, progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
     print_summary("training summary", result.summary)
     return 0
+
+
+def check_output(path: str | Path, *, name: str = "--output") -> None:
+    """Refuse, before any work, a bundle output that is not a new path, an empty folder or a bundle (one line)."""
+    from bot.bundle import check_output as check_bundle_output
+
+    check_bundle_output(path, name=name)
+
+
+def check_report_folder(path: str | Path, *, name: str = "--output") -> None:
+    """Refuse, before any work, a report folder that is a file or cannot be created (one line)."""
+    from bot.fileio import check_output_folder
+    from finetune.config import ConfigError
+
+    check_output_folder(path, error=ConfigError, name=name)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -300,6 +320,7 @@ def check_evaluate_options(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """0 when done (and the gates pass), 1 when a gate fails; the report is written either way."""
     check_evaluate_options(args)
+    check_report_folder(args.output)
     from finetune import evaluate
     from finetune.report import print_summary, write_outputs
     from finetune.report_model import gate
@@ -384,6 +405,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         raise DataError(f"--k-min {args.k_min} is above --k-max {args.k_max}")
     if args.known and not (Path(args.known) / "bundle.json").is_file():
         raise DataError(f"--known {args.known}: not a model bundle (no bundle.json)")
+    check_report_folder(args.output)
     texts = read_texts(args.data)
     bar: Any = None
 
@@ -490,13 +512,14 @@ def print_queue(items: list[Any], total: int) -> None:
 def cmd_retrain(args: argparse.Namespace) -> int:
     """0 when the new bundle is not worse (promoted with --promote), 1 when it is worse."""
     from finetune.config import ConfigError
-    from finetune.retrain import retrain
+    from finetune.retrain import check_retrain_outputs, retrain
 
     for name in ("model", "corrections"):
         if not Path(getattr(args, name)).exists():
             raise ConfigError(f"--{name} {getattr(args, name)}: no such file or folder")
     if not (Path(args.model) / "bundle.json").is_file():
         raise ConfigError(f"--model {args.model}: not a model bundle (no bundle.json)")
+    check_retrain_outputs(Path(args.output))  # the bundle, OUTPUT.data/ and OUTPUT.eval/: before any training
     if args.promote:
         _serve_settings(args.config)  # a bad settings file fails now, not after training
 
@@ -521,6 +544,7 @@ def cmd_knowledge(args: argparse.Namespace) -> int:
 
     if not (Path(args.model) / "bundle.json").is_file():
         raise ConfigError(f"--model {args.model}: not a model bundle (no bundle.json)")
+    check_output(args.output)
     if args.promote:
         _serve_settings(args.config)  # a bad settings file fails now, not after the build
     result = refresh(args.model, args.output, articles=args.articles, overrides=args.overrides, progress=not args.quiet,
@@ -567,6 +591,7 @@ def ensure_default_model(model: str | None) -> Path:
         from finetune.config import load_config
         from finetune.train import train
 
+        check_output(path, name="the default model folder")
         print(f"No model at {path}: training the default shop model (head strategy, about a minute)...", file=sys.stderr)
         result = train(load_config(None, [f"output={json.dumps(str(path))}"]), log=lambda msg: print(msg, file=sys.stderr))
         print_summary("default model", result.summary)

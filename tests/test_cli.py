@@ -108,3 +108,64 @@ def test_a_damaged_bundle_is_one_line_exit_2(tmp_path, banking_head_bundle, bank
     assert run.stderr.strip() == (
         f"supportbot {command}: error: bundle {damaged}: file head.safetensors is damaged (sha256 does not match bundle.json)"
     )
+
+
+def one_line_error(run: subprocess.CompletedProcess, command: str) -> str:
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.stderr.startswith(f"supportbot {command}: error: ")
+    return run.stderr.strip()
+
+
+@pytest.mark.parametrize("command", ["train", "knowledge"])
+def test_an_output_that_is_not_a_bundle_is_refused_before_any_work_and_kept(tmp_path, banking_head_bundle,
+                                                                            banking_slice, command):
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    plain = tmp_path / "afile"
+    plain.write_text("mine")
+    for output, message in [(folder, "a folder that is not a model bundle (it holds notes.txt)"),
+                            (plain, "exists and is not a folder")]:
+        args = (["train", "--data", str(banking_slice["train"]), "--set", "onnx=false"] if command == "train"
+                else ["knowledge", "--model", str(banking_head_bundle)])
+        error = one_line_error(supportbot(*args, "--output", str(output), "--quiet"), command)  # one line: no training log
+        assert f"--output {output}: {message}" in error
+    assert (folder / "notes.txt").read_text() == "precious" and [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert plain.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "victim"]
+
+
+@pytest.mark.parametrize("command, output, message", [
+    ("train", "afile/sub", "cannot be created: {tmp}/afile is not a folder"),
+    ("train", "/proc/supportbot-out", "cannot write in /proc"),
+    ("evaluate", "afile", "exists and is not a folder"),
+    ("discover", "afile", "exists and is not a folder"),
+])
+def test_an_unusable_output_path_is_one_line_exit_2_before_any_work(tmp_path, banking_head_bundle, banking_slice,
+                                                                    command, output, message):
+    (tmp_path / "afile").write_text("mine")
+    output = output if output.startswith("/") else str(tmp_path / output)
+    args = {"train": ["train", "--data", str(banking_slice["train"]), "--set", "onnx=false"],
+            "evaluate": ["evaluate", "--model", str(banking_head_bundle), "--data", str(banking_slice["test"])],
+            "discover": ["discover", "--data", str(banking_slice["test"])]}[command]
+    error = one_line_error(supportbot(*args, "--output", output, "--quiet"), command)
+    assert f"--output {output}: {message.format(tmp=tmp_path)}" in error
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["predict", "promote"])
+def test_a_bundle_whose_labels_do_not_match_its_head_is_refused_in_one_line(tmp_path, banking_head_bundle, command):
+    edited = tmp_path / "lab7"
+    shutil.copytree(banking_head_bundle, edited)
+    meta = json.loads((edited / "bundle.json").read_text())
+    meta["labels"] = meta["labels"][:-1]
+    (edited / "bundle.json").write_text(json.dumps(meta))
+    args = ["predict", "--model", str(edited), "hello"] if command == "predict" else ["promote", str(edited)]
+    run = subprocess.run([sys.executable, "-m", "supportbot.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300, env={**os.environ, "SUPPORTBOT_DATA_DIR": str(tmp_path / "data")})
+    assert one_line_error(run, command) == (
+        f"supportbot {command}: error: bundle {edited}: head.safetensors has 8 outputs but bundle.json lists 7 labels")
+    if command == "promote":
+        from serve.fleet import FLEET_FILE, FleetStore
+
+        assert FleetStore(sqlite_path=tmp_path / "data" / FLEET_FILE).get() is None, "nothing promoted"

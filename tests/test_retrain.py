@@ -12,7 +12,7 @@ from conftest import BANKING77
 
 from bot.review import OUT_OF_SCOPE, Corrections, locked_corrections
 from finetune import data
-from finetune.retrain import merge_data
+from finetune.retrain import check_retrain_outputs, merge_data
 from serve.fleet import FLEET_FILE, FleetStore
 from supportbot.cli import main
 
@@ -107,3 +107,40 @@ def test_pack_merge_adds_a_new_intent_and_keeps_test_texts_out(tmp_path):
     splits = data.load(str(tmp_path / "merged"))
     assert list(splits["train"]["label"]).count("gift_wrap") == 2 and "what is the meaning of life" in splits["train"]["text"]
     assert len(splits["test"]) == len(data.load("pack:shop")["test"])
+
+
+def test_retrain_refuses_an_output_data_folder_it_did_not_write_before_any_work(banking_head_bundle, isolated, capsys):
+    isolated, _cache = isolated
+    corrections = isolated / "corrections.yaml"
+    write_corrections(corrections, {"activate_my_card": ["please switch my new card on"]})
+    mine = isolated / "out.data"
+    mine.mkdir()
+    (mine / "mine.txt").write_text("precious")
+    (isolated / "file.data").write_text("a file")
+    for output, expected in [(isolated / "out", f"retrain data folder {mine}: exists and was not written by "
+                                                "supportbot retrain"),
+                             (isolated / "file", f"retrain data folder {isolated / 'file.data'}: exists and is not a folder")]:
+        assert main(["retrain", "--model", str(banking_head_bundle), "--corrections", str(corrections),
+                     "--output", str(output), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+    assert [p.name for p in mine.iterdir()] == ["mine.txt"] and (mine / "mine.txt").read_text() == "precious"
+    assert (isolated / "file.data").read_text() == "a file" and not (isolated / "out").exists()
+    (mine / "mine.txt").unlink()
+    (mine / "recipe.yaml").write_text(yaml.safe_dump({"data": str(mine), "output": str(isolated / "out")}))
+    check_retrain_outputs(isolated / "out")  # a data folder retrain wrote (its recipe names it) is replaced
+
+
+@pytest.mark.parametrize("content, entry", [
+    ('intents: {activate_my_card: {examples: ["", "switch my card on"]}}\n', "intent 'activate_my_card' example 1: empty text"),
+    ('intents: {"": {examples: ["switch my card on"]}}\n', "intent 1 under 'intents': empty name"),
+])
+def test_retrain_names_the_corrections_entry_with_an_empty_text_or_name(banking_head_bundle, isolated, capsys,
+                                                                         content, entry):
+    isolated, _cache = isolated
+    corrections = isolated / "corrections.yaml"
+    corrections.write_text(content)
+    assert main(["retrain", "--model", str(banking_head_bundle), "--corrections", str(corrections),
+                 "--output", str(isolated / "out"), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"supportbot retrain: error: {corrections}: {entry}\n"
+    assert sorted(p.name for p in isolated.iterdir()) == ["corrections.yaml"]  # no out.data/ written

@@ -88,6 +88,24 @@ def test_corrections_keep_every_label_under_concurrent_writers(tmp_path):
         Corrections.read(path)
 
 
+@pytest.mark.parametrize(
+    "content, entry",
+    [
+        ('intents: {track_order: {examples: ["", "where is it"]}}\n', "intent 'track_order' example 1: empty text"),
+        ('intents: {track_order: {examples: [ok, "   "]}}\n', "intent 'track_order' example 2: empty text"),
+        ('intents: {"": {examples: [hello there]}}\n', "intent 1 under 'intents': empty name"),
+        ("intents: {track_order: {examples: [ok]}, null: {examples: [hi]}}\n", "intent 2 under 'intents': empty name"),
+        ('out_of_scope: [fine, ""]\n', "out_of_scope text 2: empty text"),
+    ],
+)
+def test_an_empty_text_or_intent_name_in_the_corrections_file_is_named_there(tmp_path, content, entry):
+    path = tmp_path / "corrections.yaml"
+    path.write_text(content)
+    with pytest.raises(ReviewError) as caught:
+        Corrections.read(path)
+    assert str(caught.value) == f"{path}: {entry}"
+
+
 @pytest.fixture(scope="module")
 def served(shop_bundle, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("review")
