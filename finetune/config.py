@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bot import paths
 from bot.bundle import Bundle, BundleError
 from bot.encoder import DEFAULT_BASE
 from bot.errors import SupportbotError
-from bot.fileio import read_yaml
+from bot.fileio import parse_yaml, read_yaml
 from bot.precision import Precision
 from bot.validation import describe_validation_errors
 
@@ -199,7 +198,8 @@ def _split_override(item: str) -> tuple[str, str]:
 def _overridden(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     for item in overrides or []:
         key, value = _split_override(item)
-        _assign(raw, key.split("."), yaml.safe_load(value) if value.strip() else None)
+        parsed = parse_yaml(value, where=f"--set {key}", error=ConfigError) if value.strip() else None
+        _assign(raw, key.split("."), parsed)
     return raw
 
 
