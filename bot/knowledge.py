@@ -58,7 +58,9 @@ Decisions, and why:
 - A bundle whose known questions predate `key_weight` (when a known question's score replaced the
   passage's) is refused at load with one line asking to retrain: its floor and margin were fitted on
   another rule, so serving it with today's would be silently wrong.
-- The front matter is parsed by `bot.fileio.parse_yaml`, so a broken or absurdly nested one is one
+- An article is read as UTF-8 with an optional byte order mark (`utf-8-sig`): editors on Windows
+  save one, and with it the file did not start with `---` and was refused as "no front matter".
+  The front matter is parsed by `bot.fileio.parse_yaml`, so a broken or absurdly nested one is one
   line naming the file (and the file's line), like every other YAML supportbot reads.
 """
 
@@ -274,7 +276,7 @@ def read_article(path: Path) -> Article:
     if path.stat().st_size > MAX_ARTICLE_BYTES:
         raise KnowledgeError(f"{path}: larger than {MAX_ARTICLE_BYTES} bytes")
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # an editor's byte order mark is not part of the article
     except (OSError, UnicodeDecodeError) as exc:
         raise KnowledgeError(f"{path}: cannot read as UTF-8 text: {exc}") from None
     match = _FRONT_MATTER.match(raw)

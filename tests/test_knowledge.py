@@ -80,6 +80,14 @@ def test_a_bad_article_is_refused_with_one_line_naming_the_file(tmp_path, text, 
     assert problem in str(caught.value) and str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_an_article_saved_with_a_byte_order_mark_is_read_like_one_without(tmp_path):
+    path = tmp_path / "returns.md"
+    path.write_bytes("\ufeff---\ntitle: Returns\nurl: /help/returns\n---\nSend it back within 30 days.\n".encode())
+    article = read_article(path)
+    assert (article.title, article.url) == ("Returns", "/help/returns")
+    assert article.body.strip() == "Send it back within 30 days."
+
+
 def test_a_front_matter_error_names_the_line_of_the_file(tmp_path):
     path = tmp_path / "returns.md"
     path.write_text("---\ntitle: Returns\nurl: /help: returns\n---\nbody\n", encoding="utf-8")
