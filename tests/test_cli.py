@@ -57,6 +57,7 @@ def test_train_then_predict(tmp_path, banking_slice):
         (["train", "--set", "no_such_field=1"], "no_such_field: Extra inputs are not permitted"),
         (["train", "--data", "pack:nope"], "pack:nope: no such packaged domain pack"),
         (["train", "--set", "epochs=["], "supportbot train: error: --set epochs: line 1: not valid YAML"),
+        (["train", "--set", "calibration.min_floor=0.95"], "calibration: Value error, min_floor 0.95 is above max_floor 0.9"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(args, message):

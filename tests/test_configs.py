@@ -52,3 +52,17 @@ def test_an_override_whose_value_is_not_yaml_is_a_config_error(override, message
     with pytest.raises(ConfigError) as caught:
         load_config(None, [override])
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["calibration.min_floor=0.95"], "min_floor 0.95 is above max_floor 0.9"),
+        (["calibration.min_floor=0.905", "calibration.max_floor=0.909"],
+         "no floor of the 0.01 grid lies from min_floor 0.905 to max_floor 0.909"),
+    ],
+)
+def test_a_calibration_floor_range_without_a_grid_point_is_refused_before_training(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    assert str(caught.value) == f"config: calibration: Value error, {message}"
