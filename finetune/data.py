@@ -21,6 +21,7 @@ import hashlib
 import json
 import random
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,15 @@ def validate_training(rows: Dataset) -> None:
     for label, where in zip(rows["label"], rows["where"]):
         if counts[label] < 2:
             raise DataError(f"{where}: label {label!r} has only one example; give it at least 2")
+
+
+def check_labels(dataset: Dataset, known: Sequence[str], *, model: str, name: str = "the data") -> None:
+    """Labels of `dataset` (named `name`) that the model cannot predict, other than `oos`, make its scores on it
+    meaningless: `evaluate` and training's held-out test split (--eval-data) both refuse them with this one line."""
+    unknown = sorted(set(dataset["label"]) - set(known) - {OOS_LABEL})
+    if unknown:
+        shown = ", ".join(repr(label) for label in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise DataError(f"{len(unknown)} label(s) in {name} are unknown to the model {model}: {shown}")
 
 
 def fingerprint(*datasets: Dataset) -> str:

@@ -73,14 +73,6 @@ def training_split(splits: DatasetDict) -> tuple[str, Dataset]:
     return ("train", splits["train"]) if "train" in splits else data.evaluation_split(splits)
 
 
-def check_labels(dataset: Dataset, known: Sequence[str], model: str | Path) -> None:
-    """Data labels the model cannot predict (other than `oos`) make the evaluation meaningless."""
-    unknown = sorted(set(dataset["label"]) - set(known) - {data.OOS_LABEL})
-    if unknown:
-        shown = ", ".join(repr(label) for label in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise data.DataError(f"{len(unknown)} label(s) in the data are unknown to the model {model}: {shown}")
-
-
 # ---- predicting ----------------------------------------------------------------------------------
 
 
@@ -331,7 +323,7 @@ def evaluate_bundle(
 ) -> Evaluation:
     """Score one bundle on `dataset`: records, metrics, latency."""
     classifier = IntentClassifier.from_bundle(model)
-    check_labels(dataset, classifier.labels, model)
+    data.check_labels(dataset, classifier.labels, model=str(model))
     records, seconds = predict_records(classifier, dataset, open_set=open_set, progress=progress)
     latency = measure_latency(classifier, list(dataset["text"]), batch_seconds=seconds, sample_size=latency_sample, progress=progress)
     report = EvaluationReport(
