@@ -8,7 +8,13 @@ files with their own loops.
 `read_yaml` raises the caller's error class (a `SupportbotError` subclass: `ConfigError`,
 `DataError`, `ResponsesError`, `SettingsError`), so each caller keeps its own error type while
 the message has one shape: `<file>: cannot read: <reason>`, `<file>: not UTF-8 text`,
-`<file>: line N: not valid YAML`, `<file>: larger than N MiB`.
+`<file>: line N: not valid YAML`, `<file>: nested too deeply`, `<file>: larger than N MiB`.
+
+`parse_yaml` is the one place YAML text becomes data, for a file (`read_yaml`), an article's front
+matter (bot/knowledge.py) and a recipe's `--set key=value` (finetune/config.py). PyYAML composes
+and constructs nodes recursively, so a few thousand `[` exhaust Python's stack and raise
+RecursionError, which is not a `yaml.YAMLError`: it is caught here, once, and reported as
+"nested too deeply" in the caller's error class, never as a traceback.
 
 `atomic_write_text` (and `atomic_write_bytes`, for a picture) is the one way to replace a small file a
 person may be relying on (discovery output, review corrections): a temporary file in the same folder, flushed and fsynced, then
@@ -98,8 +104,15 @@ def read_yaml(path: str | Path, *, error: type[SupportbotError], max_bytes: int 
         raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise error(f"{path}: not UTF-8 text") from None
+    return parse_yaml(text, where=path, error=error)
+
+
+def parse_yaml(text: str, *, where: str | Path, error: type[SupportbotError]) -> Any:
+    """The data in YAML `text`; invalid or too deeply nested YAML raises `error` with one line starting with `where`."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise error(f"{path}: {f'line {mark.line + 1}: ' if mark else ''}not valid YAML") from None
+        raise error(f"{where}: {f'line {mark.line + 1}: ' if mark else ''}not valid YAML") from None
+    except RecursionError:
+        raise error(f"{where}: nested too deeply") from None

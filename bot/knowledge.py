@@ -58,6 +58,10 @@ Decisions, and why:
 - A bundle whose known questions predate `key_weight` (when a known question's score replaced the
   passage's) is refused at load with one line asking to retrain: its floor and margin were fitted on
   another rule, so serving it with today's would be silently wrong.
+- An article is read as UTF-8 with an optional byte order mark (`utf-8-sig`): editors on Windows
+  save one, and with it the file did not start with `---` and was refused as "no front matter".
+  The front matter is parsed by `bot.fileio.parse_yaml`, so a broken or absurdly nested one is one
+  line naming the file (and the file's line), like every other YAML supportbot reads.
 """
 
 from __future__ import annotations
@@ -75,12 +79,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from .bundle import Bundle, BundleError
 from .errors import SupportbotError
-from .fileio import read_yaml
+from .fileio import parse_yaml, read_yaml
 
 KNOWLEDGE_JSON = "knowledge.json"
 KNOWLEDGE_VECTORS = "knowledge.safetensors"
@@ -273,16 +276,15 @@ def read_article(path: Path) -> Article:
     if path.stat().st_size > MAX_ARTICLE_BYTES:
         raise KnowledgeError(f"{path}: larger than {MAX_ARTICLE_BYTES} bytes")
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # an editor's byte order mark is not part of the article
     except (OSError, UnicodeDecodeError) as exc:
         raise KnowledgeError(f"{path}: cannot read as UTF-8 text: {exc}") from None
     match = _FRONT_MATTER.match(raw)
     if match is None:
         raise KnowledgeError(f"{path}: no front matter (a '---' block with title and url at the top)")
-    try:
-        meta = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        raise KnowledgeError(f"{path}: the front matter is not valid YAML") from None
+    # padded with the newlines before it, so a YAML error's line number is the file's
+    front_matter = "\n" * raw.count("\n", 0, match.start(1)) + match.group(1)
+    meta = parse_yaml(front_matter, where=f"{path}: front matter", error=KnowledgeError)
     if not isinstance(meta, dict):
         raise KnowledgeError(f"{path}: the front matter must be a mapping with title and url")
     title, url, tags = meta.get("title"), meta.get("url"), meta.get("tags") or []

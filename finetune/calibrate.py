@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from bot.policy import decision_masks
 
-from .config import CalibrationConfig
+from .config import CALIBRATION_GRID, CalibrationConfig
 
-GRID = np.round(np.arange(0.0, 1.0001, 0.01), 2)
+GRID = np.array(CALIBRATION_GRID)
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, *, max_iter: int = 200) -> float:

@@ -1,22 +1,30 @@
-"""Training recipes: one pydantic config object, one loader (YAML file + `--set key=value`)."""
+"""Training recipes: one pydantic config object, one loader (YAML file + `--set key=value`).
+
+A recipe is checked whole when it is loaded, before anything trains: each field's range, and the
+rules across fields (the calibration's floor range must hold a point of the grid calibration
+searches), so a mistake is one line now, not an error after minutes of training. `--set` values
+are YAML, parsed by `bot.fileio.parse_yaml` like every YAML file.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bot import paths
 from bot.bundle import Bundle, BundleError
 from bot.encoder import DEFAULT_BASE
 from bot.errors import SupportbotError
-from bot.fileio import read_yaml
+from bot.fileio import parse_yaml, read_yaml
 from bot.precision import Precision
 from bot.validation import describe_validation_errors
 
 from . import strategies
+
+# the confidence floors and ambiguity gaps calibration (finetune/calibrate.py) chooses from
+CALIBRATION_GRID = tuple(round(step / 100, 2) for step in range(101))
 
 
 class ConfigError(SupportbotError):
@@ -59,6 +67,17 @@ class CalibrationConfig(_Strict):
         description="with out-of-scope validation examples: the lowest floor whose out-of-scope recall reaches this "
         "(None: the balanced point that maximises in-scope utility + out-of-scope recall)",
     )
+
+    @model_validator(mode="after")
+    def _floor_range_holds_a_grid_point(self) -> CalibrationConfig:
+        """Calibration picks the floor among the grid's points from min_floor to max_floor; a range with none of
+        them failed only after training (a zero-size array in finetune/calibrate.py), so the recipe is refused."""
+        if self.min_floor > self.max_floor:
+            raise ValueError(f"min_floor {self.min_floor:g} is above max_floor {self.max_floor:g}")
+        if not any(self.min_floor <= point <= self.max_floor for point in CALIBRATION_GRID):
+            raise ValueError(f"no floor of the {CALIBRATION_GRID[1]:g} grid lies from min_floor {self.min_floor:g} "
+                             f"to max_floor {self.max_floor:g}")
+        return self
 
 
 class RetrievalAdapterConfig(_Strict):
@@ -199,7 +218,8 @@ def _split_override(item: str) -> tuple[str, str]:
 def _overridden(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     for item in overrides or []:
         key, value = _split_override(item)
-        _assign(raw, key.split("."), yaml.safe_load(value) if value.strip() else None)
+        parsed = parse_yaml(value, where=f"--set {key}", error=ConfigError) if value.strip() else None
+        _assign(raw, key.split("."), parsed)
     return raw
 
 

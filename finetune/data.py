@@ -7,7 +7,11 @@ SPEC (docs/design.md, Data rules): a CSV, JSONL, JSON or YAML file; a folder hol
 `datasets` (online only). A trailing `:SPLIT` picks one split (`data_full.json:test`).
 
 Every problem is a `DataError` whose message is one line naming the file, the row and
-what is wrong; the command line prints it and exits 2.
+what is wrong; the command line prints it and exits 2. That includes a file of the wrong shape
+(a JSON number where a list of rows belongs, `{"train": null}`, `out_of_scope: 5`): each
+container is checked where it is read, and the message says what was expected and what was found
+(`_kind`), rather than a TypeError from iterating it. JSON nested deeper than the decoder can
+follow raises RecursionError in `json.loads`; it is reported as "nested too deeply".
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import hashlib
 import json
 import random
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset, DatasetDict
 
@@ -97,6 +103,15 @@ def validate_training(rows: Dataset) -> None:
     for label, where in zip(rows["label"], rows["where"]):
         if counts[label] < 2:
             raise DataError(f"{where}: label {label!r} has only one example; give it at least 2")
+
+
+def check_labels(dataset: Dataset, known: Sequence[str], *, model: str, name: str = "the data") -> None:
+    """Labels of `dataset` (named `name`) that the model cannot predict, other than `oos`, make its scores on it
+    meaningless: `evaluate` and training's held-out test split (--eval-data) both refuse them with this one line."""
+    unknown = sorted(set(dataset["label"]) - set(known) - {OOS_LABEL})
+    if unknown:
+        shown = ", ".join(repr(label) for label in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise DataError(f"{len(unknown)} label(s) in {name} are unknown to the model {model}: {shown}")
 
 
 def fingerprint(*datasets: Dataset) -> str:
@@ -197,19 +212,41 @@ def _load_file(path: Path, labelled: bool = True) -> dict[str, Rows]:
         data = _read_json(path)
         if isinstance(data, dict) and any(key in data for key in ("train", "val", "test")):
             return _read_clinc(path, data)
-        return {"train": _read_table(path, data, labelled=labelled)}
+        return {"train": _read_table(path, _json_rows(path, data), labelled=labelled)}
     if suffix in (".yaml", ".yml"):
         return {"train": _read_pack_file(path)}
     return {"train": _read_table(path, labelled=labelled)}
 
 
-def _read_json(path: Path):
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply") from None
+
+
+def _json_rows(path: Path, data: Any) -> list:
+    """A JSON file's rows: its top level must be a list (of objects, which `_read_table` checks row by row)."""
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects, one per row, got {_kind(data)}")
+    return data
+
+
+def _kind(value: object) -> str:
+    """What a JSON or YAML value is, in the words of a "expected ..., got ..." message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return "a text"
+    return "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, list) else type(value).__name__
 
 
 def _read_clinc(path: Path, data: dict) -> dict[str, Rows]:
@@ -218,7 +255,10 @@ def _read_clinc(path: Path, data: dict) -> dict[str, Rows]:
     for key, split in (("train", "train"), ("val", "validation"), ("test", "test")):
         rows = Rows([], [], [])
         for part in (key, f"oos_{key}"):
-            for number, item in enumerate(data.get(part, []), start=1):
+            items = data.get(part, [])
+            if not isinstance(items, list):
+                raise DataError(f"{path}: {part}: expected a list of [text, label] rows, got {_kind(items)}")
+            for number, item in enumerate(items, start=1):
                 if not (isinstance(item, list) and len(item) == 2):
                     raise DataError(f"{path}: {part} row {number}: expected [text, label], got {str(item)[:60]!r}")
                 rows.extend(_checked(path, f"{part} row {number}", item[0], item[1]))
@@ -238,7 +278,10 @@ def _read_pack_file(path: Path) -> Rows:
             raise DataError(f"{path}: intent {intent!r}: expected a list under 'examples'")
         for number, text in enumerate(examples, start=1):
             rows.extend(_checked(path, f"intent {intent!r} example {number}", text, intent))
-    for number, text in enumerate(data.get("out_of_scope") or [], start=1):
+    out_of_scope = data.get("out_of_scope")
+    if out_of_scope is not None and not isinstance(out_of_scope, list):
+        raise DataError(f"{path}: expected a list of texts under 'out_of_scope', got {_kind(out_of_scope)}")
+    for number, text in enumerate(out_of_scope or [], start=1):
         rows.extend(_checked(path, f"out_of_scope example {number}", text, OOS_LABEL))
     return rows
 
@@ -255,7 +298,7 @@ def _read_table(path: Path, records: list | None = None, *, labelled: bool = Tru
         elif suffix == ".jsonl":
             numbered = _jsonl_records(path)
         elif suffix == ".json":
-            numbered = list(enumerate(_read_json(path), start=1))
+            numbered = list(enumerate(_json_rows(path, _read_json(path)), start=1))
         else:
             raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use csv, jsonl, json or yaml")
     except (OSError, UnicodeDecodeError) as exc:
@@ -306,6 +349,8 @@ def _jsonl_records(path: Path) -> list[tuple[int, dict]]:
                 records.append((number, json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: row {number}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}: row {number}: nested too deeply") from None
     return records
 
 

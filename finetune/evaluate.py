@@ -73,14 +73,6 @@ def training_split(splits: DatasetDict) -> tuple[str, Dataset]:
     return ("train", splits["train"]) if "train" in splits else data.evaluation_split(splits)
 
 
-def check_labels(dataset: Dataset, known: Sequence[str], model: str | Path) -> None:
-    """Data labels the model cannot predict (other than `oos`) make the evaluation meaningless."""
-    unknown = sorted(set(dataset["label"]) - set(known) - {data.OOS_LABEL})
-    if unknown:
-        shown = ", ".join(repr(label) for label in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise data.DataError(f"{len(unknown)} label(s) in the data are unknown to the model {model}: {shown}")
-
-
 # ---- predicting ----------------------------------------------------------------------------------
 
 
@@ -331,7 +323,7 @@ def evaluate_bundle(
 ) -> Evaluation:
     """Score one bundle on `dataset`: records, metrics, latency."""
     classifier = IntentClassifier.from_bundle(model)
-    check_labels(dataset, classifier.labels, model)
+    data.check_labels(dataset, classifier.labels, model=str(model))
     records, seconds = predict_records(classifier, dataset, open_set=open_set, progress=progress)
     latency = measure_latency(classifier, list(dataset["text"]), batch_seconds=seconds, sample_size=latency_sample, progress=progress)
     report = EvaluationReport(
@@ -351,14 +343,17 @@ def model_info(bundle: Bundle) -> ModelInfo:
     )
 
 
-def fold_indices(labels: list[str], k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K stratified folds; every label must keep two training examples in every fold."""
+def fold_indices(labels: list[str], k: int, seed: int, *, where: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K stratified folds of the data at `where`: every label needs an example in each of the K test parts
+    (StratifiedKFold refuses fewer than K with a ValueError) and two in each training part, which keeps
+    count - ceil(count / K). The label with the fewest examples decides, so it is the one the error names."""
     from sklearn.model_selection import StratifiedKFold
 
-    for label, count in sorted(Counter(labels).items()):
-        if count - -(-count // k) < 2:  # the training part of a fold keeps count - ceil(count / k)
-            needed = next(n for n in range(2, 10 * k) if n - -(-n // k) >= 2)
-            raise data.DataError(f"label {label!r} has {count} example(s); {k}-fold cross-validation needs at least {needed} per label")
+    needed = next(n for n in range(k, 10 * k) if n - -(-n // k) >= 2)
+    label, count = min(Counter(labels).items(), key=lambda item: (item[1], item[0]))
+    if count < needed:
+        raise data.DataError(f"{where}: label {label!r} has {count} example(s), the fewest of any label; "
+                             f"{k}-fold cross-validation needs at least {needed} per label")
     folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return list(folds.split(np.zeros(len(labels)), labels))
 
@@ -371,12 +366,12 @@ def cross_validate(
 
     bundle = bundle_mod.load(model)
     recipe = recipe_of(bundle)
+    folds = fold_indices(list(dataset["label"]), k, recipe.seed, where=spec)
     open_set = data.OOS_LABEL in set(dataset["label"])
     records: list[Record] = []
     per_fold: list[dict[str, Any]] = []
     seconds = 0.0
     with tempfile.TemporaryDirectory(prefix="supportbot-cv-") as tmp:
-        folds = fold_indices(list(dataset["label"]), k, recipe.seed)
         for fold, (train_idx, test_idx) in enumerate(tqdm(folds, desc="cross-validation", unit="fold", disable=None if progress else True), 1):
             # no ONNX export per fold: it passed parity on the bundle, and a fold's figures come out the same on torch
             cfg = recipe.model_copy(update={"data": spec, "eval_data": None, "output": str(Path(tmp) / f"fold-{fold}"),

@@ -320,4 +320,6 @@ def prepare_splits(cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset | None, 
     unknown = sorted(set(val_ds["label"]) - set(labels) - {data.OOS_LABEL})
     if unknown:
         raise data.DataError(f"{cfg.data}: validation labels not in training data: {', '.join(unknown[:5])}")
+    if test_ds is not None:  # scored after training: labels it cannot predict would make its test figures meaningless
+        data.check_labels(test_ds, labels, model=f"trained on {cfg.data}", name=cfg.eval_data or "the test data")
     return Prepared(labels, train_ds, val_ds, test_ds)

@@ -3,10 +3,15 @@
 `load_settings()` is the one way to build them. Precedence, strongest first: keyword overrides
 (the CLI's --model/--host/--port), environment variables, the YAML file, the defaults below.
 Secrets are `SecretStr`, so they never show in a repr, a log line or /docs.
+
+Paths are checked here, once, for every command that loads settings: a `data_dir` that is (or lies
+under) a plain file can never be created, and `promote` and `review` failed on it with a
+FileExistsError traceback where `chat` happened to report it; now loading the settings refuses it.
 """
 
 from __future__ import annotations
 
+import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -160,6 +165,17 @@ class Settings(BaseSettings):
         """Accept a YAML list, or a comma-separated string from the environment."""
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _a_folder(cls, value: Path) -> Path:
+        """The folder is created when first used; refused when it, or the nearest existing folder above it, is a file."""
+        for folder in (value, *value.parents):
+            if os.path.lexists(folder):
+                if not os.path.isdir(folder):
+                    raise ValueError(f"{folder} exists and is not a folder")
+                break
         return value
 
     @field_validator("callback_hosts")

@@ -56,6 +56,8 @@ def test_train_then_predict(tmp_path, banking_slice):
         (["train", "--set", "epochs=-3"], "epochs: Input should be greater than or equal to 1"),
         (["train", "--set", "no_such_field=1"], "no_such_field: Extra inputs are not permitted"),
         (["train", "--data", "pack:nope"], "pack:nope: no such packaged domain pack"),
+        (["train", "--set", "epochs=["], "supportbot train: error: --set epochs: line 1: not valid YAML"),
+        (["train", "--set", "calibration.min_floor=0.95"], "calibration: Value error, min_floor 0.95 is above max_floor 0.9"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(args, message):
@@ -92,6 +94,24 @@ def test_a_recipe_that_is_not_yaml_is_one_line_exit_2(tmp_path):
     run = supportbot("train", "--config", str(recipe))
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip() == f"supportbot train: error: {recipe}: line 2: not valid YAML"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--data", "{deep}"],
+        ["train", "--config", "{deep}"],
+        ["review", "--config", "{deep}"],
+        ["retrain", "--model", "{bundle}", "--corrections", "{deep}", "--output", "{out}"],
+    ],
+)
+def test_a_yaml_file_nested_too_deeply_is_one_line_exit_2(tmp_path, request, args):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 5000, encoding="utf-8")
+    bundle = request.getfixturevalue("banking_head_bundle") if "{bundle}" in args else ""
+    run = supportbot(*(a.format(deep=deep, bundle=bundle, out=tmp_path / "new") for a in args))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == f"supportbot {args[0]}: error: {deep}: nested too deeply"
 
 
 @pytest.mark.parametrize("command", ["predict", "evaluate"])

@@ -1,12 +1,14 @@
-"""configs/default.yaml is the written-out form of the built-in training defaults."""
+"""configs/default.yaml is the written-out form of the built-in training defaults; recipes and `--set` overrides
+that cannot be used are one-line ConfigErrors."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
-from finetune.config import TrainConfig, load_config
+from finetune.config import ConfigError, TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "configs" / "default.yaml"
@@ -36,3 +38,31 @@ def test_every_shipped_recipe_loads():
         if recipe.name == "serve.yaml":
             continue  # the server's settings, not a training recipe
         load_config(recipe)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("epochs=[", "--set epochs: line 1: not valid YAML"),
+        ("head.hidden={a: [}", "--set head.hidden: line 1: not valid YAML"),
+        ("epochs=" + "[" * 5000, "--set epochs: nested too deeply"),
+    ],
+)
+def test_an_override_whose_value_is_not_yaml_is_a_config_error(override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["calibration.min_floor=0.95"], "min_floor 0.95 is above max_floor 0.9"),
+        (["calibration.min_floor=0.905", "calibration.max_floor=0.909"],
+         "no floor of the 0.01 grid lies from min_floor 0.905 to max_floor 0.909"),
+    ],
+)
+def test_a_calibration_floor_range_without_a_grid_point_is_refused_before_training(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    assert str(caught.value) == f"config: calibration: Value error, {message}"

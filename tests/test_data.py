@@ -85,6 +85,52 @@ def test_bad_files_name_file_row_and_problem(tmp_path, name, content, message):
     assert "\n" not in str(err.value)
 
 
+PACK_INTENTS = "intents:\n  a: {examples: [one, two]}\n  b: {examples: [three, four]}\n"
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("scalar.json", "5", "expected a JSON list of objects, one per row, got the number 5"),
+        ("null.json", "null", "expected a JSON list of objects, one per row, got null"),
+        ("mapping.json", '{"rows": []}', "expected a JSON list of objects, one per row, got a mapping"),
+        ("clinc.json", '{"train": 5}', "train: expected a list of [text, label] rows, got the number 5"),
+        ("clinc_null.json", '{"train": [["hi", "greet"]], "oos_train": null}',
+         "oos_train: expected a list of [text, label] rows, got null"),
+        ("pack.yaml", PACK_INTENTS + "out_of_scope: 5\n", "expected a list of texts under 'out_of_scope', got the number 5"),
+    ],
+)
+def test_a_file_of_the_wrong_shape_says_what_was_expected(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        data.load(str(path))
+    assert str(err.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("deep.json", "[" * 100_000, "nested too deeply"),
+        ("deep.jsonl", '{"text": "a", "label": "x"}\n' + "[" * 100_000 + "\n", "row 2: nested too deeply"),
+        ("deep.yaml", "[" * 5000, "nested too deeply"),
+    ],
+)
+def test_data_nested_too_deeply_is_one_line_naming_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        data.load(str(path))
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_a_split_file_of_the_wrong_shape_in_a_folder_is_named(tmp_path):
+    (tmp_path / "train.json").write_text("null")
+    with pytest.raises(DataError) as err:
+        data.load(str(tmp_path))
+    assert str(err.value) == f"{tmp_path / 'train.json'}: expected a JSON list of objects, one per row, got null"
+
+
 def test_unreadable_and_missing_files(tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
         data.load(str(tmp_path / "missing.csv"))

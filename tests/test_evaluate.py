@@ -342,6 +342,34 @@ def test_cross_validation_needs_enough_examples_per_label(capsys, tmp_path, bank
     assert code == 2 and "3-fold cross-validation needs at least 3 per label" in err
 
 
+@pytest.mark.parametrize(
+    ("k", "counts", "needed"),
+    [
+        (5, [6, 4, 6], 5),  # 4 examples keep 3 for training, but StratifiedKFold needs one in each of 5 test parts
+        (3, [2, 1, 6], 3),  # two labels short: the one with the fewest is named, not the first in order
+    ],
+)
+def test_cross_validation_names_the_smallest_label_before_any_training(capsys, tmp_path, banking_head_bundle, k, counts, needed):
+    source = write_slice(BANKING77 / "train.csv", tmp_path / "slice.csv", labels=len(counts), per_label=max(counts))
+    with source.open(newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    labels = sorted({label for _text, label in rows})
+    seen: Counter[str] = Counter()
+    data = tmp_path / "tiny.csv"
+    with data.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for text, label in rows:
+            seen[label] += 1
+            if seen[label] <= counts[labels.index(label)]:
+                writer.writerow([text, label])
+    code, _, err = run_cli(capsys, "--model", str(banking_head_bundle), "--data", str(data), "--cv", str(k), "--output", str(tmp_path / "o"))
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == (f"supportbot evaluate: error: {data}: label {labels[1]!r} has {counts[1]} example(s), the fewest of "
+                           f"any label; {k}-fold cross-validation needs at least {needed} per label")
+    assert not (tmp_path / "o").exists()
+
+
 def test_clinc_report_carries_the_operating_curve_and_auroc(clinc_eval):
     report, records = read_output(clinc_eval)
     oos = report["out_of_scope"]

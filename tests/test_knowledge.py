@@ -69,6 +69,7 @@ def test_articles_split_by_heading_within_the_token_limit_with_the_title_as_cont
         ("---\nurl: https://x.test/a\n---\nbody", "'title' must be"),
         ("---\ntitle: X\nurl: javascript:alert(1)\n---\nbody", "'url' must be"),
         ("---\ntitle: [\n---\nbody", "not valid YAML"),
+        ("---\nurl: /a\ntitle: " + "[" * 5000 + "\n---\nbody", "front matter: nested too deeply"),
     ],
 )
 def test_a_bad_article_is_refused_with_one_line_naming_the_file(tmp_path, text, problem):
@@ -77,6 +78,22 @@ def test_a_bad_article_is_refused_with_one_line_naming_the_file(tmp_path, text, 
     with pytest.raises(KnowledgeError) as caught:
         read_article(path)
     assert problem in str(caught.value) and str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_article_saved_with_a_byte_order_mark_is_read_like_one_without(tmp_path):
+    path = tmp_path / "returns.md"
+    path.write_bytes("\ufeff---\ntitle: Returns\nurl: /help/returns\n---\nSend it back within 30 days.\n".encode())
+    article = read_article(path)
+    assert (article.title, article.url) == ("Returns", "/help/returns")
+    assert article.body.strip() == "Send it back within 30 days."
+
+
+def test_a_front_matter_error_names_the_line_of_the_file(tmp_path):
+    path = tmp_path / "returns.md"
+    path.write_text("---\ntitle: Returns\nurl: /help: returns\n---\nbody\n", encoding="utf-8")
+    with pytest.raises(KnowledgeError) as caught:
+        read_article(path)
+    assert str(caught.value) == f"{path}: front matter: line 3: not valid YAML"
 
 
 def test_a_folder_without_articles_is_refused(tmp_path):

@@ -349,6 +349,22 @@ def test_bad_settings_files_get_one_clear_line(tmp_path, content, message):
     assert "\n" not in str(error.value) and str(config) in str(error.value)
 
 
+@pytest.mark.parametrize("under", ["", "/sessions"])
+@pytest.mark.parametrize("command", [["promote", "{tmp}/bundle"], ["review", "--model", "{tmp}/bundle"]])
+def test_a_data_dir_that_is_a_file_is_one_line_for_every_command(tmp_path, capsys, monkeypatch, command, under):
+    monkeypatch.delenv("SUPPORTBOT_DATA_DIR")  # the environment would win over the file
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "bundle.json").write_text("{}")
+    plain = tmp_path / "data"
+    plain.write_text("not a folder")
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"data_dir: {plain}{under}\n")
+    assert cli_main([*(a.format(tmp=tmp_path) for a in command), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"supportbot {command[0]}: error: invalid settings (settings file {config} or SUPPORTBOT_* "
+                                f"environment): data_dir: Value error, {plain} exists and is not a folder"]
+
+
 def test_supportbot_serve_refuses_bad_settings_and_bundles(tmp_path, shop_bundle, capsys):
     config = tmp_path / "serve.yaml"
     config.write_text("port: -1\n")

@@ -15,6 +15,8 @@ from bot.bundle import BundleError
 from bot.classifier import IntentClassifier
 from bot.encoder import resolve_base
 from finetune.config import HeadConfig, load_config
+from finetune.data import OOS_LABEL, DataError
+from finetune.data import load as load_data
 from finetune.train import train
 
 
@@ -316,6 +318,23 @@ def _copy(bundle, tmp_path):
     target = tmp_path / "copy"
     shutil.copytree(bundle, target)
     return target
+
+
+def test_eval_data_with_labels_the_model_cannot_know_is_refused_before_training(tmp_path, banking_slice, monkeypatch):
+    import finetune.train
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base was loaded: training started")
+
+    monkeypatch.setattr(finetune.train, "start_run", never)
+    cfg = load_config(None, [f"data={banking_slice['train']}", "eval_data=pack:shop", f"output={tmp_path / 'm'}"])
+    shop_labels = set(load_data("pack:shop")["test"]["label"]) - {OOS_LABEL}
+    with pytest.raises(DataError) as caught:
+        train(cfg, progress=False, log=lambda _msg: None)
+    assert str(caught.value).startswith(
+        f"{len(shop_labels)} label(s) in pack:shop are unknown to the model trained on {banking_slice['train']}: "
+    )
+    assert not (tmp_path / "m").exists()
 
 
 def test_flipped_byte_is_refused_naming_the_file(banking_head_bundle, tmp_path):
