@@ -95,15 +95,11 @@ def url_host(url: str) -> str:
     return host
 
 
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
 def is_host_name(host: str) -> bool:
-    """A DNS host name (RFC 1123 labels, IDNA's xn-- form included, at most 253 characters) whose last
-    label is not all digits (RFC 3696: `1.2.3.4.5` is no name and no address)."""
+    """A DNS host name: labels as allow-list entries take them (`_LABEL`; IDNA's xn-- form included), at
+    most 253 characters, the last label not all digits (RFC 3696: `1.2.3.4.5` is no name and no address)."""
     labels = host.split(".")
-    return (len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
-            and not labels[-1].isdigit())
+    return len(host) <= 253 and all(_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
 
 
 def non_public(address: IPAddress) -> str | None:

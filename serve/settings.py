@@ -191,6 +191,14 @@ class Settings(BaseSettings):
                              f"({self.outbox_send_timeout_s:g}), or a slow send would be taken over by another replica")
         return self
 
+    @model_validator(mode="after")
+    def _a_full_request_fits_the_queue(self) -> Settings:
+        # a classify request is admitted to the model queue whole or refused (serve.batching.submit_all)
+        if self.max_queue < self.max_classify_texts:
+            raise ValueError(f"max_queue ({self.max_queue}) must be at least max_classify_texts "
+                             f"({self.max_classify_texts}), or a full /v1/classify request could never be admitted")
+        return self
+
     @field_validator("metrics_token", "session_secret", "database_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:

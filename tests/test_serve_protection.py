@@ -34,7 +34,7 @@ def server(shop_bundle, tmp_path_factory):
     settings = make_settings(
         shop_bundle, tmp_path_factory.mktemp("serve-protection"), api_key=API_KEY, admin_token=ADMIN_TOKEN,
         metrics_token=METRICS_TOKEN,
-        rate_limit_per_minute=60, rate_limit_burst=5, cors_origins=[ORIGIN], max_queue=1,
+        rate_limit_per_minute=60, rate_limit_burst=5, cors_origins=[ORIGIN], max_queue=1, max_classify_texts=1,
         trusted_proxies=["127.0.0.1"],  # X-Forwarded-For from loopback names the client (new_client)
     )
     with live_server(settings) as live:
@@ -340,6 +340,7 @@ def test_callback_hosts_and_metrics_token_settings(tmp_path, monkeypatch):
     ("prot: 8000\n", "prot: unknown setting"),
     ("port: eighty\n", "port: Input should be a valid integer"),
     ("batch_max_size: 0\n", "batch_max_size: Input should be greater than or equal to 1"),
+    ("max_queue: 100\n", r"max_queue \(100\) must be at least max_classify_texts \(256\)"),
 ])
 def test_bad_settings_files_get_one_clear_line(tmp_path, content, message):
     config = tmp_path / "serve.yaml"
