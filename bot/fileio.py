@@ -62,6 +62,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself when something is there, else its nearest ancestor that exists (the root at worst)."""
+    while not os.path.lexists(path) and path.parent != path:
+        path = path.parent
+    return path
+
+
 def check_output_folder(
     path: str | Path, *, error: type[SupportbotError], name: str = "--output", beside: bool = False
 ) -> Path:
@@ -72,9 +79,7 @@ def check_output_folder(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise error(f"{name} {path}: exists and is not a folder")
-    parent = path.absolute().parent if beside else path.absolute()
-    while not parent.exists() and parent.parent != parent:
-        parent = parent.parent
+    parent = nearest_existing(path.absolute().parent if beside else path.absolute())
     if not parent.is_dir():
         raise error(f"{name} {path}: cannot be created: {parent} is not a folder")
     try:

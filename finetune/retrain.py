@@ -65,8 +65,8 @@ def written_by_retrain(folder: Path) -> bool:
     if not recipe.is_file():
         return False
     try:
-        raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raw = read_yaml(recipe, error=ConfigError)
+    except ConfigError:
         return False
     return isinstance(raw, dict) and isinstance(raw.get("data"), str) and Path(raw["data"]).name == folder.name
 

@@ -183,13 +183,11 @@ class Runtime:
             try:
                 chatbot = await asyncio.to_thread(self._load_and_warm, Path(record.path), record.sha256)
                 self.model_path = Path(record.path)
-                assert self.fleet is not None
-                self.fleet.generation = record.generation
             except Exception as exc:
-                assert self.fleet is not None
-                self.fleet.generation = record.generation  # refused here once, as the watcher refuses one
                 log.error("the fleet's model %s (generation %d) does not load here (%s); starting with the "
                           "configured one", record.version, record.generation, _load_failure(exc))
+            assert self.fleet is not None
+            self.fleet.generation = record.generation  # applied, or refused here once (as the watcher refuses one)
         try:
             if chatbot is None:
                 if self.model_path is None:

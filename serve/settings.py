@@ -11,7 +11,6 @@ FileExistsError traceback where `chat` happened to report it; now loading the se
 
 from __future__ import annotations
 
-import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -171,11 +170,9 @@ class Settings(BaseSettings):
     @classmethod
     def _a_folder(cls, value: Path) -> Path:
         """The folder is created when first used; refused when it, or the nearest existing folder above it, is a file."""
-        for folder in (value, *value.parents):
-            if os.path.lexists(folder):
-                if not os.path.isdir(folder):
-                    raise ValueError(f"{folder} exists and is not a folder")
-                break
+        folder = fileio.nearest_existing(value)
+        if not folder.is_dir():
+            raise ValueError(f"{folder} exists and is not a folder")
         return value
 
     @field_validator("callback_hosts")
